@@ -1,0 +1,450 @@
+"""MELODI decoder (Chen et al., ICLR 2025) as Flax linen modules.
+
+Reads top-down: helpers (relative positions, attention), blocks (norm, dense, token mixer, one
+MELODI layer), then the decoder that embeds a segment, scans its windows and produces logits.
+
+Semantics follow the authors' code (google-research/meliad cc1aef5, `memory2/melodi_*.py`); see
+README "Deviations" for the few places where we chose otherwise. Notation:
+  B batch rows, T segment length, W window, S summary tokens, M short-term memory tokens,
+  Q long-term FIFO tokens, L long-term increment, D embed dim, H heads, K head dim, V vocab.
+
+Memory lives in the `memory` collection (see `memory.py`): per layer the short-term memory
+`Z: [B, M, D]`, per long-term layer the FIFO of token embeddings `[B, Q, D]` (oldest first), and a
+per-row count of windows seen since the document start.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning
+
+from melodi_t5x import memory
+from melodi_t5x.config import MelodiConfig
+
+Array = jax.Array
+_MASKED = -1_000_000.0  # Logit of a masked key.
+_FLOOR = -1000.0  # Softmax floor: a row with every key masked attends to nothing.
+_EPS = 1e-6
+_dense_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def _dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: relative positions and attention.
+# ---------------------------------------------------------------------------------------------
+
+
+def t5_bucket(distance: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
+  """Unidirectional T5 bucket of `distance` = query position - key position (>= 0 kept)."""
+  n = np.maximum(distance, 0)
+  max_exact = num_buckets // 2
+  log_ratio = np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+  large = max_exact + (log_ratio / np.log(max_distance / max_exact) * (num_buckets - max_exact))
+  large = np.minimum(large.astype(np.int32), num_buckets - 1)
+  return np.where(n < max_exact, n, large).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def window_geometry(
+  window: int, summary: int, memory_size: int, num_buckets: int, max_distance: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Static T5 buckets and causal mask of one window's self-attention.
+
+  Keys are `[memory (M); context (W); summary (S)]`, queries `[context; summary]`. Query q is
+  aligned with key q + M, so memory sits at positions -M..-1, context at 0..W-1 and summary
+  tokens right after the context. A key is visible iff it lies strictly before the query: no token
+  attends to itself, context never sees its window's summary, summary token s sees all context.
+
+  Returns:
+    bucket: [W+S, M+W+S] int32 and mask: [W+S, M+W+S] bool (True = visible).
+  """
+  q = np.arange(window + summary)[:, None]
+  k = np.arange(memory_size + window + summary)[None, :]
+  rel = k - (q + memory_size)
+  return t5_bucket(-rel, num_buckets, max_distance), rel < 0
+
+
+def l2_normalize(x: Array) -> Array:
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + _EPS)
+
+
+def attend(
+  q: Array, k: Array, v: Array, temperature: Array, bias: Array | None, mask: Array | None
+) -> Array:
+  """Cosine attention with a per-head temperature and an additive position bias.
+
+  Args:
+    q: [B, Nq, H, K] and k, v: [B, Nk, H, K]; q and k are L2-normalised per head.
+    temperature: [H]; logits are |temperature| * (q.k + bias).
+    bias: [H, Nq, Nk] or None.
+    mask: broadcastable to [B, H, Nq, Nk], True = visible, or None.
+
+  Returns:
+    Attention probabilities [B, H, Nq, Nk] (float32). A row whose keys are all masked sums to 0.
+  """
+  logits = jnp.einsum('bqhk,bnhk->bhqn', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  logits = logits * jnp.abs(temperature.astype(jnp.float32))[:, None, None]
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASKED)
+  top = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), _FLOOR))
+  weights = jnp.exp(logits - top)
+  return weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(_FLOOR - top))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks.
+# ---------------------------------------------------------------------------------------------
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype: str):
+  return partitioning.param_with_axes(name, init, shape, _dtype(dtype), axes=axes, module=module)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation (no mean, no bias) with a learned scale; statistics in float32."""
+
+  config: MelodiConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(
+      self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',), self.config.param_dtype
+    )
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + _EPS)
+    return (y * scale.astype(jnp.float32)).astype(_dtype(self.config.dtype))
+
+
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias) over the last axis, with logical axis names on the kernel."""
+
+  features: int
+  axes: tuple[str, str]
+  config: MelodiConfig
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dtype, pdtype = _dtype(self.config.dtype), self.config.param_dtype
+    kernel = _param(self, 'kernel', _dense_init, (x.shape[-1], self.features), self.axes, pdtype)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias = _param(self, 'bias', nn.initializers.zeros, (self.features,), self.axes[1:], pdtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class TokenMixer(nn.Module):
+  """Linear map along the token axis: [X (W); U (S)] -> `num_out` tokens.
+
+  out[o, c] = sum_t in[t, c] * kernel[t, o] + bias[o]. With `norm_and_residual` (requires
+  num_out == S), X and U are RMS-normalised first and U is added back.
+  """
+
+  num_out: int
+  norm_and_residual: bool
+  config: MelodiConfig
+
+  @nn.compact
+  def __call__(self, x: Array, u: Array) -> Array:
+    """x: [B, W, D], u: [B, S, D] -> [B, num_out, D]."""
+    if self.norm_and_residual:
+      x, u_in = RMSNorm(self.config, name='norm_x')(x), RMSNorm(self.config, name='norm_u')(u)
+    else:
+      u_in = u
+    tokens = jnp.concatenate([x, u_in], axis=1)  # [B, W+S, D]
+    dtype, pdtype = _dtype(self.config.dtype), self.config.param_dtype
+    n_in = tokens.shape[1]
+    kernel = _param(self, 'kernel', _dense_init, (n_in, self.num_out), ('mixer_in', 'mixer_out'), pdtype)
+    bias = _param(self, 'bias', nn.initializers.zeros, (self.num_out,), ('mixer_out',), pdtype)
+    out = jnp.einsum('btd,to->bod', tokens, kernel.astype(dtype)) + bias.astype(dtype)[:, None]
+    return out + u if self.norm_and_residual else out
+
+
+class MelodiLayer(nn.Module):
+  """One MELODI layer applied to one window (short-term, long-term or memory-free)."""
+
+  config: MelodiConfig
+  index: int
+
+  def setup(self):
+    cfg = self.config
+    hk = cfg.num_heads * cfg.head_dim
+    self.memory_size = cfg.short_memory_size(self.index)
+    self.is_long = cfg.is_long_term_layer(self.index)
+    self.attn_norm = RMSNorm(cfg)
+    self.query = Dense(hk, ('embed', 'joined_kv'), cfg)
+    self.key = Dense(hk, ('embed', 'joined_kv'), cfg)
+    self.value = Dense(hk, ('embed', 'joined_kv'), cfg)
+    self.temperature = _param(
+      self, 'temperature', nn.initializers.ones, (cfg.num_heads,), ('heads',), 'float32'
+    )
+    self.relpos_bias = _param(
+      self,
+      'relpos_bias',
+      nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0),
+      (cfg.num_heads, cfg.relative_position_buckets),
+      ('heads', 'relpos_buckets'),
+      cfg.param_dtype,
+    )
+    self.out = Dense(cfg.embed_dim, ('joined_kv', 'embed'), cfg)
+    self.ffn_norm = RMSNorm(cfg)
+    self.ffn_in = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, use_bias=True)
+    self.ffn_out = Dense(cfg.embed_dim, ('mlp', 'embed'), cfg, use_bias=True)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.attn_dropout = nn.Dropout(cfg.attention_dropout_rate)
+    if self.memory_size:
+      self.summary_mixer = TokenMixer(cfg.summary_size, True, cfg)
+      # The reference adds norms and a residual to the memory mixer only when M == S.
+      self.memory_mixer = TokenMixer(self.memory_size, self.memory_size == cfg.summary_size, cfg)
+    if self.is_long:
+      self.gate = _param(
+        self,
+        'gate',
+        nn.initializers.truncated_normal(stddev=0.25),
+        (cfg.num_heads, cfg.head_dim),
+        ('heads', 'kv'),
+        cfg.param_dtype,
+      )
+      self.long_mixer = TokenMixer(cfg.long_term_memory_increment_size, False, cfg)
+
+  def _heads(self, x: Array) -> Array:
+    return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
+
+  def project_kv(self, tokens: Array, deterministic: bool) -> tuple[Array, Array]:
+    """Normalised keys and values of `tokens: [B, N, D]` -> ([B, N, H, K], [B, N, H, K])."""
+    a = self.dropout(self.attn_norm(tokens), deterministic=deterministic)
+    return l2_normalize(self._heads(self.key(a))), self._heads(self.value(a))
+
+  def gate_mean(self) -> Array:
+    """Mean weight sigma(g) given to self-attention (vs. long-term memory); a diagnostic."""
+    return jnp.mean(jax.nn.sigmoid(self.gate.astype(jnp.float32)))
+
+  def __call__(
+    self,
+    x: Array,
+    u: Array,
+    z: Array | None,
+    long_kv: tuple[Array, Array] | None,
+    memory_valid: Array | None,
+    long_valid: Array | None,
+    deterministic: bool,
+  ):
+    """Processes one window.
+
+    Args:
+      x: [B, W, D] context tokens; u: [B, S, D] summary tokens.
+      z: [B, M, D] short-term memory of the previous window, or None (memory-free layer).
+      long_kv: keys and values [B, Q, H, K] of the long-term FIFO, or None.
+      memory_valid: [B] bool, whether z holds data (only when masking empty memory).
+      long_valid: [B, Q] bool, FIFO slots holding data (only when masking empty memory).
+      deterministic: disables dropout.
+
+    Returns:
+      x: [B, W, D], u: [B, S, D] for the next layer; z: [B, M, D] for the next window (or None);
+      delta: [B, L, D] tokens to append to the long-term FIFO (or None).
+    """
+    cfg = self.config
+    w, s, m = x.shape[1], u.shape[1], self.memory_size
+    xu = jnp.concatenate([x, u], axis=1)  # [B, W+S, D]
+    keys_in = xu if z is None else jnp.concatenate([z.astype(xu.dtype), xu], axis=1)
+    a = self.dropout(self.attn_norm(keys_in), deterministic=deterministic)  # [B, M+W+S, D]
+    k, v = l2_normalize(self._heads(self.key(a))), self._heads(self.value(a))
+    q = l2_normalize(self._heads(self.query(a[:, m:])))  # [B, W+S, H, K]
+
+    bucket, visible = window_geometry(
+      w, s, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    bias = self.relpos_bias[:, bucket]  # [H, W+S, M+W+S]
+    mask = jnp.asarray(visible)[None, None]
+    if memory_valid is not None and m:
+      key_ok = jnp.concatenate(
+        [jnp.broadcast_to(memory_valid[:, None], (x.shape[0], m)), jnp.ones((x.shape[0], w + s), bool)],
+        axis=1,
+      )
+      mask = mask & key_ok[:, None, None, :]
+    probs = self.attn_dropout(attend(q, k, v, self.temperature, bias, mask), deterministic)
+    o = jnp.einsum('bhqn,bnhk->bqhk', probs.astype(v.dtype), v)  # [B, W+S, H, K]
+
+    if self.is_long:
+      cmask = None if long_valid is None else long_valid[:, None, None, :]
+      cprobs = attend(q, long_kv[0], long_kv[1], self.temperature, None, cmask)
+      cprobs = self.attn_dropout(cprobs, deterministic)
+      o_long = jnp.einsum('bhqn,bnhk->bqhk', cprobs.astype(v.dtype), long_kv[1])
+      g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
+      o = g * o + (1.0 - g) * o_long
+
+    h = xu + self.out(o.reshape(*o.shape[:2], -1))
+    ffn = self.ffn_out(nn.relu(self.ffn_in(self.ffn_norm(h))))
+    y = h + self.dropout(ffn, deterministic=deterministic)
+    x_out, u_out = y[:, :w], y[:, w:]
+
+    delta = self.long_mixer(x_out, u_out) if self.is_long else None
+    if not m:
+      return x_out, u_out, None, delta
+    return x_out, self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder.
+# ---------------------------------------------------------------------------------------------
+
+
+def _window_step(module: MelodiDecoder, carry, x: Array, deterministic: bool):
+  """Runs every layer on one window. carry = (short, long, windows_seen); x: [B, W, D]."""
+  cfg = module.config
+  short, long, seen = carry
+  short, long = dict(short), dict(long)
+  batch = x.shape[0]
+  u = jnp.broadcast_to(
+    module.summary_embeddings.astype(x.dtype)[None], (batch, cfg.summary_size, cfg.embed_dim)
+  )
+  memory_valid = long_valid = None
+  if cfg.mask_empty_memory:
+    memory_valid = seen > 0
+    q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
+    long_valid = jnp.arange(q)[None, :] >= q - inc * seen[:, None]
+  for i, layer in enumerate(module.layers):
+    kv = long[i][1:] if i in long else None
+    x, u, z, delta = layer(x, u, short.get(i), kv, memory_valid, long_valid, deterministic)
+    if z is not None:
+      short[i] = z
+    if delta is not None:
+      dk, dv = layer.project_kv(delta, deterministic)
+      n = delta.shape[1]
+      long[i] = tuple(
+        jnp.concatenate([old[:, n:], new.astype(old.dtype)], axis=1)
+        for old, new in zip(long[i], (delta, dk, dv))
+      )
+  return (short, long, seen + 1), x
+
+
+class MelodiDecoder(nn.Module):
+  """MELODI decoder-only LM with the call signature of `t5x.models.DecoderOnlyModel`."""
+
+  config: MelodiConfig
+
+  def setup(self):
+    cfg = self.config
+    d = cfg.embed_dim
+    self.embedding = _param(
+      self,
+      'embedding',
+      nn.initializers.normal(stddev=1.0),
+      (cfg.vocab_size, d),
+      ('vocab', 'embed'),
+      cfg.param_dtype,
+    )
+    self.summary_embeddings = _param(
+      self,
+      'summary_embeddings',
+      nn.initializers.truncated_normal(stddev=0.25),
+      (cfg.summary_size, d),
+      ('summary', 'embed'),
+      cfg.param_dtype,
+    )
+    self.layers = [MelodiLayer(cfg, i) for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.short_memory = {
+      str(i): memory.CarriedState((cfg.short_memory_size(i), d), ('memory_length', 'embed'))
+      for i in range(cfg.num_layers)
+      if cfg.short_memory_size(i)
+    }
+    self.long_memory = {
+      str(i): memory.CarriedState((cfg.long_term_memory_tokens, d), ('memory_length', 'embed'))
+      for i in cfg.long_term_memory_layers
+    }
+    self.windows_seen = memory.CarriedState((), (), jnp.int32)
+
+  def __call__(
+    self,
+    decoder_input_tokens: Array,
+    decoder_target_tokens: Array | None = None,
+    decoder_segment_ids: Array | None = None,
+    decoder_positions: Array | None = None,
+    decoder_causal_attention: Array | None = None,
+    *,
+    start_of_sequence: Array | None = None,
+    enable_dropout: bool = True,
+    decode: bool = False,
+    max_decode_length: int | None = None,
+    prefill: bool | None = None,
+    prefill_lengths: Array | None = None,
+  ) -> Array:
+    """Logits [B, T, V] (float32) of the segment `decoder_input_tokens: [B, T]`.
+
+    `start_of_sequence: [B]` marks rows whose document starts with this segment (their memory is
+    reset); None resets every row. Memory is read from and, when the `memory` collection is
+    mutable, written to the `memory` collection. Targets, positions and causal-attention flags
+    are accepted for T5X compatibility; MELODI's attention pattern is fixed by the windows.
+    """
+    del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
+    if decode or prefill:
+      raise NotImplementedError(
+        'MELODI has no incremental decoding yet; use teacher-forced scoring (decode=False).'
+      )
+    if decoder_segment_ids is not None:
+      raise ValueError(
+        'MELODI does not support packed examples (decoder_segment_ids given): each batch row '
+        'must stream one document; set pack=False in the dataset config.'
+      )
+    cfg = self.config
+    dtype = _dtype(cfg.dtype)
+    tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32) % cfg.vocab_size
+    batch, length = tokens.shape
+    num_windows = cfg.num_windows(length)
+    if start_of_sequence is None:
+      start_of_sequence = jnp.ones((batch,), bool)
+    sos = jnp.asarray(start_of_sequence).astype(bool).reshape((batch,))
+    deterministic = not enable_dropout
+
+    x = jnp.take(self.embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
+    x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
+    carry = self._start_segment(sos, deterministic, dtype)
+    windows = x.reshape(batch, num_windows, cfg.window_length, -1).swapaxes(0, 1)  # [N, B, W, D]
+    scan = nn.scan(
+      functools.partial(_window_step, deterministic=deterministic),
+      variable_broadcast=['params', 'params_axes'],
+      split_rngs={'params': False, 'dropout': True},
+      length=num_windows,
+    )
+    carry, windows = scan(self, carry, windows)
+    self._end_segment(carry)
+
+    y = windows.swapaxes(0, 1).reshape(batch, length, -1)
+    y = self.dropout(self.final_norm(y), deterministic=deterministic)
+    logits = jnp.einsum(
+      'btd,vd->btv', y, self.embedding.astype(dtype), preferred_element_type=jnp.float32
+    ) / np.sqrt(cfg.embed_dim)
+    if cfg.long_term_memory_layers and not self.is_initializing():
+      gates = [self.layers[i].gate_mean() for i in cfg.long_term_memory_layers]
+      self.sow('intermediates', 'long_term_gate', jnp.mean(jnp.stack(gates)))
+    return partitioning.with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
+
+  def _start_segment(self, sos: Array, deterministic: bool, dtype):
+    """Reads the carried memory (reset where `sos`) and precomputes the FIFO keys/values."""
+    short = {int(i): s.start_segment(sos).astype(dtype) for i, s in self.short_memory.items()}
+    long = {}
+    for i, state in self.long_memory.items():
+      fifo = state.start_segment(sos).astype(dtype)  # [B, Q, D]
+      long[int(i)] = (fifo, *self.layers[int(i)].project_kv(fifo, deterministic))
+    return short, long, self.windows_seen.start_segment(sos)
+
+  def _end_segment(self, carry) -> None:
+    short, long, seen = carry
+    for i, state in self.short_memory.items():
+      state.end_segment(short[int(i)])
+    for i, state in self.long_memory.items():
+      state.end_segment(long[int(i)][0])
+    self.windows_seen.end_segment(seen)
