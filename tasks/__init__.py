@@ -1,0 +1,34 @@
+"""seqio tasks of melodi-t5x: `import tasks` registers `local_books`, `pg19_t5`, `arxiv_math`, `c4_4k`.
+
+Importing touches no data and no network; settings (see `tasks.config`) are read when a dataset
+is requested. The document-streaming batcher is `tasks.streaming.DocumentStreamIterator`.
+"""
+
+from tasks.config import (
+  ArxivMathConfig,
+  C4Config,
+  LocalBooksConfig,
+  Pg19T5Config,
+  configure,
+  get_config,
+  reset_config,
+)
+from tasks.definitions import TASK_NAMES, register_tasks, vocabulary
+from tasks.preprocessors import START_OF_DOCUMENT_ID, chunk_documents
+
+register_tasks()
+
+__all__ = [
+  'ArxivMathConfig',
+  'C4Config',
+  'LocalBooksConfig',
+  'Pg19T5Config',
+  'START_OF_DOCUMENT_ID',
+  'TASK_NAMES',
+  'chunk_documents',
+  'configure',
+  'get_config',
+  'register_tasks',
+  'reset_config',
+  'vocabulary',
+]

