@@ -11,8 +11,6 @@ always the batch row, so each row can stream its own document.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -55,13 +53,3 @@ class CarriedState(nn.Module):
     """Stores `value` for the next segment (only in a mutable, non-init apply)."""
     if self.is_mutable_collection(MEMORY) and not self.is_initializing():
       self.put_variable(MEMORY, 'value', value.astype(self.dtype))
-
-
-def tree_reset(start_of_sequence: jax.Array, tree, fn: Callable = jnp.zeros_like):
-  """Resets the rows flagged in `start_of_sequence: [B]` of every `[B, ...]` leaf of `tree`."""
-
-  def reset(x):
-    flag = start_of_sequence.reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.where(flag, fn(x), x)
-
-  return jax.tree_util.tree_map(reset, tree)

@@ -165,7 +165,9 @@ class TokenMixer(nn.Module):
     tokens = jnp.concatenate([x, u_in], axis=1)  # [B, W+S, D]
     dtype, pdtype = _dtype(self.config.dtype), self.config.param_dtype
     n_in = tokens.shape[1]
-    kernel = _param(self, 'kernel', _dense_init, (n_in, self.num_out), ('mixer_in', 'mixer_out'), pdtype)
+    kernel = _param(
+      self, 'kernel', _dense_init, (n_in, self.num_out), ('mixer_in', 'mixer_out'), pdtype
+    )
     bias = _param(self, 'bias', nn.initializers.zeros, (self.num_out,), ('mixer_out',), pdtype)
     out = jnp.einsum('btd,to->bod', tokens, kernel.astype(dtype)) + bias.astype(dtype)[:, None]
     return out + u if self.norm_and_residual else out
@@ -269,7 +271,10 @@ class MelodiLayer(nn.Module):
     mask = jnp.asarray(visible)[None, None]
     if memory_valid is not None and m:
       key_ok = jnp.concatenate(
-        [jnp.broadcast_to(memory_valid[:, None], (x.shape[0], m)), jnp.ones((x.shape[0], w + s), bool)],
+        [
+          jnp.broadcast_to(memory_valid[:, None], (x.shape[0], m)),
+          jnp.ones((x.shape[0], w + s), bool),
+        ],
         axis=1,
       )
       mask = mask & key_ok[:, None, None, :]
