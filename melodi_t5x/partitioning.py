@@ -1,0 +1,80 @@
+"""Logical-axis rules for MELODI's new axis names (partitioning and Adafactor factoring).
+
+MELODI adds four logical axis names to the ones T5X already knows:
+
+  summary        rows of the learned summary-token embeddings `[S, D]`.
+  mixer_in       input tokens of a token mixer (`W + S` rows: a window plus its summaries).
+  mixer_out      output tokens of a token mixer (S short-term or L long-term memory tokens).
+  memory_length  token slots of the carried memory `[B, M, D]` (a `flax_mutables` leaf).
+
+All four are small token axes, so they are replicated: MELODI is sharded like a T5 decoder
+(`batch` on `data`; `mlp`, `heads`, `joined_kv`, `vocab` on `model`). The plain lists below import
+without T5X; the two builder functions import T5X lazily and are meant for gin:
+
+  partitioning.PjitPartitioner.logical_axis_rules = @melodi_partitioning.logical_axis_rules()
+  adafactor.Adafactor.logical_factor_rules = @melodi_partitioning.logical_factor_rules()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# (logical axis name, mesh axis or None) pairs appended to T5X's standard rules.
+MELODI_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+  ('summary', None),
+  ('mixer_in', None),
+  ('mixer_out', None),
+  ('memory_length', None),
+)
+
+# Adafactor factoring of the new parameter axes, as names of `t5x.adafactor.FactorDim`.
+# `summary_embeddings: [summary, embed]` factors as (column, row), like the token embedding
+# `[vocab, embed]`; a mixer kernel `[mixer_in, mixer_out]` factors as (row, column).
+# `memory_length` never occurs in parameters; it is listed so a future parameter with that axis is
+# not factored by accident.
+MELODI_FACTOR_RULES: tuple[tuple[str, str], ...] = (
+  ('summary', 'column'),
+  ('mixer_in', 'row'),
+  ('mixer_out', 'column'),
+  ('memory_length', 'none'),
+)
+
+MELODI_AXIS_NAMES: tuple[str, ...] = tuple(name for name, _ in MELODI_AXIS_RULES)
+
+
+def logical_axis_rules(
+  activation_partitioning_dims: int = 1,
+  parameter_partitioning_dims: int = 1,
+  additional_rules: Sequence[tuple[str, str | None]] | None = None,
+) -> Sequence[tuple[str, str | None]]:
+  """T5X's standard logical axis rules plus MELODI's (and any `additional_rules`).
+
+  Args:
+    activation_partitioning_dims: 1 or 2, as in `t5x.partitioning.standard_logical_axis_rules`.
+    parameter_partitioning_dims: 1 or 2, as in `t5x.partitioning.standard_logical_axis_rules`.
+    additional_rules: extra `(logical, mesh)` rules; they take precedence over MELODI's.
+
+  Returns:
+    The rule list for `t5x.partitioning.PjitPartitioner(logical_axis_rules=...)`.
+  """
+  from t5x import partitioning as t5x_partitioning  # pylint: disable=g-import-not-at-top
+
+  extra = list(additional_rules or ())
+  overridden = {name for name, _ in extra}
+  extra += [rule for rule in MELODI_AXIS_RULES if rule[0] not in overridden]
+  return t5x_partitioning.standard_logical_axis_rules(
+    activation_partitioning_dims=activation_partitioning_dims,
+    parameter_partitioning_dims=parameter_partitioning_dims,
+    additional_rules=extra,
+  )
+
+
+def logical_factor_rules():
+  """T5X Adafactor's standard factor rules plus MELODI's axes (a frozen dict name -> FactorDim)."""
+  from flax.core import frozen_dict  # pylint: disable=g-import-not-at-top
+  from t5x import adafactor  # pylint: disable=g-import-not-at-top
+
+  rules = dict(adafactor.standard_logical_factor_rules())
+  for name, dim in MELODI_FACTOR_RULES:
+    rules[name] = adafactor.factor_name_to_factordim(dim)
+  return frozen_dict.freeze(rules)

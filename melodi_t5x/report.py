@@ -1,0 +1,253 @@
+"""Streaming perplexity bookkeeping and the evaluation report (JSON, Markdown, PNG).
+
+No T5X needed: `PerplexityAccumulator` takes per-token negative log-likelihoods of one batch of
+document-streaming chunks (numpy, `[B, T]`) and keeps exact float64 totals, overall, per document
+and per position-in-document bucket. `write_report` turns the totals into the report files.
+
+A target token at offset `t` of a row whose chunk has index `c` sits at position `c * T + t` of its
+document (chunks are consecutive, fixed-length pieces of a document). Only tokens with a positive
+loss weight count; each must be seen exactly once, which `add` checks per document: a
+`(document_id, chunk_index)` pair may not be scored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def default_bucket_edges(segment_length: int, max_position: int | None = None) -> list[int]:
+  """Bucket starts (in tokens) for position-in-document: chunk 0, 1, 2-3, 4-7, 8-15, ...
+
+  Args:
+    segment_length: tokens per chunk (T).
+    max_position: if given, no edge at or beyond it is returned (the last bucket is open).
+
+  Returns:
+    Increasing token offsets starting at 0; bucket i covers [edges[i], edges[i + 1]).
+  """
+  if segment_length <= 0:
+    raise ValueError(f'segment_length={segment_length} must be positive.')
+  edges, chunks = [0], 1
+  while max_position is None or chunks * segment_length < max_position:
+    edges.append(chunks * segment_length)
+    chunks *= 2
+    if max_position is None and len(edges) >= 8:  # chunks 0, 1, 2-3, ..., 64+ by default
+      break
+  return edges
+
+
+@dataclasses.dataclass
+class PerplexityAccumulator:
+  """Exact token-level NLL totals over a stream of `[B, T]` batches.
+
+  Attributes:
+    bucket_edges: increasing token offsets (first 0); bucket i is [edges[i], edges[i+1]), the
+      last bucket is open-ended.
+  """
+
+  bucket_edges: Sequence[int]
+  nll_sum: float = 0.0
+  tokens: int = 0
+  correct: int = 0
+  batches: int = 0
+
+  def __post_init__(self):
+    edges = np.asarray(list(self.bucket_edges), np.int64)
+    if edges.ndim != 1 or not len(edges) or edges[0] != 0 or np.any(np.diff(edges) <= 0):
+      raise ValueError(
+        f'bucket_edges={list(self.bucket_edges)} must be increasing token offsets starting at 0.'
+      )
+    self.bucket_edges = [int(e) for e in edges]
+    self._bucket_nll = np.zeros(len(edges), np.float64)
+    self._bucket_tokens = np.zeros(len(edges), np.int64)
+    self._doc_tokens: dict[int, int] = {}
+    self._doc_nll: dict[int, float] = {}
+    self._seen_chunks: set[tuple[int, int]] = set()
+
+  def add(
+    self,
+    nll: np.ndarray,
+    weights: np.ndarray,
+    document_id: np.ndarray,
+    chunk_index: np.ndarray,
+    row_valid: np.ndarray | None = None,
+    correct: np.ndarray | None = None,
+  ) -> None:
+    """Adds one batch.
+
+    Args:
+      nll: [B, T] per-token negative log-likelihood (natural log).
+      weights: [B, T] loss weights; a token counts iff its weight is > 0 (weights must be 0/1).
+      document_id: [B] document of each row.
+      chunk_index: [B] index of each row's chunk within its document.
+      row_valid: [B] False for padding rows (their tokens must have zero weight anyway).
+      correct: optional [B, T] bool, argmax prediction == target.
+
+    Raises:
+      ValueError: on shape mismatch, non-binary weights, a weighted token in an invalid row, or a
+        chunk scored twice.
+    """
+    nll = np.asarray(nll, np.float64)
+    weights = np.asarray(weights)
+    batch, length = nll.shape
+    if weights.shape != (batch, length):
+      raise ValueError(f'weights shape {weights.shape} != nll shape {nll.shape}.')
+    if not np.all((weights == 0) | (weights == 1)):
+      raise ValueError('loss weights must be 0 or 1 to count tokens exactly.')
+    mask = weights > 0
+    document_id = np.asarray(document_id).reshape(batch)
+    chunk_index = np.asarray(chunk_index).reshape(batch)
+    if row_valid is not None:
+      row_valid = np.asarray(row_valid, bool).reshape(batch)
+      if np.any(mask[~row_valid]):
+        raise ValueError('a padding row (row_valid=False) has non-zero loss weights.')
+    self.batches += 1
+    positions = chunk_index.astype(np.int64)[:, None] * length + np.arange(length)[None, :]
+    bucket = np.searchsorted(np.asarray(self.bucket_edges), positions, side='right') - 1
+    np.add.at(self._bucket_nll, bucket[mask], nll[mask])
+    np.add.at(self._bucket_tokens, bucket[mask], 1)
+    row_tokens = mask.sum(axis=1)
+    row_nll = np.where(mask, nll, 0.0).sum(axis=1)
+    for r in range(batch):
+      if not row_tokens[r]:
+        continue
+      key = (int(document_id[r]), int(chunk_index[r]))
+      if key in self._seen_chunks:
+        raise ValueError(f'chunk {key[1]} of document {key[0]} was scored twice.')
+      self._seen_chunks.add(key)
+      self._doc_tokens[key[0]] = self._doc_tokens.get(key[0], 0) + int(row_tokens[r])
+      self._doc_nll[key[0]] = self._doc_nll.get(key[0], 0.0) + float(row_nll[r])
+    self.nll_sum += float(row_nll.sum())
+    self.tokens += int(row_tokens.sum())
+    if correct is not None:
+      self.correct += int(np.sum(np.asarray(correct, bool) & mask))
+
+  @property
+  def documents(self) -> int:
+    return len(self._doc_tokens)
+
+  @property
+  def perplexity(self) -> float:
+    return _ppl(self.nll_sum, self.tokens)
+
+  def document_tokens(self) -> dict[int, int]:
+    return dict(self._doc_tokens)
+
+  def summary(self, **extra: Any) -> dict[str, Any]:
+    """The report dictionary (JSON-serialisable); `extra` keys are added at the top level."""
+    buckets = []
+    for i, start in enumerate(self.bucket_edges):
+      end = self.bucket_edges[i + 1] if i + 1 < len(self.bucket_edges) else None
+      tokens = int(self._bucket_tokens[i])
+      buckets.append(
+        {
+          'start': start,
+          'end': end,
+          'tokens': tokens,
+          'nll_per_token': _mean(self._bucket_nll[i], tokens),
+          'perplexity': _ppl(self._bucket_nll[i], tokens),
+        }
+      )
+    doc_ppl = [_ppl(self._doc_nll[d], n) for d, n in self._doc_tokens.items()]
+    result = {
+      'perplexity': self.perplexity,
+      'nll_per_token': _mean(self.nll_sum, self.tokens),
+      'tokens': self.tokens,
+      'documents': self.documents,
+      'chunks': len(self._seen_chunks),
+      'batches': self.batches,
+      'accuracy': _mean(self.correct, self.tokens),
+      'mean_document_perplexity': float(np.mean(doc_ppl)) if doc_ppl else None,
+      'position_buckets': buckets,
+    }
+    result.update(extra)
+    return result
+
+
+def _mean(total: float, count: int) -> float | None:
+  return float(total) / count if count else None
+
+
+def _ppl(total: float, count: int) -> float | None:
+  return math.exp(float(total) / count) if count else None
+
+
+def _fmt_tokens(n: int | None) -> str:
+  if n is None:
+    return 'end'
+  return f'{n // 1024}K' if n and n % 1024 == 0 else str(n)
+
+
+def to_markdown(summary: Mapping[str, Any]) -> str:
+  """Renders a report dictionary (from `PerplexityAccumulator.summary`) as Markdown."""
+  title = summary.get('task', 'evaluation')
+  lines = [f'# Perplexity report: {title}', '']
+  for key in ('checkpoint_step', 'split', 'segment_length', 'batch_size', 'checkpoint'):
+    if summary.get(key) is not None:
+      lines.append(f'- {key}: `{summary[key]}`')
+  ppl = summary['perplexity']
+  lines += [
+    f'- **token-level perplexity: {ppl:.4f}**' if ppl is not None else '- perplexity: n/a',
+    f'- tokens scored: {summary["tokens"]} (each real target token exactly once)',
+    f'- documents: {summary["documents"]}, chunks: {summary["chunks"]}',
+  ]
+  if summary.get('accuracy') is not None:
+    lines.append(f'- next-token accuracy: {summary["accuracy"]:.4f}')
+  lines += [
+    '',
+    '## Perplexity by position in document',
+    '',
+    '| tokens from document start | tokens scored | NLL/token | perplexity |',
+    '|---|---:|---:|---:|',
+  ]
+  for b in summary['position_buckets']:
+    if not b['tokens']:
+      continue
+    lines.append(
+      f'| [{_fmt_tokens(b["start"])}, {_fmt_tokens(b["end"])}) | {b["tokens"]} | '
+      f'{b["nll_per_token"]:.4f} | {b["perplexity"]:.4f} |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
+def plot_buckets(summary: Mapping[str, Any], path: str) -> None:
+  """Writes a PNG of perplexity per position-in-document bucket."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  buckets = [b for b in summary['position_buckets'] if b['tokens']]
+  labels = [f'[{_fmt_tokens(b["start"])}, {_fmt_tokens(b["end"])})' for b in buckets]
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(buckets) + 1.5), 3.5))
+  ax.plot(range(len(buckets)), [b['perplexity'] for b in buckets], marker='o')
+  ax.set_xticks(range(len(buckets)))
+  ax.set_xticklabels(labels, rotation=30, ha='right')
+  ax.set_xlabel('position in document (tokens)')
+  ax.set_ylabel('perplexity')
+  ppl = summary['perplexity']
+  ax.set_title(f'{summary.get("task", "")}: overall perplexity {ppl:.3f}' if ppl else '')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(summary: Mapping[str, Any], directory: str, name: str) -> dict[str, str]:
+  """Writes `<directory>/<name>.{json,md,png}`; returns the paths by extension."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  out = epath.Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  paths = {ext: os.fspath(out / f'{name}.{ext}') for ext in ('json', 'md', 'png')}
+  epath.Path(paths['json']).write_text(json.dumps(summary, indent=2, sort_keys=True) + '\n')
+  epath.Path(paths['md']).write_text(to_markdown(summary))
+  plot_buckets(summary, paths['png'])
+  return paths
