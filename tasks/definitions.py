@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 
-from tasks._gin import gin
 import seqio
 import tensorflow as tf
 
 from tasks import config as config_lib
 from tasks import preprocessors, sources
 from tasks import vocab as vocab_lib
+from tasks._gin import gin
 
 TASK_NAMES = ('local_books', 'pg19_t5', 'arxiv_math', 'c4_4k')
 
@@ -45,6 +45,19 @@ def _min_tokens_getter(task_name: str):
   return lambda: config_lib.get_config(task_name).min_document_tokens
 
 
+def _dataset_fn(task_name: str):
+  """The task's document source, which also checks the vocabulary file before any tracing."""
+  read_documents = sources.DATASET_FNS[task_name]
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    ds = read_documents(split, shuffle_files, seed)
+    # Checked here (plain Python) so that the error is not wrapped by tf.data's tracing.
+    vocab_lib.check_vocabulary_file(task_name)
+    return ds
+
+  return dataset_fn
+
+
 def build_task(task_name: str) -> seqio.Task:
   """Builds (without registering) one of the tasks."""
   steps = [
@@ -60,9 +73,7 @@ def build_task(task_name: str) -> seqio.Task:
   )
   return seqio.Task(
     task_name,
-    source=seqio.FunctionDataSource(
-      dataset_fn=sources.DATASET_FNS[task_name], splits=sources.SPLITS
-    ),
+    source=seqio.FunctionDataSource(dataset_fn=_dataset_fn(task_name), splits=sources.SPLITS),
     preprocessors=steps,
     output_features=output_features(task_name),
     metric_fns=[],
