@@ -1,0 +1,219 @@
+r"""Benchmarks one MELODI train step: forward + backward over a segment + Adafactor update.
+
+Usage:
+  python -m melodi_t5x.tools.bench [--num-layers 13 --embed-dim 1024 ...] [--json OUT]
+
+Defaults are the paper's S128+L64 model (13 layers, d=1024, 8x128 heads, MLP 4096, vocab 32128,
+segment 4096 = 8 windows of 512, long-term FIFO of 8192 tokens at layer 6, bfloat16 compute).
+Memory is carried from step to step (rows flagged as continuing their document after step 0), as
+in training. Reports the median tokens/s over the timed steps (after one warm-up step), the compile
+time, peak device memory, parameter count, model FLOPs utilisation when the device peak is known
+(or given with --peak-tflops), and the compile time for segments of 4, 8 and 16 windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from melodi_t5x.config import MelodiConfig
+from melodi_t5x.model import MelodiDecoder
+
+# Dense bf16 peak of known accelerators, TFLOP/s (vendor figures).
+_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v5': 197.0, 'TPU v6': 918.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  add = p.add_argument
+  add('--num-layers', type=int, default=13)
+  add('--embed-dim', type=int, default=1024)
+  add('--num-heads', type=int, default=8)
+  add('--head-dim', type=int, default=128)
+  add('--mlp-dim', type=int, default=4096)
+  add('--vocab-size', type=int, default=32128)
+  add('--segment-length', type=int, default=4096)
+  add('--window-length', type=int, default=512)
+  add('--summary-size', type=int, default=128)
+  add('--short-term-memory-size', type=int, default=128)
+  add('--long-term-memory-increment-size', type=int, default=64)
+  add('--long-term-memory-size', type=int, default=8192, help='long-term FIFO size in tokens')
+  add('--long-term-memory-layer', type=int, nargs='*', default=[6], help='none: short-term only')
+  add('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
+  add('--batch-size', type=int, default=1)
+  add('--steps', type=int, default=5, help='timed steps after one warm-up step')
+  add('--compile-windows', default='4,8,16', help="window counts to time compiles for; '' skips")
+  add('--peak-tflops', type=float, default=None, help='device peak for MFU (else by device kind)')
+  add('--json', default=None, help='write the results to this JSON file')
+  return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> MelodiConfig:
+  layers = tuple(args.long_term_memory_layer)
+  increment = args.long_term_memory_increment_size
+  windows = MelodiConfig.capacity_windows(args.long_term_memory_size, increment) if layers else 1
+  cfg = MelodiConfig(
+    num_layers=args.num_layers,
+    embed_dim=args.embed_dim,
+    num_heads=args.num_heads,
+    head_dim=args.head_dim,
+    mlp_dim=args.mlp_dim,
+    vocab_size=args.vocab_size,
+    window_length=args.window_length,
+    summary_size=args.summary_size,
+    short_term_memory_size=args.short_term_memory_size,
+    long_term_memory_layers=layers,
+    long_term_memory_increment_size=increment,
+    long_term_memory_windows=windows,
+    dtype=args.dtype,
+  )
+  cfg.num_windows(args.segment_length)  # validate before compiling anything
+  return cfg
+
+
+def make_train_step(model: MelodiDecoder, optimizer: optax.GradientTransformation):
+  """(params, opt_state, memory, batch, rng) -> (params, opt_state, memory, loss), jitted."""
+
+  def loss_fn(params, mem, batch, rng):
+    logits, new = model.apply(
+      {'params': params, 'memory': mem},
+      batch['inputs'],
+      batch['targets'],
+      start_of_sequence=batch['start_of_sequence'],
+      rngs={'dropout': rng},
+      mutable=['memory'],
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    return jnp.sum(losses * batch['weights']), new['memory']
+
+  def step(params, opt_state, mem, batch, rng):
+    (loss, mem), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mem, batch, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, mem, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def _batch(cfg: MelodiConfig, batch_size: int, length: int, seed: int, first: bool):
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(1, cfg.vocab_size, (batch_size, length + 1)).astype(np.int32)
+  return {
+    'inputs': jnp.asarray(tokens[:, :-1]),
+    'targets': jnp.asarray(tokens[:, 1:]),
+    'weights': jnp.ones((batch_size, length), jnp.float32),
+    'start_of_sequence': jnp.full((batch_size,), first),
+  }
+
+
+def _abstract_state(model, optimizer, batch_size: int, length: int):
+  tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+
+  def init(rng):
+    variables = model.init(rng, jnp.ones(tokens.shape, jnp.int32), enable_dropout=False)
+    params = variables['params']
+    return params, optimizer.init(params), variables['memory']
+
+  return init
+
+
+def _peak_tflops(args) -> float | None:
+  if args.peak_tflops:
+    return args.peak_tflops
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
+
+
+def compile_seconds(model, optimizer, cfg: MelodiConfig, batch_size: int, length: int) -> float:
+  """Time to lower and compile the train step for a segment of `length` tokens."""
+  init = jax.jit(_abstract_state(model, optimizer, batch_size, length))
+  state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  batch = jax.eval_shape(lambda: _batch(cfg, batch_size, length, 0, True))
+  step = make_train_step(model, optimizer)
+  start = time.perf_counter()
+  step.lower(*state, batch, jax.random.PRNGKey(0)).compile()
+  return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict:
+  cfg = config_from_args(args)
+  model = MelodiDecoder(cfg)
+  optimizer = optax.adafactor(
+    learning_rate=0.01, decay_rate=0.8, multiply_by_parameter_scale=True, clipping_threshold=1.0
+  )
+  length, bsz = args.segment_length, args.batch_size
+  params, opt_state, mem = jax.jit(_abstract_state(model, optimizer, bsz, length))(
+    jax.random.PRNGKey(0)
+  )
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  step = make_train_step(model, optimizer)
+  batches = [_batch(cfg, bsz, length, i, i == 0) for i in range(2)]
+
+  start = time.perf_counter()
+  compiled = step.lower(params, opt_state, mem, batches[0], jax.random.PRNGKey(0)).compile()
+  compile_sec = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+
+  times = []
+  for i in range(args.steps + 1):  # step 0 warms up
+    rng = jax.random.PRNGKey(i)
+    t0 = time.perf_counter()
+    params, opt_state, mem, loss = compiled(params, opt_state, mem, batches[i > 0], rng)
+    loss.block_until_ready()
+    if i:
+      times.append(time.perf_counter() - t0)
+  step_sec = statistics.median(times)
+
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  if peak is None:  # CPU: XLA's own estimate of the step's live buffers
+    mem_an = compiled.memory_analysis()
+    peak = sum(
+      getattr(mem_an, f, 0)
+      for f in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes')
+    )
+  peak_tflops = _peak_tflops(args)
+  result = {
+    'device': jax.devices()[0].device_kind,
+    'config': {k: v for k, v in vars(args).items() if k != 'json'},
+    'params': n_params,
+    'tokens_per_sec': bsz * length / step_sec,
+    'step_sec_median': step_sec,
+    'compile_sec': compile_sec,
+    'peak_bytes': int(peak),
+    'flops_per_step': flops,
+    'mfu': flops / step_sec / (peak_tflops * 1e12) if flops and peak_tflops else None,
+    'final_loss': float(loss),
+  }
+  windows = [int(w) for w in args.compile_windows.split(',') if w.strip()]
+  result['compile_sec_by_windows'] = {
+    str(w): compile_seconds(model, optimizer, cfg, bsz, w * cfg.window_length) for w in windows
+  }
+  return result
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  result = run(args)
+  for key in ('device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
+    print(f'{key:18s} {result[key]}')
+  print(f'{"peak_bytes":18s} {result["peak_bytes"] / 2**20:.1f} MiB')
+  print(f'{"mfu":18s} {result["mfu"]}')
+  for w, sec in result['compile_sec_by_windows'].items():
+    print(f'compile {w:>3s} windows  {sec:.2f} s')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

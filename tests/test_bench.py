@@ -1,0 +1,32 @@
+"""The benchmark CLI runs end to end on a tiny size and reports every field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from melodi_t5x.tools import bench
+
+TINY = (
+  '--num-layers 2 --embed-dim 32 --num-heads 2 --head-dim 16 --mlp-dim 64 --vocab-size 64 '
+  '--segment-length 32 --window-length 8 --summary-size 4 --short-term-memory-size 4 '
+  '--long-term-memory-increment-size 2 --long-term-memory-size 8 --long-term-memory-layer 1 '
+  '--dtype float32 --batch-size 2 --steps 2'
+).split()
+
+
+def test_bench_writes_json(tmp_path):
+  out = tmp_path / 'bench.json'
+  assert bench.main(TINY + ['--compile-windows', '1,2', '--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['tokens_per_sec'] > 0 and result['compile_sec'] > 0 and result['peak_bytes'] > 0
+  assert result['params'] > 0 and set(result['compile_sec_by_windows']) == {'1', '2'}
+  assert result['final_loss'] > 0
+
+
+def test_bench_rejects_bad_sizes_before_compiling():
+  with pytest.raises(ValueError, match='multiple of the long-term increment'):
+    bench.config_from_args(bench.parse_args(TINY + ['--long-term-memory-size', '7']))
+  with pytest.raises(ValueError, match='window_length'):
+    bench.config_from_args(bench.parse_args(TINY + ['--segment-length', '30']))
