@@ -71,9 +71,11 @@ def our_path(reference_path: str) -> str:
 
 def config_from_fixture(meta: dict) -> MelodiConfig:
   """Builds our config from a fixture's `config_json`."""
-  increment = int(meta['long_term_memory_increment_size'])
-  layers = tuple(int(i) for i in meta.get('long_term_memory_layer_indices', ()))
-  windows = MelodiConfig.capacity_windows(int(meta['long_term_memory_size']), increment)
+  layers = tuple(int(i) for i in meta.get('long_term_memory_layer_indices') or ())
+  increment, windows = 1, 1  # unused without long-term layers
+  if layers:
+    increment = int(meta['long_term_memory_increment_size'])
+    windows = MelodiConfig.capacity_windows(int(meta['long_term_memory_size']), increment)
   return MelodiConfig(
     num_layers=int(meta['num_layers']),
     embed_dim=int(meta['embed_dim']),
