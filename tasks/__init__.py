@@ -1,4 +1,4 @@
-"""seqio tasks of melodi-t5x: `import tasks` registers `local_books`, `pg19_t5`, `arxiv_math`, `c4_4k`.
+"""seqio tasks of melodi-t5x: `import tasks` registers local_books, pg19_t5, arxiv_math, c4_4k.
 
 Importing touches no data and no network; settings (see `tasks.config`) are read when a dataset
 is requested. The document-streaming batcher is `tasks.streaming.DocumentStreamIterator`.

@@ -178,7 +178,8 @@ def resolve_files(task_name: str, data_dir: str | None, patterns: str, field: st
   if any(not _is_absolute(p) for p in parts):
     if not data_dir:
       raise ValueError(
-        f'Task {task_name!r} needs a data directory: {config_lib.setting_name(task_name, "data_dir")}'
+        f'Task {task_name!r} needs a data directory: '
+        f'{config_lib.setting_name(task_name, "data_dir")}'
         f' is not set (file pattern {patterns!r} of {config_lib.setting_name(task_name, field)} is '
         'relative to it). ' + config_lib.fix_hint(task_name, 'data_dir', "'/path/to/data'")
       )
@@ -194,7 +195,8 @@ def resolve_files(task_name: str, data_dir: str | None, patterns: str, field: st
   files = sorted(set(files))
   if not files:
     raise FileNotFoundError(
-      f'Task {task_name!r}: no file matches {patterns!r} ({config_lib.setting_name(task_name, field)}'
+      f'Task {task_name!r}: no file matches {patterns!r} '
+      f'({config_lib.setting_name(task_name, field)}'
       f', data_dir={data_dir!r}). ' + config_lib.fix_hint(task_name, field, "'dir/*.jsonl.gz'")
     )
   return files

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import json
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -62,6 +63,11 @@ class Document:
   @property
   def num_chunks(self) -> int:
     return self.targets.shape[0]
+
+  @property
+  def checksum(self) -> int:
+    """CRC32 of the document's target tokens (detects data that changed under a saved state)."""
+    return zlib.crc32(np.ascontiguousarray(self.targets).tobytes())
 
 
 @dataclasses.dataclass
@@ -389,6 +395,7 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
             'epoch': d.epoch,
             'ordinal': d.ordinal,
             'document_id': d.document_id,
+            'checksum': d.checksum,
             'next_chunk': row.next_chunk,
           }
         )
@@ -435,10 +442,14 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
         seen += 1
         for r in need.get(doc.ordinal, []):
           saved_row = state['rows'][r]
-          if doc.document_id != int(saved_row['document_id']):
+          if (doc.document_id, doc.checksum) != (
+            int(saved_row['document_id']),
+            int(saved_row['checksum']),
+          ):
             raise ValueError(
-              f'Row {r}: document {doc.ordinal} of epoch {e} is now {doc.document_id}, the saved '
-              f'state has {saved_row["document_id"]}: the data changed since the state was saved.'
+              f'Row {r}: document {doc.ordinal} of epoch {e} is now {doc.document_id} (checksum '
+              f'{doc.checksum}), the saved state has {saved_row["document_id"]} (checksum '
+              f'{saved_row["checksum"]}): the data changed since the state was saved.'
             )
           rows[r] = _Row(doc, int(saved_row['next_chunk']))
       missing = [r for rs in need.values() for r in rs if rows[r] is None]

@@ -21,7 +21,8 @@ def check_vocabulary_file(task_name: str) -> str:
   path = cfg.vocabulary_path
   if not path:
     raise ValueError(
-      f'Task {task_name!r} has no vocabulary: {config_lib.setting_name(task_name, "vocabulary_path")}'
+      f'Task {task_name!r} has no vocabulary: '
+      f'{config_lib.setting_name(task_name, "vocabulary_path")}'
       ' is not set. '
       + config_lib.fix_hint(task_name, 'vocabulary_path', "'/path/to/spm.model'")
       + f' To train one: python -m tasks.train_vocab --task={task_name} --output_prefix=/path/spm'
