@@ -348,3 +348,90 @@ def test_error_missing_data_files(tmp_path):
   tasks.configure('c4_4k', source='hdf5')
   with pytest.raises(ValueError, match=r'tasks\.C4Config\.source'):
     _get('c4_4k', 'validation')
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS sources (pg19_t5, c4_4k) on tiny prepared TFDS datasets written here.
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """Prepared `pg19/0.1.1` and `c4/en/3.0.1` TFDS directories with a few real text snippets."""
+  import importlib.resources
+
+  import tensorflow_datasets as tfds
+
+  root = tmp_path_factory.mktemp('tfds')
+  texts = _doc_texts(16)
+  # TFDS 4.9.10's writer imports the `importlib_resources` backport (not a dependency here; the
+  # reading path does not need it); the standard library module has the same API on 3.11.
+  saved = sys.modules.get('importlib_resources')
+  sys.modules['importlib_resources'] = importlib.resources
+  try:
+    tfds.dataset_builders.store_as_tfds_dataset(
+      name='pg19',
+      version='0.1.1',
+      data_dir=root,
+      features=tfds.features.FeaturesDict(
+        {'book_text': tfds.features.Text(), 'book_id': np.int32, 'book_title': np.str_}
+      ),
+      split_datasets={
+        s: tf.data.Dataset.from_tensor_slices(
+          {
+            'book_text': texts[4 * k : 4 * k + 4],
+            'book_id': [100 * k + i for i in range(4)],
+            'book_title': ['title'] * 4,
+          }
+        )
+        for k, s in enumerate(sources.SPLITS)
+      },
+    )
+    tfds.dataset_builders.store_as_tfds_dataset(
+      name='c4',
+      config='en',
+      version='3.0.1',
+      data_dir=root,
+      features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+      split_datasets={
+        'train': tf.data.Dataset.from_tensor_slices({'text': texts[:4]}),
+        'validation': tf.data.Dataset.from_tensor_slices({'text': texts[4:]}),
+      },
+      disable_shuffling=True,
+    )
+  finally:
+    if saved is None:
+      del sys.modules['importlib_resources']
+    else:
+      sys.modules['importlib_resources'] = saved
+  return root
+
+
+def test_pg19_reads_prepared_tfds(tfds_dir, local_sp):
+  _use_local_vocab('pg19_t5')
+  tasks.configure('pg19_t5', data_dir=str(tfds_dir), chunk_length=64)
+  texts = _doc_texts(16)
+  for k, split in enumerate(sources.SPLITS):
+    docs = _task_docs('pg19_t5', split)
+    assert sorted(docs) == [100 * k + i for i in range(4)]  # TFDS book_id is the document id
+    for i in range(4):
+      d = docs[100 * k + i]
+      np.testing.assert_array_equal(d[d != 0], local_sp.encode(texts[4 * k + i]))
+
+
+def test_c4_tfds_length_filter_and_test_stand_in(tfds_dir, local_sp):
+  _use_local_vocab('c4_4k')
+  validation = _doc_texts(16)[4:]  # C4's validation split: 12 documents, halves of 6
+  lengths = [len(local_sp.encode(t)) for t in validation]
+  # A threshold that keeps some and drops some documents of each half.
+  min_tokens = next(
+    n
+    for n in sorted(lengths)
+    if all(min(lengths[h:][:6]) < n <= max(lengths[h:][:6]) for h in (0, 6))
+  )
+  tasks.configure('c4_4k', data_dir=str(tfds_dir), chunk_length=64, min_document_tokens=min_tokens)
+  for split, texts in (('validation', validation[:6]), ('test', validation[6:])):
+    lengths = [len(local_sp.encode(t)) for t in texts]
+    expected = sorted(n for n in lengths if n >= min_tokens)
+    assert 0 < len(expected) < len(texts)
+    docs = _task_docs('c4_4k', split)
+    assert sorted(int((d != 0).sum()) for d in docs.values()) == expected

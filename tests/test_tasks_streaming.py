@@ -139,7 +139,7 @@ def test_rows_take_next_document_when_one_ends(docs, chunks):
   # Documents start in source order (ties within a step go to lower rows first).
   assert sorted(first_steps, key=lambda d: first_steps[d]) == order
   # The step after a row's last chunk, that row starts the next document.
-  for r, stream in enumerate(row_streams(batches, 3)):
+  for stream in row_streams(batches, 3):
     for (d0, i0, _, _), (d1, i1, s1, _) in zip(stream, stream[1:]):
       if d1 != d0:
         assert i0 == -(-len(docs[d0]) // L) - 1 and i1 == 0 and s1
