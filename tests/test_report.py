@@ -1,0 +1,101 @@
+"""Tests of the streaming perplexity bookkeeping and report files (no T5X needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from melodi_t5x import report
+
+
+def _stream(rng, doc_lengths, batch, length):
+  """Streams documents through rows (a row takes the next document when its own ends).
+
+  Returns the batches `(nll, weights, document_id, chunk_index, row_valid)` and the truth: one
+  `(document, position, nll)` per real token.
+  """
+  queue = list(range(len(doc_lengths)))
+  current = [None] * batch  # per row: [doc, next chunk]
+  batches, truth = [], []
+  while True:
+    for r in range(batch):
+      if current[r] is None and queue:
+        current[r] = [queue.pop(0), 0]
+    if all(c is None for c in current):
+      return batches, truth
+    nll = rng.uniform(0.0, 5.0, (batch, length))
+    weights = np.zeros((batch, length), np.float32)
+    doc_id, chunk, valid = np.full(batch, -1), np.full(batch, -1), np.zeros(batch, bool)
+    for r in range(batch):
+      if current[r] is None:
+        continue
+      d, c = current[r]
+      n = min(length, doc_lengths[d] - c * length)
+      weights[r, :n] = 1
+      doc_id[r], chunk[r], valid[r] = d, c, True
+      truth.extend((d, c * length + i, nll[r, i]) for i in range(n))
+      current[r] = [d, c + 1] if (c + 1) * length < doc_lengths[d] else None
+    batches.append((nll, weights, doc_id, chunk, valid))
+
+
+def test_accumulator_matches_direct_sum_and_counts_every_token_once():
+  rng = np.random.default_rng(0)
+  doc_lengths = [5, 40, 17, 64, 3, 33]
+  batches, truth = _stream(rng, doc_lengths, batch=3, length=16)
+  edges = report.default_bucket_edges(16)
+  acc = report.PerplexityAccumulator(edges)
+  for b in batches:
+    acc.add(*b)
+  assert acc.tokens == sum(doc_lengths) == len(truth)
+  assert acc.documents == len(doc_lengths)
+  assert acc.document_tokens() == dict(enumerate(doc_lengths))
+  total = sum(x for _, _, x in truth)
+  assert acc.perplexity == pytest.approx(math.exp(total / len(truth)), rel=1e-12)
+  summary = acc.summary(task='t')
+  for i, bucket in enumerate(summary['position_buckets']):
+    hi = edges[i + 1] if i + 1 < len(edges) else 10**9
+    vals = [x for _, p, x in truth if edges[i] <= p < hi]
+    assert bucket['tokens'] == len(vals)
+    if vals:
+      assert bucket['perplexity'] == pytest.approx(math.exp(np.mean(vals)), rel=1e-12)
+  assert sum(b['tokens'] for b in summary['position_buckets']) == acc.tokens
+
+
+def test_default_bucket_edges():
+  assert report.default_bucket_edges(4096)[:5] == [0, 4096, 8192, 16384, 32768]
+  assert report.default_bucket_edges(10, max_position=50) == [0, 10, 20, 40]
+  with pytest.raises(ValueError, match='segment_length'):
+    report.default_bucket_edges(0)
+
+
+def test_accumulator_rejects_double_scoring_and_bad_weights():
+  acc = report.PerplexityAccumulator([0, 4])
+  nll = np.ones((1, 4))
+  acc.add(nll, np.ones((1, 4)), [7], [0])
+  with pytest.raises(ValueError, match='scored twice'):
+    acc.add(nll, np.ones((1, 4)), [7], [0])
+  with pytest.raises(ValueError, match='0 or 1'):
+    acc.add(nll, np.full((1, 4), 0.5), [7], [1])
+  with pytest.raises(ValueError, match='padding row'):
+    acc.add(nll, np.ones((1, 4)), [7], [2], row_valid=[False])
+  with pytest.raises(ValueError, match='bucket_edges'):
+    report.PerplexityAccumulator([1, 2])
+
+
+def test_write_report(tmp_path):
+  acc = report.PerplexityAccumulator([0, 4, 8])
+  acc.add(np.log(np.full((2, 4), 3.0)), np.ones((2, 4)), [0, 1], [0, 0], correct=np.eye(2, 4))
+  acc.add(np.log(np.full((2, 4), 2.0)), np.array([[1, 1, 0, 0], [0] * 4]), [0, -1], [1, -1])
+  paths = report.write_report(acc.summary(task='demo', checkpoint_step=5), str(tmp_path), 'demo')
+  data = json.loads(open(paths['json']).read())
+  assert data['tokens'] == 10 and data['documents'] == 2
+  expected = math.exp((8 * math.log(3.0) + 2 * math.log(2.0)) / 10)
+  assert data['perplexity'] == pytest.approx(expected)
+  assert data['accuracy'] == pytest.approx(2 / 10)
+  assert [b['tokens'] for b in data['position_buckets']] == [8, 2, 0]
+  md = open(paths['md']).read()
+  assert 'token-level perplexity' in md and '| [4, 8) | 2 |' in md
+  assert open(paths['png'], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
