@@ -26,7 +26,7 @@ import dataclasses
 import os
 from typing import Any
 
-from tasks._gin import gin
+import gin
 
 # T5's default SentencePiece model (cc_all.32000); with 100 extra ids it has 32128 rows.
 T5_VOCABULARY_PATH = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'

@@ -12,10 +12,10 @@ import functools
 import seqio
 import tensorflow as tf
 
+import gin
 from tasks import config as config_lib
 from tasks import preprocessors, sources
 from tasks import vocab as vocab_lib
-from tasks._gin import gin
 
 TASK_NAMES = ('local_books', 'pg19_t5', 'arxiv_math', 'c4_4k')
 

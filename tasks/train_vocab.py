@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--gin_param', action='append', default=[])
   args = parser.parse_args(argv)
 
+  import gin  # pylint: disable=g-import-not-at-top
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-  from tasks._gin import gin  # pylint: disable=g-import-not-at-top
 
   gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
   model = train_sentencepiece(

@@ -15,10 +15,10 @@ import sentencepiece as spm
 import seqio
 import tensorflow as tf
 
+import gin
 import tasks
 from tasks import config as config_lib
 from tasks import preprocessors, sources, train_vocab
-from tasks._gin import gin
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
