@@ -26,6 +26,14 @@ def test_parity_tool_passes_on_golden_fixture(tmp_path, capsys):
   assert max(errors['gradient'].values()) < 1e-4
 
 
+# Fixtures made with meliad cc1aef5 beyond the shared one (tests/data/FIXTURES.md): b = 4 layers,
+# long-term layer 2, FIFO wraps; c = S != M, H*Dh != d, long-term layer 0; d = no long-term layer.
+@pytest.mark.parametrize('name', ['melodi_tiny_b', 'melodi_tiny_c', 'melodi_tiny_d'])
+def test_parity_on_other_reference_configurations(name, capsys):
+  assert check_reference.main([str(FIXTURE.parent / f'{name}.npz')]) == 0
+  assert 'PARITY OK' in capsys.readouterr().out
+
+
 def test_parity_tool_fails_when_one_weight_is_mapped_wrongly(capsys):
   assert check_reference.main([str(FIXTURE), '--swap', _Q, _K]) == 1
   assert 'PARITY FAIL' in capsys.readouterr().out
