@@ -87,9 +87,10 @@ seqio.TaskRegistry.add(
   },
   metric_fns=[],
 )
-''' % {'vocab': VOCAB, 'segment': SEGMENT}
+''' % {'vocab': VOCAB, 'segment': SEGMENT}  # noqa: UP031 (gin/Python braces)
 
-MODEL_GIN = """
+MODEL_GIN = (
+  """
 from __gin__ import dynamic_registration
 import melodi_t5x.t5x_gin
 import seqio
@@ -102,10 +103,12 @@ VOCABULARY = @seqio.PassThroughVocabulary()
 seqio.PassThroughVocabulary.size = %(vocab)d
 config.MelodiConfig:
 %(config)s
-""" % {
-  'vocab': VOCAB,
-  'config': '\n'.join(f'  {k} = {v!r}' for k, v in TINY.items()),
-}
+"""
+  % {  # noqa: UP031
+    'vocab': VOCAB,
+    'config': '\n'.join(f'  {k} = {v!r}' for k, v in TINY.items()),
+  }
+)
 
 TRAIN_GIN = """
 from __gin__ import dynamic_registration
@@ -132,7 +135,7 @@ t5x_schedule.warmup_cosine:
 utils.SaveCheckpointConfig:
   period = 10
   keep = None
-""" % {'segment': SEGMENT}
+""" % {'segment': SEGMENT}  # noqa: UP031
 
 EVAL_GIN = """
 from __gin__ import dynamic_registration
@@ -143,7 +146,7 @@ include 'gin/runs/melodi_eval.gin'
 MIXTURE_OR_TASK_NAME = 'melodi_synthetic'
 TASK_FEATURE_LENGTHS = {'targets': %(segment)d}
 EVAL_BATCH_SIZE = 3
-""" % {'segment': SEGMENT}
+""" % {'segment': SEGMENT}  # noqa: UP031
 
 
 def _make_docs(seed: int = 0) -> dict[str, list[list[int]]]:
