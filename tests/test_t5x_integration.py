@@ -103,8 +103,8 @@ VOCABULARY = @seqio.PassThroughVocabulary()
 seqio.PassThroughVocabulary.size = %(vocab)d
 config.MelodiConfig:
 %(config)s
-"""
-  % {  # noqa: UP031
+"""  # noqa: UP031
+  % {
     'vocab': VOCAB,
     'config': '\n'.join(f'  {k} = {v!r}' for k, v in TINY.items()),
   }
