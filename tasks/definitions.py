@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 
+import gin
 import seqio
 import tensorflow as tf
 
-import gin
 from tasks import config as config_lib
 from tasks import preprocessors, sources
 from tasks import vocab as vocab_lib

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   import gin  # pylint: disable=g-import-not-at-top
+
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 
   gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)

@@ -7,9 +7,9 @@ import re
 import subprocess
 import sys
 
+import gin
 import pytest
 
-import gin
 from melodi_t5x import t5x_gin
 
 REPO = t5x_gin.REPO_ROOT

@@ -9,13 +9,13 @@ import pathlib
 import subprocess
 import sys
 
+import gin
 import numpy as np
 import pytest
 import sentencepiece as spm
 import seqio
 import tensorflow as tf
 
-import gin
 import tasks
 from tasks import config as config_lib
 from tasks import preprocessors, sources, train_vocab
