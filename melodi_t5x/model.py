@@ -33,10 +33,6 @@ _EPS = 1e-6
 _dense_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 
-def _dtype(name: str) -> jnp.dtype:
-  return jnp.dtype(name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers: relative positions and attention.
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +103,7 @@ def attend(
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype: str):
-  return partitioning.param_with_axes(name, init, shape, _dtype(dtype), axes=axes, module=module)
+  return partitioning.param_with_axes(name, init, shape, jnp.dtype(dtype), axes=axes, module=module)
 
 
 class RMSNorm(nn.Module):
@@ -122,7 +118,7 @@ class RMSNorm(nn.Module):
     )
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + _EPS)
-    return (y * scale.astype(jnp.float32)).astype(_dtype(self.config.dtype))
+    return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
 
 
 class Dense(nn.Module):
@@ -135,7 +131,7 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    dtype, pdtype = _dtype(self.config.dtype), self.config.param_dtype
+    dtype, pdtype = jnp.dtype(self.config.dtype), self.config.param_dtype
     kernel = _param(self, 'kernel', _dense_init, (x.shape[-1], self.features), self.axes, pdtype)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
@@ -163,7 +159,7 @@ class TokenMixer(nn.Module):
     else:
       u_in = u
     tokens = jnp.concatenate([x, u_in], axis=1)  # [B, W+S, D]
-    dtype, pdtype = _dtype(self.config.dtype), self.config.param_dtype
+    dtype, pdtype = jnp.dtype(self.config.dtype), self.config.param_dtype
     n_in = tokens.shape[1]
     kernel = _param(
       self, 'kernel', _dense_init, (n_in, self.num_out), ('mixer_in', 'mixer_out'), pdtype
@@ -225,7 +221,10 @@ class MelodiLayer(nn.Module):
 
   def project_kv(self, tokens: Array, deterministic: bool) -> tuple[Array, Array]:
     """Normalised keys and values of `tokens: [B, N, D]` -> ([B, N, H, K], [B, N, H, K])."""
-    a = self.dropout(self.attn_norm(tokens), deterministic=deterministic)
+    return self._kv(self.dropout(self.attn_norm(tokens), deterministic=deterministic))
+
+  def _kv(self, a: Array) -> tuple[Array, Array]:
+    """Keys (L2-normalised per head) and values of normalised tokens `a: [B, N, D]`."""
     return l2_normalize(self._heads(self.key(a))), self._heads(self.value(a))
 
   def gate_mean(self) -> Array:
@@ -261,7 +260,7 @@ class MelodiLayer(nn.Module):
     xu = jnp.concatenate([x, u], axis=1)  # [B, W+S, D]
     keys_in = xu if z is None else jnp.concatenate([z.astype(xu.dtype), xu], axis=1)
     a = self.dropout(self.attn_norm(keys_in), deterministic=deterministic)  # [B, M+W+S, D]
-    k, v = l2_normalize(self._heads(self.key(a))), self._heads(self.value(a))
+    k, v = self._kv(a)
     q = l2_normalize(self._heads(self.query(a[:, m:])))  # [B, W+S, H, K]
 
     bucket, visible = window_geometry(
@@ -405,7 +404,7 @@ class MelodiDecoder(nn.Module):
         'must stream one document; set pack=False in the dataset config.'
       )
     cfg = self.config
-    dtype = _dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.dtype)
     tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32) % cfg.vocab_size
     batch, length = tokens.shape
     num_windows = cfg.num_windows(length)

@@ -165,7 +165,7 @@ def _segment_length(cfg) -> int:
   return int(lengths['targets'])
 
 
-def _check_cfg(cfg, shard_id: int, num_shards: int) -> None:
+def _check_cfg(cfg, num_shards: int) -> None:
   if cfg.pack:
     raise ValueError(
       f'DatasetConfig(pack=True) for {cfg.mixture_or_task_name!r}: MELODI streams one document '
@@ -175,12 +175,11 @@ def _check_cfg(cfg, shard_id: int, num_shards: int) -> None:
     raise ValueError(
       f'batch_size={cfg.batch_size} is not divisible by the {num_shards} data shards (hosts).'
     )
-  del shard_id
 
 
 def make_stream(cfg, shard_id: int, num_shards: int, *, finite: bool):
   """The `tasks.streaming.DocumentStreamIterator` for a T5X `DatasetConfig` (one host's rows)."""
-  _check_cfg(cfg, shard_id, num_shards)
+  _check_cfg(cfg, num_shards)
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top  (registers the tasks)
   from tasks import streaming  # pylint: disable=g-import-not-at-top
 
