@@ -16,8 +16,8 @@ One machine (small corpora, e.g. local_books in seconds, a folder of books in mi
 Several machines (PG-19, C4): K workers each tokenize 1/K of the documents (the source's
 documents i, i + K, i + 2K, ...), then one command merges the indexes (no tokens are copied):
 
-  python -m tasks.prepare --task=pg19_t5 --split=train --out=gs://b/prepared --worker=i --num_workers=K
-  python -m tasks.prepare --task=pg19_t5 --split=train --out=gs://b/prepared --num_workers=K --finalize
+  python -m tasks.prepare --task=pg19_t5 --split=train --out=gs://b/prep --worker=i --num_workers=K
+  python -m tasks.prepare --task=pg19_t5 --split=train --out=gs://b/prep --num_workers=K --finalize
 
 The prepared order is then worker by worker (deterministic). Settings of the task (data_dir,
 vocabulary, ...) come from `--gin_file` / `--gin_param`, as for t5x.train.
