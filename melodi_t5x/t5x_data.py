@@ -178,17 +178,22 @@ def _check_cfg(cfg, num_shards: int) -> None:
 
 
 def make_stream(cfg, shard_id: int, num_shards: int, *, finite: bool):
-  """The `tasks.streaming.DocumentStreamIterator` for a T5X `DatasetConfig` (one host's rows)."""
+  """The document stream for a T5X `DatasetConfig` (one host's rows).
+
+  Reads the prepared split when `tasks.PreparedDataConfig.root` is set
+  (`tasks.prepared_stream.PreparedStreamIterator`: this host's rows only, restore by seeking),
+  otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`).
+  """
   _check_cfg(cfg, num_shards)
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top  (registers the tasks)
-  from tasks import streaming  # pylint: disable=g-import-not-at-top
+  from tasks import prepared_stream  # pylint: disable=g-import-not-at-top
 
   seed = cfg.seed
   if seed is None:
     # The stream is deterministic given its seed; T5X's "new seed per restart" (seed=None) would
     # break resuming from the checkpointed position, so None means seed 0.
     seed = 0
-  return streaming.DocumentStreamIterator(
+  return prepared_stream.make_task_stream(
     cfg.mixture_or_task_name,
     split=cfg.split,
     batch_size=cfg.batch_size // num_shards,

@@ -343,3 +343,53 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
     if not path.exists():
       raise FileNotFoundError(f'No iterator state at {filename}.')
     self.set_state(json.loads(path.read_text()))
+
+
+def make_task_stream(
+  task_name: str,
+  *,
+  split: str,
+  batch_size: int,
+  chunk_length: int,
+  seed: int = 0,
+  shuffle: bool = True,
+  shard_id: int = 0,
+  num_shards: int = 1,
+  repeat: bool = True,
+) -> dataset_iterator.DatasetIterator:
+  """A task's document stream: prepared if `tasks.PreparedDataConfig.root` is set, else on the fly.
+
+  Same arguments as `tasks.streaming.DocumentStreamIterator` (batch_size: rows on this host). The
+  on-the-fly stream (every host reads and tokenizes the whole split, restore replays) is meant for
+  small local tasks; set the root for PG-19 / C4 scale.
+  """
+  from tasks import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  root = config_lib.PreparedDataConfig().root
+  if root:
+    from tasks import prepare  # pylint: disable=g-import-not-at-top
+
+    return PreparedStreamIterator(
+      prepare.open_for_task(root, task_name, split),
+      batch_size=batch_size,
+      chunk_length=chunk_length,
+      seed=seed,
+      shuffle=shuffle,
+      shard_id=shard_id,
+      num_shards=num_shards,
+      repeat=repeat,
+      name=task_name,
+    )
+  from tasks import streaming  # pylint: disable=g-import-not-at-top
+
+  return streaming.DocumentStreamIterator(
+    task_name,
+    split=split,
+    batch_size=batch_size,
+    chunk_length=chunk_length,
+    seed=seed,
+    shuffle=shuffle,
+    shard_id=shard_id,
+    num_shards=num_shards,
+    repeat=repeat,
+  )

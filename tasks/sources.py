@@ -229,10 +229,11 @@ def resolve_files(task_name: str, data_dir: str | None, patterns: str, field: st
 
 
 def _open_text(path: str) -> io.TextIOBase:
-  raw = tf.io.gfile.GFile(path, 'rb')
   if path.endswith('.gz'):
+    raw = tf.io.gfile.GFile(path, 'rb')
     return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding='utf-8')
-  return io.TextIOWrapper(raw, encoding='utf-8')
+  # (GFile has no `readable`, so it cannot be wrapped by io.TextIOWrapper.)
+  return tf.io.gfile.GFile(path, 'r')
 
 
 def _get_dotted(obj, dotted: str):
