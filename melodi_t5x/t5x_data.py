@@ -1,15 +1,15 @@
 """Data plumbing between the document-streaming batcher (`tasks.streaming`) and T5X.
 
 T5X builds its input pipeline with `train_script.train.get_dataset_fn` (training) and
-`train_eval_get_dataset_fn` (train-eval in `t5x.train`, eval in `t5x.eval`). MELODI needs row r
-of batch t+1 to continue the document of row r of batch t, which seqio's batching does not give;
-`tasks.streaming.DocumentStreamIterator` does. This module:
+`train_eval_get_dataset_fn` (train-eval in `t5x.train`, eval in `t5x.eval`). A memory decoder
+needs row r of batch t+1 to continue the document of row r of batch t, which seqio's batching does
+not give; `tasks.streaming.DocumentStreamIterator` does. This module:
 
 - `get_dataset`: the training `get_dataset_fn`, an infinite stream whose position is saved with
   each checkpoint (`utils.SaveCheckpointConfig.save_dataset = True`) and restored on resume.
 - `get_eval_datasets`: a finite stream per task covering every chunk of the split exactly once,
   re-iterable so each train-eval / eval pass starts at the first document.
-- `MelodiFeatureConverter`: a seqio feature converter for per-chunk examples (model features plus
+- `StreamingFeatureConverter`: a seqio feature converter for per-chunk examples (model features plus
   a rank-0 `start_of_sequence`), used for T5X's shape bookkeeping and seqio's score path.
 
 Imports neither T5X nor the tasks package at module level.
@@ -25,7 +25,7 @@ import seqio
 import tensorflow as tf
 from clu.data import dataset_iterator as clu_dataset_iterator
 
-# Features a MELODI train/eval step uses (others, e.g. document_id, stay on the host).
+# Features a memory model's train/eval step uses (others, e.g. document_id, stay on the host).
 MODEL_KEYS = (
   'decoder_input_tokens',
   'decoder_target_tokens',
@@ -36,8 +36,10 @@ MODEL_KEYS = (
 EVAL_KEYS = MODEL_KEYS + ('document_id', 'chunk_index', 'row_valid')
 
 
-class MelodiFeatureConverter(seqio.FeatureConverter):
+class StreamingFeatureConverter(seqio.FeatureConverter):
   """Per-chunk examples -> decoder-only model features (never packed).
+
+  (`MelodiFeatureConverter` is the same class under its former name.)
 
   Task features: `targets: [T]` (the chunk), optional `inputs: [T]` (the chunk shifted right by
   one, starting with the last token of the previous chunk of the document), optional rank-0
@@ -58,8 +60,8 @@ class MelodiFeatureConverter(seqio.FeatureConverter):
   def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False, **kwargs):
     if pack:
       raise ValueError(
-        'MelodiFeatureConverter: pack=True is not supported; MELODI streams one document per '
-        'batch row. Set utils.DatasetConfig.pack = False.'
+        'StreamingFeatureConverter: pack=True is not supported; each batch row streams one '
+        'document. Set utils.DatasetConfig.pack = False.'
       )
     super().__init__(pack=False, use_custom_packing_ops=use_custom_packing_ops, **kwargs)
 
@@ -168,8 +170,8 @@ def _segment_length(cfg) -> int:
 def _check_cfg(cfg, num_shards: int) -> None:
   if cfg.pack:
     raise ValueError(
-      f'DatasetConfig(pack=True) for {cfg.mixture_or_task_name!r}: MELODI streams one document '
-      'per batch row; set pack=False.'
+      f'DatasetConfig(pack=True) for {cfg.mixture_or_task_name!r}: each batch row streams one '
+      'document; set pack=False.'
     )
   if cfg.batch_size % num_shards:
     raise ValueError(
@@ -178,17 +180,22 @@ def _check_cfg(cfg, num_shards: int) -> None:
 
 
 def make_stream(cfg, shard_id: int, num_shards: int, *, finite: bool):
-  """The `tasks.streaming.DocumentStreamIterator` for a T5X `DatasetConfig` (one host's rows)."""
+  """The document stream for a T5X `DatasetConfig` (one host's rows).
+
+  Reads the prepared split when `tasks.PreparedDataConfig.root` is set
+  (`tasks.prepared_stream.PreparedStreamIterator`: this host's rows only, restore by seeking),
+  otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`).
+  """
   _check_cfg(cfg, num_shards)
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top  (registers the tasks)
-  from tasks import streaming  # pylint: disable=g-import-not-at-top
+  from tasks import prepared_stream  # pylint: disable=g-import-not-at-top
 
   seed = cfg.seed
   if seed is None:
     # The stream is deterministic given its seed; T5X's "new seed per restart" (seed=None) would
     # break resuming from the checkpointed position, so None means seed 0.
     seed = 0
-  return streaming.DocumentStreamIterator(
+  return prepared_stream.make_task_stream(
     cfg.mixture_or_task_name,
     split=cfg.split,
     batch_size=cfg.batch_size // num_shards,
@@ -225,8 +232,8 @@ def get_dataset(
   del feature_converter_cls, continue_from_last_checkpoint
   if num_epochs is not None:
     raise ValueError(
-      f'num_epochs={num_epochs}: the MELODI training stream is endless (it re-reads the documents '
-      'in a new order each epoch); bound training with TRAIN_STEPS instead.'
+      f'num_epochs={num_epochs}: the training document stream is endless (it re-reads the '
+      'documents in a new order each epoch); bound training with TRAIN_STEPS instead.'
     )
   stream = make_stream(cfg, shard_id, num_shards, finite=False)
   return KeySelectingIterator(stream, MODEL_KEYS)
@@ -296,3 +303,7 @@ class _Take(clu_dataset_iterator.DatasetIterator):
   @property
   def element_spec(self):
     return self._inner.element_spec
+
+
+# Former name, kept so existing gin files and imports keep working.
+MelodiFeatureConverter = StreamingFeatureConverter

@@ -1,7 +1,7 @@
-"""Streaming evaluation for MELODI under `t5x.train` (train-eval) and `t5x.eval`.
+"""Streaming evaluation for memory decoders under `t5x.train` (train-eval) and `t5x.eval`.
 
 T5X's eval step feeds every eval batch the same train state and drops the updated state, so
-memory never flows from one chunk of a document to the next. `StreamingPerplexityEvaluator`
+memory never flows from one chunk of a document to the next. `MemoryTrainer`
 replaces the trainer's `eval`: it starts each eval pass with zero memory shaped for the eval batch,
 threads the memory returned by each step into the next (never into the train state), and sums
 per-token NLL on the host in float64, overall and by position in document. Every real target token
@@ -64,8 +64,8 @@ def device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-class StreamingPerplexityEvaluator(trainer_lib.Trainer):
-  """`t5x.trainer.Trainer` whose `eval` carries MELODI memory across the batches of a stream.
+class MemoryTrainer(trainer_lib.Trainer):
+  """`t5x.trainer.Trainer` whose `eval` carries model memory across the batches of a stream.
 
   Training is unchanged (`Trainer.train`). `eval` expects, per eval name, a re-iterable dataset
   (or an iterator) of streamed batches: row r of batch t+1 continues the document of row r of
@@ -74,7 +74,7 @@ class StreamingPerplexityEvaluator(trainer_lib.Trainer):
 
   def __init__(
     self,
-    model: t5x_model.MelodiModel,
+    model: t5x_model.MemoryDecoderModel,
     train_state: Any,
     partitioner: Any,
     eval_names: Sequence[str],
@@ -90,7 +90,7 @@ class StreamingPerplexityEvaluator(trainer_lib.Trainer):
     """Constructor; the first nine arguments are T5X's (see `t5x.trainer.Trainer`).
 
     Args:
-      model: a `MelodiModel`.
+      model: a `MemoryDecoderModel`.
       train_state: the train state (None at first in `t5x.eval`, set before `eval`).
       partitioner: the T5X partitioner.
       eval_names: names of the eval datasets.
@@ -106,8 +106,8 @@ class StreamingPerplexityEvaluator(trainer_lib.Trainer):
     """
     if num_microbatches not in (None, 1):
       raise ValueError(
-        f'trainer.Trainer.num_microbatches={num_microbatches}: MELODI carries per-row memory and '
-        "T5X's microbatching hands every microbatch all rows' memory; set it to None."
+        f'trainer.Trainer.num_microbatches={num_microbatches}: memory models carry per-row '
+        "memory and T5X's microbatching hands every microbatch all rows' memory; set it to None."
       )
     super().__init__(
       model=model,
@@ -163,8 +163,8 @@ class StreamingPerplexityEvaluator(trainer_lib.Trainer):
     train_state = self.train_state
     if not train_state.flax_mutables:
       raise ValueError(
-        'The train state has no flax_mutables (memory); StreamingPerplexityEvaluator needs a '
-        'model with carried memory, e.g. melodi_t5x.t5x_model.MelodiModel + MelodiDecoder.'
+        'The train state has no flax_mutables (memory); MemoryTrainer needs a model with carried '
+        'memory: melodi_t5x.t5x_model.MemoryDecoderModel with a memory decoder module.'
       )
     step_num = int(jax.device_get(train_state.step))
     summaries = {}
@@ -242,6 +242,10 @@ class StreamingPerplexityEvaluator(trainer_lib.Trainer):
     }
 
 
+# Former name, kept so existing gin files and imports keep working.
+StreamingPerplexityEvaluator = MemoryTrainer
+
+
 def _fresh_iterator(dataset: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
   """A pass from the start: re-iterables give a new iterator; iterators are reset if possible."""
   if isinstance(dataset, Iterator):
@@ -261,7 +265,7 @@ class StreamingOnlyInferenceEvaluator:
   `t5x.eval` always builds a seqio inference evaluator: it takes the model's input shapes from it
   and refuses to run if it has no tasks. Its score/predict paths cannot carry memory, so this class
   provides the shapes and the task list and runs nothing; the perplexity is computed by
-  `StreamingPerplexityEvaluator` (`eval_script.evaluate.training_evaluator_cls`). Bind it as
+  `MemoryTrainer` (`eval_script.evaluate.training_evaluator_cls`). Bind it as
   `eval_script.evaluate.inference_evaluator_cls`.
   """
 
@@ -307,5 +311,5 @@ class StreamingOnlyInferenceEvaluator:
 
 
 def report_path(report_dir: str, name: str, step: int) -> str:
-  """Path of the JSON report written by `StreamingPerplexityEvaluator`."""
+  """Path of the JSON report written by `MemoryTrainer`."""
   return os.path.join(report_dir, f'{name}_step{step}.json')

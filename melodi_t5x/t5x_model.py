@@ -1,13 +1,17 @@
-"""T5X model class for MELODI: memory carried across training steps in `flax_mutables`.
+"""T5X model class for memory decoders: memory carried across training steps in `flax_mutables`.
+
+Serves any decoder module with the T5X decoder-only call signature, a `start_of_sequence: [B]`
+keyword and per-row state in the Flax collection `memory` (MELODI, Transformer-XL, Memorizing
+Transformer, Block-Recurrent Transformer, ...).
 
 T5X keeps every non-`params` collection returned by `get_initial_variables` in
 `TrainState.flax_mutables`, partitions it with its logical axes (collection `memory_axes`) and
 checkpoints it. Its trainer hands those mutables to `loss_fn` as a fourth argument and stores the
 `(loss, (metrics, new_mutables))` it returns, but only if the model returns them; no stock model
-does. `MelodiModel` does: each training step reads the memory of every batch row, the module resets
-the rows whose `start_of_sequence` flag is set (a document starts in this chunk), and the memory
-written at the end of the chunk becomes the next step's memory. Row r of step t+1 must continue the
-document of row r of step t; `melodi_t5x.t5x_data` builds such batches.
+does. `MemoryDecoderModel` does: each training step reads the memory of every batch row, the
+module resets the rows whose `start_of_sequence` flag is set (a document starts in this chunk),
+and the memory written at the end of the chunk becomes the next step's memory. Row r of step t+1
+must continue the document of row r of step t; `melodi_t5x.t5x_data` builds such batches.
 
 Metrics: T5X's base metrics (`loss_per_nonpadding_target_token`, `accuracy`, `cross_ent_loss`,
 ...), plus `cross_ent_loss_per_nonpadding_target_token` (NLL without z-loss), `perplexity`
@@ -80,16 +84,18 @@ def _sown(intermediates: Mapping[str, Any], name: str) -> Array | None:
   return jnp.mean(jnp.stack([jnp.mean(x.astype(jnp.float32)) for x in found]))
 
 
-class MelodiModel(models.DecoderOnlyModel):
+class MemoryDecoderModel(models.DecoderOnlyModel):
   """`DecoderOnlyModel` whose module carries per-row memory from one batch to the next.
 
   The module (e.g. `melodi_t5x.model.MelodiDecoder`) must accept a `start_of_sequence: [B]`
   keyword and keep its memory in the `memory` collection with leading batch axis. Construct it as
   a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). Incremental decoding is
-  not supported: MELODI is evaluated by teacher-forced scoring.
+  not supported: memory decoders are evaluated by teacher-forced scoring.
+
+  `MelodiModel` is the same class under its former name (gin files may use either).
   """
 
-  FEATURE_CONVERTER_CLS = t5x_data.MelodiFeatureConverter
+  FEATURE_CONVERTER_CLS = t5x_data.StreamingFeatureConverter
 
   def __init__(
     self,
@@ -106,7 +112,7 @@ class MelodiModel(models.DecoderOnlyModel):
     """Arguments as for `t5x.models.DecoderOnlyModel` (decode_fn is unused: no decoding)."""
     if inputs_bidirectional_attention:
       raise ValueError(
-        'MelodiModel.inputs_bidirectional_attention=True: MELODI is a causal LM over windows; '
+        'MemoryDecoderModel.inputs_bidirectional_attention=True: memory decoders are causal LMs; '
         'leave inputs_bidirectional_attention False.'
       )
     kwargs = {} if decode_fn is None else {'decode_fn': decode_fn}
@@ -273,7 +279,7 @@ class MelodiModel(models.DecoderOnlyModel):
 
     `flax_mutables` is accepted (T5X passes the checkpoint's memory) and ignored: rows of a seqio
     score batch are independent examples. Document-level perplexity with carried memory is
-    `t5x_eval.StreamingPerplexityEvaluator`.
+    `t5x_eval.MemoryTrainer`.
     """
     del flax_mutables
     batch = dict(batch)
@@ -287,9 +293,13 @@ class MelodiModel(models.DecoderOnlyModel):
 
   def predict_batch_with_aux(self, *args, **kwargs):
     raise NotImplementedError(
-      'MelodiModel does not decode: MELODI has no incremental-decoding cache here. Evaluate with '
-      'teacher-forced scoring (t5x_eval.StreamingPerplexityEvaluator, or infer mode="score").'
+      'MemoryDecoderModel does not decode: there is no incremental-decoding cache. Evaluate with '
+      'teacher-forced scoring (t5x_eval.MemoryTrainer, or infer mode="score").'
     )
+
+
+# Former name, kept so existing gin files and imports keep working.
+MelodiModel = MemoryDecoderModel
 
 
 def zeros_memory_like(flax_mutables: PyTree, batch_size: int) -> PyTree:
@@ -299,7 +309,7 @@ def zeros_memory_like(flax_mutables: PyTree, batch_size: int) -> PyTree:
   )
 
 
-def memory_shapes(model: MelodiModel, batch_size: int, segment_length: int) -> PyTree:
+def memory_shapes(model: MemoryDecoderModel, batch_size: int, segment_length: int) -> PyTree:
   """`jax.ShapeDtypeStruct`s of the carried collections for a `[batch_size, segment_length]` run."""
   shapes = {
     'decoder_input_tokens': (batch_size, segment_length),

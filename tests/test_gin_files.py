@@ -15,7 +15,7 @@ from melodi_t5x import t5x_gin
 REPO = t5x_gin.REPO_ROOT
 GIN_DIR = os.path.join(REPO, 'gin')
 # Configurables that need T5X; skipped when it is absent (and used normally when present).
-T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MelodiModel']
+T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MemoryDecoderModel']
 
 
 def _model_config(gin_file: str, tmp_path, monkeypatch):
