@@ -50,9 +50,14 @@ class PerplexityAccumulator:
   Attributes:
     bucket_edges: increasing token offsets (first 0); bucket i is [edges[i], edges[i+1]), the
       last bucket is open-ended.
+    grow: extend the buckets so that they reach the longest document: whenever a token lies at or
+      beyond the last edge, edges doubling the last one are appended (needs >= 2 edges; with
+      `default_bucket_edges(T, T + 1) = [0, T]` the buckets are chunk 0, 1, 2-3, 4-7, ... with no
+      upper limit). The open last bucket then never holds a token.
   """
 
   bucket_edges: Sequence[int]
+  grow: bool = False
   nll_sum: float = 0.0
   tokens: int = 0
   correct: int = 0
@@ -63,6 +68,11 @@ class PerplexityAccumulator:
     if edges.ndim != 1 or not len(edges) or edges[0] != 0 or np.any(np.diff(edges) <= 0):
       raise ValueError(
         f'bucket_edges={list(self.bucket_edges)} must be increasing token offsets starting at 0.'
+      )
+    if self.grow and len(edges) < 2:
+      raise ValueError(
+        f'bucket_edges={list(self.bucket_edges)}: grow=True needs at least two edges (e.g. '
+        '[0, segment_length]) to know the doubling unit.'
       )
     self.bucket_edges = [int(e) for e in edges]
     self._bucket_nll = np.zeros(len(edges), np.float64)
@@ -110,6 +120,8 @@ class PerplexityAccumulator:
         raise ValueError('a padding row (row_valid=False) has non-zero loss weights.')
     self.batches += 1
     positions = chunk_index.astype(np.int64)[:, None] * length + np.arange(length)[None, :]
+    if self.grow and np.any(mask):
+      self.extend_edges(int(positions[mask].max()))
     bucket = np.searchsorted(np.asarray(self.bucket_edges), positions, side='right') - 1
     np.add.at(self._bucket_nll, bucket[mask], nll[mask])
     np.add.at(self._bucket_tokens, bucket[mask], 1)
@@ -128,6 +140,15 @@ class PerplexityAccumulator:
     self.tokens += int(row_tokens.sum())
     if correct is not None:
       self.correct += int(np.sum(np.asarray(correct, bool) & mask))
+
+  def extend_edges(self, position: int) -> None:
+    """Appends doubling edges until `position` lies before the last edge (no-op without grow)."""
+    if not self.grow:
+      return
+    while self.bucket_edges[-1] <= position:
+      self.bucket_edges.append(2 * self.bucket_edges[-1])
+      self._bucket_nll = np.append(self._bucket_nll, 0.0)
+      self._bucket_tokens = np.append(self._bucket_tokens, 0)
 
   @property
   def documents(self) -> int:

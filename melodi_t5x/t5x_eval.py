@@ -35,6 +35,9 @@ from t5x import trainer as trainer_lib
 
 from melodi_t5x import report, t5x_model
 
+# Evaluation settings of `MemoryTrainer.memory_mode`: memory carried over each whole document, or
+# reset at every chunk.
+MEMORY_MODES = ('carried', 'reset')
 # Batch keys sent to the device; the others (document_id, chunk_index) stay on the host.
 DEVICE_KEYS = (
   'decoder_input_tokens',
@@ -86,6 +89,7 @@ class MemoryTrainer(trainer_lib.Trainer):
     weight_metrics_computer: Any = None,
     report_dir: str | None = None,
     bucket_edges: Sequence[int] | None = None,
+    memory_mode: str = 'carried',
   ):
     """Constructor; the first nine arguments are T5X's (see `t5x.trainer.Trainer`).
 
@@ -100,10 +104,18 @@ class MemoryTrainer(trainer_lib.Trainer):
       learning_rate_fn: training learning-rate schedule (unused in `t5x.eval`).
       num_microbatches: must be None or 1: a microbatch would see every row's memory.
       weight_metrics_computer: as in `Trainer`.
-      report_dir: if set, each `eval` writes `<report_dir>/<name>_step<N>.{json,md,png}`.
+      report_dir: if set, each `eval` writes `<report_dir>/<name>_step<N>_<memory_mode>.{json,md,
+        png}`.
       bucket_edges: token offsets of the position-in-document buckets; default chunk 0, 1, 2-3,
-        4-7, ... of the eval segment length.
+        4-7, ... of the eval segment length, extended up to the longest document.
+      memory_mode: 'carried' (memory flows from chunk to chunk of a document) or 'reset' (every
+        chunk starts from zero memory: what carried memory adds to this checkpoint).
     """
+    if memory_mode not in MEMORY_MODES:
+      raise ValueError(
+        f'MemoryTrainer.memory_mode={memory_mode!r}: must be one of {MEMORY_MODES} (gin: '
+        't5x_eval.MemoryTrainer.memory_mode, or MEMORY_MODE in gin/runs/melodi_eval.gin).'
+      )
     if num_microbatches not in (None, 1):
       raise ValueError(
         f'trainer.Trainer.num_microbatches={num_microbatches}: memory models carry per-row '
@@ -122,6 +134,7 @@ class MemoryTrainer(trainer_lib.Trainer):
       weight_metrics_computer=weight_metrics_computer,
     )
     self._report_dir = report_dir
+    self._memory_mode = memory_mode
     self._bucket_edges = list(bucket_edges) if bucket_edges else None
     self._streaming_step = None
     self.last_reports: dict[str, dict[str, Any]] = {}
@@ -174,7 +187,12 @@ class MemoryTrainer(trainer_lib.Trainer):
       mm.start_duration_timer(block_on=train_state)
       tick = time.time()
       acc, num_batches = self.stream(train_state.params, train_state.flax_mutables, dataset)
-      extra = {'task': name, 'checkpoint_step': step_num, 'seconds': time.time() - tick}
+      extra = {
+        'task': name,
+        'checkpoint_step': step_num,
+        'seconds': time.time() - tick,
+        'memory_mode': self._memory_mode,
+      }
       summary = acc.summary(**extra, **getattr(dataset, 'report_info', {}))
       self.last_reports[name] = summary
       logging.info(
@@ -185,7 +203,9 @@ class MemoryTrainer(trainer_lib.Trainer):
         summary['documents'],
       )
       if self._report_dir and jax.process_index() == 0:
-        paths = report.write_report(summary, self._report_dir, f'{name}_step{step_num}')
+        paths = report.write_report(
+          summary, self._report_dir, report_name(name, step_num, self._memory_mode)
+        )
         logging.info('Wrote perplexity report %s', paths['json'])
       metrics = self._summary_metrics(acc)
       summaries[name] = mm.write_metrics_summary(metrics, step_num, max(num_batches, 1))
@@ -208,10 +228,13 @@ class MemoryTrainer(trainer_lib.Trainer):
             'build eval data with melodi_t5x.t5x_data.get_eval_datasets.'
           )
       dev = device_batch(host)
+      if self._memory_mode == 'reset':
+        dev['start_of_sequence'] = np.ones_like(dev['start_of_sequence'])
       batch_size, length = dev['decoder_target_tokens'].shape
       if acc is None:
         acc = report.PerplexityAccumulator(
-          self._bucket_edges or report.default_bucket_edges(length)
+          self._bucket_edges or report.default_bucket_edges(length, length + 1),
+          grow=not self._bucket_edges,
         )
         memory = t5x_model.zeros_memory_like(flax_mutables, batch_size)
       out, memory = self._streaming_step(params, memory, dev)
@@ -310,6 +333,11 @@ class StreamingOnlyInferenceEvaluator:
     pass
 
 
-def report_path(report_dir: str, name: str, step: int) -> str:
+def report_name(name: str, step: int, memory_mode: str = 'carried') -> str:
+  """Base name of the report files written by `MemoryTrainer` (without extension)."""
+  return f'{name}_step{step}_{memory_mode}'
+
+
+def report_path(report_dir: str, name: str, step: int, memory_mode: str = 'carried') -> str:
   """Path of the JSON report written by `MemoryTrainer`."""
-  return os.path.join(report_dir, f'{name}_step{step}.json')
+  return os.path.join(report_dir, report_name(name, step, memory_mode) + '.json')

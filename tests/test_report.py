@@ -71,6 +71,33 @@ def test_default_bucket_edges():
     report.default_bucket_edges(0)
 
 
+def test_growing_buckets_reach_the_longest_document():
+  rng = np.random.default_rng(1)
+  # Longest document: 1000 tokens = chunk 62 at T=16, far beyond the 8 default buckets (64 * 16).
+  doc_lengths = [1000, 7, 300, 16, 17]
+  batches, truth = _stream(rng, doc_lengths, batch=2, length=16)
+  acc = report.PerplexityAccumulator(report.default_bucket_edges(16, 17), grow=True)
+  for b in batches:
+    acc.add(*b)
+  edges = acc.bucket_edges
+  # Chunk 0, 1, 2-3, ..., 32-63: the last finite bucket ends after the last token (position 999).
+  assert edges == [0, 16, 32, 64, 128, 256, 512, 1024]
+  buckets = acc.summary()['position_buckets']
+  assert buckets[-1] == {
+    'start': 1024,
+    'end': None,
+    'tokens': 0,
+    'nll_per_token': None,
+    'perplexity': None,
+  }
+  for bucket in buckets[:-1]:
+    vals = [x for _, p, x in truth if bucket['start'] <= p < bucket['end']]
+    assert bucket['tokens'] == len(vals) > 0
+    assert bucket['perplexity'] == pytest.approx(math.exp(np.mean(vals)), rel=1e-12)
+  with pytest.raises(ValueError, match='two edges'):
+    report.PerplexityAccumulator([0], grow=True)
+
+
 def test_accumulator_rejects_double_scoring_and_bad_weights():
   acc = report.PerplexityAccumulator([0, 4])
   nll = np.ones((1, 4))
