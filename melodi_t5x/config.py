@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 _DTYPES = ('float32', 'bfloat16')
+# Values of MelodiConfig.summary_branching.
+SUMMARY_BRANCHING = ('separate', 'shared', 'none')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,12 @@ class MelodiConfig(BaseConfig):
   no_memory_layers: tuple[int, ...] = ()
   # Mask memory slots that hold no data yet (document start); the reference does not mask.
   mask_empty_memory: bool = False
+  # How a layer's post-FFN summary tokens feed the next layer and the next window:
+  # 'separate': two token mixers, one for the next layer's summary and one for the next window's
+  # short-term memory (the paper's "summary branching"; default); 'shared': one mixer whose output
+  # is both; 'none': no mixer, the post-FFN summary tokens are both (the reference's
+  # token_mixing=False). 'shared' and 'none' need short_term_memory_size == summary_size.
+  summary_branching: str = 'separate'
 
   def __post_init__(self):
     # gin and JSON hand over lists; keep the dataclass hashable.
@@ -162,6 +170,18 @@ class MelodiConfig(BaseConfig):
     )
     self._check_layer_indices('long_term_memory_layers')
     self._check_layer_indices('no_memory_layers')
+    need(
+      self.summary_branching in SUMMARY_BRANCHING,
+      'summary_branching',
+      f'must be one of {SUMMARY_BRANCHING}.',
+    )
+    need(
+      self.summary_branching == 'separate' or self.short_term_memory_size == self.summary_size,
+      'summary_branching',
+      f"the next window's memory is the next layer's summary, so short_term_memory_size="
+      f'{self.short_term_memory_size} must equal summary_size={self.summary_size}; make them '
+      "equal or use summary_branching='separate'.",
+    )
     both = set(self.long_term_memory_layers) & set(self.no_memory_layers)
     need(
       not both,

@@ -186,6 +186,46 @@ def test_mask_empty_memory_and_no_memory_layers():
   assert np.max(np.abs(masked - unmasked)) > 1e-4  # empty slots get attention only unmasked
 
 
+def _logits_and_memory(cfg, params):
+  """Two consecutive segments (memory carried): logits of the second and the final memory."""
+  step = _step(cfg)
+  mem, out = _zeros_memory(cfg), None
+  for seed, first in ((9, True), (10, False)):
+    out, mem = step(params, mem, _tokens(seed, 16), jnp.full((B,), first))
+  return np.asarray(out), mem
+
+
+def test_summary_branching_shared_and_none():
+  separate = _model_and_params()[1]['params']
+  flat = traverse_util.flatten_dict(separate, sep='/')
+  # 'shared' is 'separate' with the memory mixer equal to the summary mixer (M == S, so both have
+  # norms and a residual); 'none' is 'separate' with both mixers mapping U to itself (zero kernel
+  # and bias leave only the residual).
+  as_shared = {k.replace('/memory_mixer/', '/summary_mixer/'): v for k, v in flat.items()}
+  as_shared = {k: as_shared[k.replace('/memory_mixer/', '/summary_mixer/')] for k in flat}
+  zero = ('_mixer/kernel', '_mixer/bias')
+  as_none = {
+    k: jnp.zeros_like(v) if k.endswith(zero) and 'long_mixer' not in k else v
+    for k, v in flat.items()
+  }
+  for mode, equivalent in (('shared', as_shared), ('none', as_none)):
+    cfg = dataclasses.replace(CFG, summary_branching=mode)
+    params = _model_and_params(cfg)[1]['params']
+    names = set(traverse_util.flatten_dict(params, sep='/'))
+    assert not any('memory_mixer' in n for n in names), mode
+    assert any('summary_mixer' in n for n in names) == (mode == 'shared')
+    own = {k: v for k, v in equivalent.items() if k in names}
+    got, got_mem = _logits_and_memory(cfg, traverse_util.unflatten_dict(own, sep='/'))
+    ref, ref_mem = _logits_and_memory(CFG, traverse_util.unflatten_dict(equivalent, sep='/'))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(got_mem), jax.tree_util.tree_leaves(ref_mem)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+  # The modes differ from each other with the same (separate) parameters.
+  base, _ = _logits_and_memory(CFG, separate)
+  zeroed, _ = _logits_and_memory(CFG, traverse_util.unflatten_dict(as_none, sep='/'))
+  assert np.max(np.abs(base - zeroed)) > 1e-3
+
+
 def test_stateless_apply_starts_fresh_and_bad_inputs_raise():
   model, variables = _model_and_params()
   tokens = _tokens(8, 16)
@@ -222,6 +262,9 @@ def test_stateless_apply_starts_fresh_and_bad_inputs_raise():
     (dict(param_dtype='int8'), 'param_dtype'),
     (dict(relative_position_buckets=31), 'relative_position_buckets'),
     (dict(relative_position_max_distance=8), 'relative_position_max_distance'),
+    (dict(summary_branching='two'), 'summary_branching'),
+    (dict(summary_branching='shared', short_term_memory_size=8), 'summary_branching'),
+    (dict(summary_branching='none', summary_size=2), 'summary_branching'),
   ],
 )
 def test_config_validation_names_the_field(overrides, field):

@@ -110,8 +110,9 @@ class MelodiLayer(TransformerBlock):
     self.setup_block()
     self.memory_size = cfg.short_memory_size(self.index)
     self.is_long = cfg.is_long_term_layer(self.index)
-    if self.memory_size:
+    if self.memory_size and cfg.summary_branching != 'none':
       self.summary_mixer = TokenMixer(cfg.summary_size, True, cfg)
+    if self.memory_size and cfg.summary_branching == 'separate':
       # The reference adds norms and a residual to the memory mixer only when M == S.
       self.memory_mixer = TokenMixer(self.memory_size, self.memory_size == cfg.summary_size, cfg)
     if self.is_long:
@@ -192,7 +193,11 @@ class MelodiLayer(TransformerBlock):
     delta = self.long_mixer(x_out, u_out) if self.is_long else None
     if not m:
       return x_out, u_out, None, delta
-    return x_out, self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+    if cfg.summary_branching == 'separate':
+      return x_out, self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+    # No branching: the next window's memory is the next layer's summary.
+    u_next = u_out if cfg.summary_branching == 'none' else self.summary_mixer(x_out, u_out)
+    return x_out, u_next, u_next, delta
 
 
 # ---------------------------------------------------------------------------------------------
