@@ -1,0 +1,547 @@
+"""The experiment suite: the paper's main table, its ablations and the timing runs, as sweeps.
+
+A sweep is a list of `Experiment`s; an experiment is one training run, i.e. one gin file under
+`gin/experiments/`, plus where its result goes in the paper's tables (row, column, plot x). This
+module is the single source of truth: `python -m melodi_t5x.tools.make_experiments` writes the gin
+files from it (the committed files are what users run), `xm_launch.launch` starts one job per file
+and `melodi_t5x.tools.paper_tables` lays out the eval reports.
+
+An experiment file is a delta (model include + data include + run include + the grid point's
+config settings) that serves both `t5x.train` and `t5x.eval`: the mode file goes first,
+
+  python -m t5x.train --gin_file=gin/experiments/train.gin --gin_file=EXPERIMENT.gin ...
+  python -m t5x.eval --gin_file=gin/experiments/eval.gin --gin_file=EXPERIMENT.gin ...
+
+`size='tiny'` gives the same grids on the tiny CPU models of `gin/models/*_tiny.gin` (the local
+rehearsal and the tests): token counts (S, L, windows) are divided by `Scale.divisor` and layer
+indices follow the tiny stack; those files are rendered into the run directory, not committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = 'gin/experiments'
+TRAIN_MODE_GIN = f'{EXPERIMENTS_DIR}/train.gin'
+EVAL_MODE_GIN = f'{EXPERIMENTS_DIR}/eval.gin'
+# Eval settings reported per run (t5x_eval.MEMORY_MODES).
+MEMORY_MODES = ('carried', 'reset')
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A model of the tables: its gin files and the memory sizes that scale with the model size."""
+
+  # Row label in the tables.
+  label: str
+  # Config class bound by the gin file (melodi_t5x.config), e.g. 'MelodiConfig'.
+  config_class: str
+  # Gin model file at the paper size.
+  gin: str
+  # Gin model file at the tiny CPU size.
+  tiny_gin: str
+  # MELODI only: (S, L) at the paper size; L=0 removes the long-term layer.
+  melodi_memory: tuple[int, int] | None = None
+
+
+MODELS: dict[str, Model] = {
+  'melodi_s192_l32': Model(
+    'MELODI S192+L32',
+    'MelodiConfig',
+    'gin/models/melodi_s192_l32.gin',
+    'gin/models/melodi_tiny.gin',
+    (192, 32),
+  ),
+  'melodi_s128_l64': Model(
+    'MELODI S128+L64',
+    'MelodiConfig',
+    'gin/models/melodi_s128_l64.gin',
+    'gin/models/melodi_tiny.gin',
+    (128, 64),
+  ),
+  'melodi_s192_l96': Model(
+    'MELODI S192+L96',
+    'MelodiConfig',
+    'gin/models/melodi_s192_l96.gin',
+    'gin/models/melodi_tiny.gin',
+    (192, 96),
+  ),
+  'melodi_s128_l0': Model(
+    'MELODI S128 (no long-term)',
+    'MelodiConfig',
+    'gin/models/melodi_s128_l64.gin',
+    'gin/models/melodi_tiny.gin',
+    (128, 0),
+  ),
+  'xl': Model('Transformer-XL', 'XLConfig', 'gin/models/xl.gin', 'gin/models/xl_tiny.gin'),
+  'brt': Model('Block-Recurrent', 'BRTConfig', 'gin/models/brt.gin', 'gin/models/brt_tiny.gin'),
+  'memorizing': Model(
+    'Memorizing (dense 64K)',
+    'MemorizingConfig',
+    'gin/models/memorizing.gin',
+    'gin/models/memorizing_tiny.gin',
+  ),
+}
+MAIN_MODELS = (
+  'xl',
+  'brt',
+  'memorizing',
+  'melodi_s192_l32',
+  'melodi_s128_l64',
+  'melodi_s192_l96',
+)
+MAIN_DATASETS = ('pg19_t5', 'arxiv_math', 'c4_4k')
+DATASET_LABELS = {
+  'pg19_t5': 'PG-19 (T5 vocab)',
+  'arxiv_math': 'arXiv Math',
+  'c4_4k': 'C4 (4K+)',
+  'local_books': 'local_books',
+  'text_corpus': 'text_corpus',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """The size-dependent settings of a sweep (paper models or tiny CPU models)."""
+
+  # 'paper' or 'tiny'.
+  name: str
+  # Layers of the MELODI models.
+  num_layers: int
+  # MELODI's long-term layer.
+  long_term_layer: int
+  # Context window W.
+  window: int
+  # Token counts of the paper (S, L) are divided by this.
+  divisor: int
+  # Training segment length (TASK_FEATURE_LENGTHS).
+  segment: int
+
+  def tokens(self, paper_tokens: int) -> int:
+    """A paper token count (S, L, W) at this size."""
+    return paper_tokens // self.divisor
+
+
+SCALES = {
+  'paper': Scale('paper', num_layers=13, long_term_layer=6, window=512, divisor=1, segment=4096),
+  'tiny': Scale('tiny', num_layers=2, long_term_layer=1, window=32, divisor=16, segment=256),
+}
+# TRAIN_STEPS of each run file (gin/experiments/runs/<run>.gin).
+RUN_STEPS = {'main': 500_000, 'ablation': 200_000, 'tiny': 60}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One training run of a sweep and its place in the tables."""
+
+  # 'main' or an ablation family.
+  sweep: str
+  # File stem, unique in the sweep (also the run's folder under the sweep's model_dir root).
+  name: str
+  # Key of MODELS.
+  model: str
+  # seqio task.
+  dataset: str
+  # 'main', 'ablation' or 'tiny' (gin/experiments/runs/<run>.gin).
+  run: str
+  # 'paper' or 'tiny'.
+  size: str
+  # Config field -> value, bound after the model file.
+  overrides: tuple[tuple[str, Any], ...] = ()
+  # Table row and column labels.
+  row: str = ''
+  column: str = ''
+  # x of the family's plot (coverage in windows, window length, layers); None: memory floats.
+  x: float | None = None
+  # Plot series (one line per series).
+  series: str = ''
+
+  @property
+  def model_spec(self) -> Model:
+    return MODELS[self.model]
+
+  @property
+  def model_gin(self) -> str:
+    spec = self.model_spec
+    return spec.gin if self.size == 'paper' else spec.tiny_gin
+
+  @property
+  def path(self) -> str:
+    """Repository-relative gin file (the committed file for size 'paper')."""
+    folder = 'main' if self.sweep == 'main' else f'ablations/{self.sweep}'
+    if self.size != 'paper':
+      folder = f'{self.size}/{folder}'
+    return f'{EXPERIMENTS_DIR}/{folder}/{self.name}.gin'
+
+  @property
+  def train_steps(self) -> int:
+    return RUN_STEPS[self.run]
+
+  def config_bindings(self) -> list[str]:
+    """`config.<Class>.<field> = <value>` lines of this experiment's settings."""
+    cls = self.model_spec.config_class
+    return [f'config.{cls}.{field} = {gin_value(value)}' for field, value in self.overrides]
+
+
+def gin_value(value: Any) -> str:
+  """A Python value as gin text (tuples keep their trailing comma)."""
+  if isinstance(value, tuple):
+    inner = ', '.join(gin_value(v) for v in value)
+    return f'({inner},)' if len(value) == 1 else f'({inner})'
+  return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids.
+# ---------------------------------------------------------------------------------------------
+
+
+def melodi_memory(
+  scale: Scale, summary: int, increment: int, base: tuple[int, int] = (128, 64)
+) -> list[tuple[str, Any]]:
+  """Settings of a MELODI with S = `summary` and L = `increment` (paper tokens) at `scale`.
+
+  At the paper size, settings equal to those of the included model file (`base` = its (S, L))
+  are left out; at other sizes every setting is written.
+  """
+  s, inc = scale.tokens(summary), scale.tokens(increment)
+  keep_all = scale.name != 'paper'
+  out = []
+  if keep_all or summary != base[0]:
+    out += [('summary_size', s), ('short_term_memory_size', s)]
+  if not increment:
+    out.append(('long_term_memory_layers', ()))
+  elif keep_all or increment != base[1]:
+    out.append(('long_term_memory_increment_size', inc))
+  return out
+
+
+def spread_layers(num_layers: int, count: int, must_include: int) -> tuple[int, ...]:
+  """`count` layers spread uniformly (bin centres), the one nearest `must_include` moved onto it."""
+  if not 1 <= count <= num_layers:
+    raise ValueError(f'count={count} must be in [1, num_layers={num_layers}].')
+  layers = [math.floor((j + 0.5) * num_layers / count) for j in range(count)]
+  if must_include not in layers:
+    nearest = min(range(count), key=lambda j: (abs(layers[j] - must_include), j))
+    layers[nearest] = must_include
+  return tuple(sorted(set(layers)))
+
+
+def _main(scale: Scale, datasets: Sequence[str], run: str) -> list[Experiment]:
+  out = []
+  for dataset in datasets:
+    for key in MAIN_MODELS:
+      spec = MODELS[key]
+      memory = spec.melodi_memory
+      overrides = () if memory is None else tuple(melodi_memory(scale, *memory, base=memory))
+      out.append(
+        Experiment(
+          'main',
+          f'{dataset}_{key}',
+          key,
+          dataset,
+          run,
+          scale.name,
+          overrides,
+          row=spec.label,
+          column=DATASET_LABELS.get(dataset, dataset),
+        )
+      )
+  return out
+
+
+def _memory_tradeoff(scale: Scale, dataset: str, run: str) -> list[Experiment]:
+  out = []
+  for s in (64, 128, 192):
+    for inc in (0, 32, 64, 96):
+      label = f'S{s}+L{inc}' if inc else f'S{s} (no long-term)'
+      out.append(
+        Experiment(
+          'memory_tradeoff',
+          f's{s:03d}_l{inc:02d}',
+          'melodi_s128_l64',
+          dataset,
+          run,
+          scale.name,
+          tuple(melodi_memory(scale, s, inc)),
+          row=label,
+          column='perplexity',
+          series=f'S{s}',
+        )
+      )
+  return out
+
+
+def _coverage(scale: Scale, dataset: str, run: str) -> list[Experiment]:
+  return [
+    Experiment(
+      'coverage',
+      f'fifo{w:03d}',
+      'melodi_s128_l64',
+      dataset,
+      run,
+      scale.name,
+      tuple(melodi_memory(scale, 128, 64)) + (('long_term_memory_windows', w),),
+      row=f'{w} windows',
+      column='perplexity',
+      x=w,
+      series='MELODI S128+L64',
+    )
+    for w in (2, 4, 8, 16, 32, 64, 128)
+  ]
+
+
+def _window(scale: Scale, dataset: str, run: str) -> list[Experiment]:
+  out = []
+  for key in ('melodi_s128_l64', 'melodi_s128_l0', 'xl', 'brt', 'memorizing'):
+    spec = MODELS[key]
+    for w in (512, 256, 128):
+      memory = [] if spec.melodi_memory is None else melodi_memory(scale, *spec.melodi_memory)
+      out.append(
+        Experiment(
+          'window',
+          f'{key}_w{w:03d}',
+          key,
+          dataset,
+          run,
+          scale.name,
+          tuple(memory) + (('window_length', scale.tokens(w)),),
+          row=spec.label,
+          column=f'W={w}',
+          x=scale.tokens(w),
+          series=spec.label,
+        )
+      )
+  return out
+
+
+def _short_layers(scale: Scale, dataset: str, run: str) -> list[Experiment]:
+  counts = (1, 2, 3, 4, 5, 7, 10, 13) if scale.name == 'paper' else (1, 2)
+  out = []
+  for k in counts:
+    keep = spread_layers(scale.num_layers, k, scale.long_term_layer)
+    free = tuple(i for i in range(scale.num_layers) if i not in keep)
+    out.append(
+      Experiment(
+        'short_layers',
+        f'short{k:02d}',
+        'melodi_s128_l64',
+        dataset,
+        run,
+        scale.name,
+        tuple(melodi_memory(scale, 128, 64)) + (('no_memory_layers', free),),
+        row=f'{k} layers {list(keep)}',
+        column='perplexity',
+        x=k,
+        series='MELODI S128+L64',
+      )
+    )
+  return out
+
+
+def _long_layers(scale: Scale, dataset: str, run: str) -> list[Experiment]:
+  if scale.name == 'paper':
+    two = (4, 8)  # thirds of the 13-layer stack
+  else:
+    two = tuple(range(scale.num_layers))[-2:]
+  points = (('one_l64', (scale.long_term_layer,), 64), ('two_l32', two, 32))
+  return [
+    Experiment(
+      'long_layers',
+      name,
+      'melodi_s128_l64',
+      dataset,
+      run,
+      scale.name,
+      tuple(melodi_memory(scale, 128, inc)) + (('long_term_memory_layers', layers),),
+      row=f'{len(layers)} long-term layer(s) {list(layers)}, L={inc}',
+      column='perplexity',
+    )
+    for name, layers, inc in points
+  ]
+
+
+def _branching(scale: Scale, dataset: str, run: str) -> list[Experiment]:
+  labels = {
+    'separate': 'separate mixers (summary branching)',
+    'shared': 'one shared mixer',
+    'none': 'no mixer (reference token_mixing=False)',
+  }
+  return [
+    Experiment(
+      'branching',
+      mode,
+      'melodi_s128_l64',
+      dataset,
+      run,
+      scale.name,
+      tuple(melodi_memory(scale, 128, 64)) + (('summary_branching', mode),),
+      row=label,
+      column='perplexity',
+    )
+    for mode, label in labels.items()
+  ]
+
+
+ABLATIONS = {
+  'memory_tradeoff': _memory_tradeoff,
+  'coverage': _coverage,
+  'window': _window,
+  'short_layers': _short_layers,
+  'long_layers': _long_layers,
+  'branching': _branching,
+}
+# The header of each ablation family's files: the grid and why it was chosen.
+FAMILY_DOCS = {
+  'memory_tradeoff': """\
+Memory trade-off: perplexity against memory (M floats, paper convention) for MELODI's short-term
+size S (summary = short-term tokens per layer and window) and long-term increment L.
+Grid: S in {64, 128, 192} x L in {0, 32, 64, 96}, 12 runs; L=0 has no long-term layer
+(long_term_memory_layers = ()). The paper's exact grid is not public; this one contains the three
+main configurations (S192+L32, S128+L64, S192+L96), brackets them on both axes and includes the
+memory-free end of the long-term axis. Otherwise as S128+L64: 13 layers, long-term layer 6, FIFO
+of 128 windows.""",
+  'coverage': """\
+Long-term coverage: the long-term FIFO holds 2, 4, 8, 16, 32, 64 or 128 windows
+(long_term_memory_windows) of MELODI S128+L64, i.e. 1K to 64K tokens of history at W=512.
+The paper reports that gains saturate beyond about 32 windows; the grid doubles from the smallest
+useful FIFO to the paper's 128. Everything else as S128+L64.""",
+  'window': """\
+Context window: W in {512, 256, 128} (window_length) for MELODI S128+L64, MELODI S128 without
+long-term memory, Transformer-XL, Block-Recurrent and Memorizing (dense 64K); the training segment
+stays 4096 tokens (8, 16, 32 windows). Every other setting stays, so each model keeps its memory
+slots: MELODI's FIFO keeps 128 windows of L tokens (its history in tokens shrinks with W), the
+XL / BRT caches hold one window, Memorizing keeps 65,536 slots. The paper reports that models with
+long-term memory (MELODI, Memorizing) degrade much less than the others.""",
+  'short_layers': """\
+Short-term layers: k in {1, 2, 3, 4, 5, 7, 10, 13} of MELODI S128+L64's 13 layers keep short-term
+memory, the others carry none (no_memory_layers: window + summary self-attention, no mixers).
+The k layers are spread uniformly (layer floor((j + 0.5) * 13 / k) for j < k, bin centres), and
+the one nearest the long-term layer 6 is moved onto it: a long-term layer keeps its short-term
+memory, as in the reference. The paper reports saturation after about 4 layers, so the grid is
+dense there.""",
+  'long_layers': """\
+Long-term layers: one long-term layer with L=64 (layer 6, MELODI S128+L64) against two with L=32
+each (layers 4 and 8, splitting the 13 layers into thirds). Both FIFOs hold 128 windows, so the
+long-term memory is the same number of floats (2 x 128 x 32 = 128 x 64 tokens). The paper reports
+that one L=64 layer is better.""",
+  'branching': """\
+Summary branching: 'separate' (default; two token mixers, one for the next layer's summary and one
+for the next window's short-term memory), 'shared' (one mixer whose output is both) and 'none' (no
+mixer: the post-FFN summary tokens are both; the reference's token_mixing=False), on MELODI
+S128+L64 (summary_branching). The paper reports a consistent gain of about 0.3 perplexity from
+branching.""",
+}
+ABLATION_DATASET = 'pg19_t5'
+# Timing: the models the paper timed (12 layers, d=1024) with the benchmark CLI.
+TIMING_MODELS = MAIN_MODELS
+TIMING_STEPS = ('train', 'eval')
+
+
+def sweep_names() -> list[str]:
+  return ['main', *ABLATIONS, 'timing']
+
+
+def sweep(name: str, size: str = 'paper', dataset: str | None = None) -> list[Experiment]:
+  """The experiments of a sweep ('timing' has none: see `TIMING_MODELS`).
+
+  Args:
+    name: 'main' or an ablation family.
+    size: 'paper' (the committed gin files) or 'tiny' (CPU rehearsal).
+    dataset: for 'tiny', the one task every experiment uses (default 'local_books'); for 'paper',
+      None (main: the three datasets; ablations: PG-19).
+  """
+  if size not in SCALES:
+    raise ValueError(f'size={size!r}: must be one of {sorted(SCALES)}.')
+  scale = SCALES[size]
+  if size == 'paper' and dataset is not None:
+    raise ValueError(
+      f'dataset={dataset!r} applies to size="tiny" only; the paper sweeps use the paper datasets.'
+    )
+  run = {'paper': None, 'tiny': 'tiny'}[size]
+  if name == 'main':
+    datasets = MAIN_DATASETS if size == 'paper' else (dataset or 'local_books',)
+    return _main(scale, datasets, run or 'main')
+  if name in ABLATIONS:
+    return ABLATIONS[name](scale, dataset or ABLATION_DATASET, run or 'ablation')
+  if name == 'timing':
+    return []
+  raise ValueError(f'unknown sweep {name!r}; sweeps: {sweep_names()}.')
+
+
+def find_experiment(path: str) -> Experiment:
+  """The committed experiment whose gin file is `path` (repository-relative or absolute)."""
+  rel = os.path.relpath(os.path.abspath(path), REPO_ROOT) if os.path.isabs(path) else path
+  rel = os.path.normpath(rel)
+  for name in ('main', *ABLATIONS):
+    for exp in sweep(name):
+      if os.path.normpath(exp.path) == rel:
+        return exp
+  raise ValueError(
+    f'{path!r} is not an experiment file of the suite (gin/experiments/main/*.gin or '
+    'gin/experiments/ablations/<family>/*.gin).'
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Gin text.
+# ---------------------------------------------------------------------------------------------
+
+_GENERATED = [
+  'Generated by `python -m melodi_t5x.tools.make_experiments` from melodi_t5x/experiments.py',
+  '(edit that, not this file).',
+]
+
+
+def _comment(text: str) -> list[str]:
+  return [f'# {line}'.rstrip() for line in text.splitlines()]
+
+
+def render(exp: Experiment) -> str:
+  """The gin file of an experiment."""
+  steps = exp.train_steps
+  k_steps = f'{steps // 1000}k' if steps % 1000 == 0 else str(steps)
+  title = (
+    f'Main table: {exp.row} on {exp.column}, {k_steps} steps.'
+    if exp.sweep == 'main'
+    else f'Ablation {exp.sweep} ({k_steps} steps on {exp.dataset}): {exp.row}.'
+  )
+  lines = _comment(title)
+  if exp.sweep in FAMILY_DOCS:
+    lines += ['#', *_comment(FAMILY_DOCS[exp.sweep])]
+  lines += [
+    '#',
+    '# Run it (the mode file goes first; MODEL_DIR/eval receives the perplexity reports):',
+    '#   python -m t5x.train --gin_file=gin/experiments/train.gin \\',
+    f'#     --gin_file={exp.path} \\',
+    '#     --gin.MODEL_DIR="\'/path/to/model_dir\'"',
+    '#   python -m t5x.eval --gin_file=gin/experiments/eval.gin \\',
+    f'#     --gin_file={exp.path} \\',
+    f'#     --gin.CHECKPOINT_PATH="\'/path/to/model_dir/checkpoint_{steps}\'" \\',
+    '#     --gin.EVAL_OUTPUT_DIR="\'/path/to/model_dir/eval\'"   # [--gin.MEMORY_MODE="\'reset\'"]',
+    *[f'# {line}' for line in _GENERATED],
+    'from __gin__ import dynamic_registration',
+    '',
+    'import melodi_t5x.t5x_gin',
+  ]
+  if exp.overrides:
+    lines.append('from melodi_t5x import config')
+  lines += [
+    '',
+    f"include '{exp.model_gin}'",
+    f"include '{EXPERIMENTS_DIR}/data/{exp.dataset}.gin'",
+    f"include '{EXPERIMENTS_DIR}/runs/{exp.run}.gin'",
+  ]
+  if exp.overrides:
+    lines += ['', *exp.config_bindings()]
+  return '\n'.join(lines) + '\n'
+
+
+def all_committed() -> list[Experiment]:
+  """Every experiment with a committed gin file (main and the ablation families)."""
+  return [exp for name in ('main', *ABLATIONS) for exp in sweep(name)]

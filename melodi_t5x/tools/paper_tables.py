@@ -1,0 +1,285 @@
+r"""Prints the paper's tables from the eval reports of a sweep's runs (Markdown, JSON, PNG).
+
+Usage:
+  python -m melodi_t5x.tools.paper_tables --sweep=main --model_dir_root=gs://BUCKET/melodi
+  python -m melodi_t5x.tools.paper_tables --sweep=coverage --model_dir_root=... [--out_dir=DIR]
+  python -m melodi_t5x.tools.paper_tables --sweep=main --size=tiny --task=local_books \
+    --model_dir_root=/tmp/melodi_rehearsal        # the local rehearsal
+
+Each run of the sweep (`melodi_t5x.experiments`) is read from
+`<model_dir_root>/<sweep>/<experiment>/eval/<task>_step<N>_<mode>.json` (written by `t5x.eval`
+with gin/experiments/eval.gin), N being the run's final step. `main` gives the paper's table:
+models x datasets, token-level perplexity with carried memory, and the memory in millions of
+floats (paper convention, `melodi_t5x.memory_accounting`), then the same with memory reset at
+every chunk. An ablation family gives one row per grid point and its plot (perplexity against
+memory, coverage, window or short-term layers; bars for the others). `timing` gives the benchmark
+table. A run without the final report shows as `missing` or `unfinished (step N)`, never as a
+number. Writes `<out_dir>/<sweep>.{md,json[,png]}` (default out_dir: <model_dir_root>/tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from etils import epath
+
+from melodi_t5x import experiments
+
+MISSING = 'missing'
+PLOT_X = {
+  'memory_tradeoff': ('memory (M floats, paper convention)', 'memory', False),
+  'coverage': ('long-term coverage (windows)', 'x', True),
+  'window': ('context window W (tokens)', 'x', True),
+  'short_layers': ('layers with short-term memory', 'x', False),
+}
+
+
+# -- reading runs --------------------------------------------------------------------------------
+
+
+def read_report(eval_dir: epath.Path, task: str, step: int, mode: str) -> tuple[str, Any]:
+  """(status, report or None): 'done' with the step-N report, else 'unfinished (step M)'/'missing'."""
+  pattern = re.compile(rf'{re.escape(task)}_step(\d+)_{mode}\.json')
+  steps = []
+  if eval_dir.exists():
+    for path in eval_dir.iterdir():
+      m = pattern.fullmatch(path.name)
+      if m:
+        steps.append(int(m.group(1)))
+  if step in steps:
+    report = json.loads((eval_dir / f'{task}_step{step}_{mode}.json').read_text())
+    if report.get('perplexity') is None:
+      return 'empty report', None
+    return 'done', report
+  if steps:
+    return f'unfinished (step {max(steps)})', None
+  return MISSING, None
+
+
+def experiment_config(exp: experiments.Experiment):
+  """The model config of an experiment, built from its gin text (T5X not needed)."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  import melodi_t5x.t5x_gin  # noqa: F401  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config(experiments.render(exp), skip_unknown=True)
+    cls = getattr(config_lib, exp.model_spec.config_class)
+    return cls(**gin.get_bindings(cls, resolve_references=True))
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+def memory_millions(exp: experiments.Experiment) -> float | None:
+  """Carried memory per sequence in millions of floats (paper convention), or None."""
+  from melodi_t5x import memory_accounting  # pylint: disable=g-import-not-at-top
+
+  return memory_accounting.paper_floats(experiment_config(exp)) / 1e6
+
+
+def collect(
+  exps: Sequence[experiments.Experiment], root: str, train_steps: int | None = None
+) -> list[dict[str, Any]]:
+  """One record per experiment: status, perplexities per memory mode, memory, labels."""
+  runs = []
+  for exp in exps:
+    steps = train_steps or exp.train_steps
+    eval_dir = epath.Path(f'{root.rstrip("/")}/{exp.sweep}/{exp.name}') / 'eval'
+    record = {
+      'name': exp.name,
+      'model': exp.model,
+      'dataset': exp.dataset,
+      'row': exp.row,
+      'column': exp.column,
+      'x': exp.x,
+      'series': exp.series,
+      'step': steps,
+      'memory_mfloats': memory_millions(exp),
+      'perplexity': {},
+      'status': {},
+    }
+    for mode in experiments.MEMORY_MODES:
+      status, report = read_report(eval_dir, exp.dataset, steps, mode)
+      record['status'][mode] = status
+      record['perplexity'][mode] = report['perplexity'] if report else None
+    runs.append(record)
+  return runs
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+
+def _cell(run: dict[str, Any] | None, mode: str) -> str:
+  if run is None:
+    return 'not in sweep'
+  ppl = run['perplexity'][mode]
+  return f'{ppl:.2f}' if ppl is not None else run['status'][mode]
+
+
+def _mem(value: float | None) -> str:
+  return f'{value:.1f}' if value is not None else 'n/a'
+
+
+def main_table(runs: Sequence[dict[str, Any]], mode: str) -> str:
+  """Models x datasets (the paper's main table), memory of each model."""
+  columns = list(dict.fromkeys(r['column'] for r in runs))
+  rows = list(dict.fromkeys(r['row'] for r in runs))
+  by_cell = {(r['row'], r['column']): r for r in runs}
+  lines = [
+    '| Model | Memory (M floats) | ' + ' | '.join(columns) + ' |',
+    '|---|---:|' + '---:|' * len(columns),
+  ]
+  for row in rows:
+    mem = next(r['memory_mfloats'] for r in runs if r['row'] == row)
+    cells = [_cell(by_cell.get((row, c)), mode) for c in columns]
+    lines.append(f'| {row} | {_mem(mem)} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def ablation_table(runs: Sequence[dict[str, Any]]) -> str:
+  lines = [
+    '| Setting | Memory (M floats) | Perplexity (carried) | Perplexity (reset) | Run |',
+    '|---|---:|---:|---:|---|',
+  ]
+  for r in runs:
+    lines.append(
+      f'| {r["row"]} | {_mem(r["memory_mfloats"])} | {_cell(r, "carried")} | '
+      f'{_cell(r, "reset")} | {r["name"]} |'
+    )
+  return '\n'.join(lines)
+
+
+def timing_table(root: str) -> tuple[str, list[dict[str, Any]]]:
+  """Benchmark JSONs (`<root>/timing/<model>_<step>.json`) as a models x step-kinds table."""
+  rows, lines = [], []
+  head = '| Model | ' + ' | '.join(
+    f'{s} step (ms) | {s} tokens/s' for s in experiments.TIMING_STEPS
+  )
+  lines += [head + ' | Params | Device |', '|---|' + '---:|---:|' * 2 + '---:|---|']
+  for model in experiments.TIMING_MODELS:
+    record = {'model': model, 'label': experiments.MODELS[model].label}
+    cells, params, device = [], 'n/a', 'n/a'
+    for step in experiments.TIMING_STEPS:
+      path = epath.Path(f'{root.rstrip("/")}/timing/{model}_{step}.json')
+      if path.exists():
+        data = json.loads(path.read_text())
+        record[step] = data
+        cells += [f'{1000 * data["step_sec_median"]:.1f}', f'{data["tokens_per_sec"]:.0f}']
+        params, device = f'{data["params"] / 1e6:.1f}M', data['device']
+      else:
+        record[step] = None
+        cells += [MISSING, MISSING]
+    rows.append(record)
+    lines.append(f'| {record["label"]} | ' + ' | '.join(cells) + f' | {params} | {device} |')
+  return '\n'.join(lines), rows
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
+  """PNG of an ablation family: perplexity (carried) against its x, or bars."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  done = [r for r in runs if r['perplexity']['carried'] is not None]
+  missing = len(runs) - len(done)
+  if sweep in PLOT_X:
+    xlabel, key, log2 = PLOT_X[sweep]
+    for series in dict.fromkeys(r['series'] for r in runs):
+      pts = sorted(
+        (r['memory_mfloats'] if key == 'memory' else r['x'], r['perplexity']['carried'], r)
+        for r in done
+        if r['series'] == series
+      )
+      if not pts:
+        continue
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=series)
+      if sweep == 'memory_tradeoff':
+        for x, y, r in pts:
+          ax.annotate(r['row'].split('+')[-1].split(' ')[0], (x, y), fontsize=7)
+    if log2:
+      ax.set_xscale('log', base=2)
+    ax.set_xlabel(xlabel)
+    if len({r['series'] for r in runs}) > 1:
+      ax.legend(fontsize=8)
+  else:
+    labels = [r['row'] if r['perplexity']['carried'] is not None else f'{r["row"]}\n(missing)'
+              for r in runs]
+    ax.bar(range(len(runs)), [r['perplexity']['carried'] or 0.0 for r in runs])
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels(labels, rotation=15, ha='right', fontsize=8)
+  ax.set_ylabel('test perplexity (carried memory)')
+  title = f'{sweep}' + (f' ({missing} of {len(runs)} runs without a final report)' if missing else '')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  with path.open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  plt.close(fig)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def build(sweep: str, root: str, size: str, task: str | None, train_steps: int | None):
+  """(markdown, json-able dict, runs) of one sweep."""
+  if sweep == 'timing':
+    md, rows = timing_table(root)
+    return f'## timing (12 layers, d=1024)\n\n{md}\n', {'sweep': sweep, 'timing': rows}, []
+  exps = experiments.sweep(sweep, size=size, dataset=task if size != 'paper' else None)
+  runs = collect(exps, root, train_steps)
+  if sweep == 'main':
+    md = (
+      '## Main table: test perplexity, memory carried over each document\n\n'
+      + main_table(runs, 'carried')
+      + '\n\n## Same checkpoints, memory reset at every chunk\n\n'
+      + main_table(runs, 'reset')
+      + '\n'
+    )
+  else:
+    md = f'## Ablation: {sweep}\n\n' + ablation_table(runs) + '\n'
+  data = {'sweep': sweep, 'size': size, 'model_dir_root': root, 'runs': runs}
+  return md, data, runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--sweep', required=True, choices=experiments.sweep_names())
+  parser.add_argument('--model_dir_root', required=True)
+  parser.add_argument('--size', default='paper', choices=sorted(experiments.SCALES))
+  parser.add_argument('--task', default=None, help='task of a --size=tiny sweep')
+  parser.add_argument('--train_steps', type=int, default=None, help='final step (if overridden)')
+  parser.add_argument('--out_dir', default=None, help='default: <model_dir_root>/tables')
+  args = parser.parse_args(argv)
+  md, data, runs = build(args.sweep, args.model_dir_root, args.size, args.task, args.train_steps)
+  out = epath.Path(args.out_dir or f'{args.model_dir_root.rstrip("/")}/tables')
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f'{args.sweep}.md').write_text(md)
+  (out / f'{args.sweep}.json').write_text(json.dumps(data, indent=1, default=_json_default) + '\n')
+  print(md)
+  if runs and args.sweep != 'main':
+    plot(args.sweep, runs, out / f'{args.sweep}.png')
+    print(f'plot: {out / f"{args.sweep}.png"}')
+  print(f'written: {out / args.sweep}.{{md,json}}')
+  return 0
+
+
+def _json_default(value):
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  raise TypeError(f'not JSON-serialisable: {value!r}')
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
