@@ -250,6 +250,9 @@ def test_bench_stream_small(tmp_path):
       '--max_tokens=20000',
       '--seconds=0.2',
       '--repeats=1',
+      '--hosts=1',
+      '--batch_size=2',
+      '--chunk_length=512',
       f'--json={out}',
     ]
   )
