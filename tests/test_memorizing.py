@@ -356,6 +356,16 @@ def test_top_k_decoder_k_equal_m_is_dense_and_small_k_differs():
   assert np.max(np.abs(small[1][0] - dense[1][0])) > 1e-3
 
 
+def test_query_blocks_do_not_change_results():
+  sos = [[True, True], [False, True]]
+  ref = _run(CFG, sos)  # one window (4 queries) per block
+  for block in (2, 8):
+    out = _run(dataclasses.replace(CFG, memory_query_block=block), sos)
+    for (logits, mem), (ref_logits, ref_mem) in zip(out, ref):
+      np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+      np.testing.assert_array_equal(mem['write_index']['value'], ref_mem['write_index']['value'])
+
+
 def test_write_index_is_per_row_and_restarts_at_document_start():
   outs = _run(CFG, [[True, True], [False, True], [False, False], [False, True]])
   index = [out[1]['write_index']['value'].tolist() for out in outs]
@@ -381,6 +391,13 @@ def test_memory_size_must_be_a_multiple_of_the_segment_length():
     model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)
 
 
+def test_query_block_must_divide_the_segment_length():
+  model = MemorizingDecoder(dataclasses.replace(CFG, memory_query_block=3))
+  tokens = jnp.ones((2, T), jnp.int32)
+  with pytest.raises(ValueError, match=r'memory_query_block=3 does not divide .* 8'):
+    model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)
+
+
 @pytest.mark.parametrize(
   'field, value',
   [
@@ -389,6 +406,7 @@ def test_memory_size_must_be_a_multiple_of_the_segment_length():
     ('memory_top_k', 17),
     ('memory_top_k', -1),
     ('memory_size', 0),
+    ('memory_query_block', -1),
   ],
 )
 def test_config_rejects_bad_memory_settings(field, value):
