@@ -1,7 +1,10 @@
-"""MELODI model configuration: one frozen dataclass, validated on construction.
+"""Model configurations: one frozen dataclass per architecture, validated on construction.
 
-Every invalid combination raises a `ValueError` that names the field and says how to fix it, so a
-bad gin binding or CLI flag fails before anything is traced or compiled.
+`BaseConfig` holds what every architecture shares (sizes of the transformer stack, window,
+relative positions, dropout, dtypes); `MelodiConfig`, `XLConfig`, `MemorizingConfig` and
+`BRTConfig` add their own memory settings. Every invalid combination raises a `ValueError` that
+names the field and says how to fix it, so a bad gin binding or CLI flag fails before anything is
+traced or compiled.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ _DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
-class MelodiConfig:
-  """Hyper-parameters of a MELODI decoder (defaults: the paper's S128+L64 model)."""
+class BaseConfig:
+  """Hyper-parameters shared by every architecture (defaults: the paper's 13-layer model)."""
 
   # Number of transformer layers in the stack.
   num_layers: int = 13
@@ -25,22 +28,13 @@ class MelodiConfig:
   head_dim: int = 128
   # Hidden units of the ReLU feed-forward block.
   mlp_dim: int = 4096
+  # Biases in the two feed-forward dense layers (meliad's MELODI and Memorizing Transformer have
+  # them; its Transformer-XL and Block-Recurrent Transformer do not).
+  ffn_bias: bool = True
   # Rows of the (tied) token embedding; token ids are taken modulo this.
   vocab_size: int = 32128
   # Context window W: a segment is processed as segment_length // W windows, in order.
   window_length: int = 512
-  # S: learned summary tokens appended to every window in every layer.
-  summary_size: int = 128
-  # M: short-term memory tokens per layer carried from one window to the next.
-  short_term_memory_size: int = 128
-  # Indices of the layers that also keep a long-term memory FIFO (the "sandwich" middle).
-  long_term_memory_layers: tuple[int, ...] = (6,)
-  # L: long-term memory tokens produced from each window by a long-term layer.
-  long_term_memory_increment_size: int = 64
-  # Long-term FIFO capacity, in windows (the FIFO holds this many times L tokens).
-  long_term_memory_windows: int = 128
-  # Indices of layers that carry no memory at all (window + summary self-attention only).
-  no_memory_layers: tuple[int, ...] = ()
   # Dropout on normalised attention inputs and on the feed-forward output and pre-logits.
   dropout_rate: float = 0.0
   # Dropout on the attention probabilities.
@@ -53,6 +47,75 @@ class MelodiConfig:
   relative_position_buckets: int = 32
   # Distances at or beyond this share the last T5 bucket.
   relative_position_max_distance: int = 128
+
+  def __post_init__(self):
+    self._check()
+
+  def num_windows(self, segment_length: int) -> int:
+    """Windows per segment; raises if the segment is not a whole number of windows."""
+    if segment_length <= 0 or segment_length % self.window_length:
+      raise ValueError(
+        f'segment length {segment_length} is not a positive multiple of window_length='
+        f'{self.window_length}; pad or crop segments (e.g. TASK_FEATURE_LENGTHS) to a multiple '
+        'of the window, or change window_length.'
+      )
+    return segment_length // self.window_length
+
+  def _need(self, ok: bool, field: str, msg: str) -> None:
+    if not ok:
+      raise ValueError(f'{type(self).__name__}.{field}={getattr(self, field)!r}: {msg}')
+
+  def _check_positive(self, *fields: str) -> None:
+    for field in fields:
+      value = getattr(self, field)
+      self._need(isinstance(value, int) and value > 0, field, 'must be a positive integer.')
+
+  def _check_layer_indices(self, field: str) -> None:
+    indices = getattr(self, field)
+    for i in indices:
+      self._need(
+        isinstance(i, int) and 0 <= i < self.num_layers,
+        field,
+        f'layer index {i} is outside [0, num_layers={self.num_layers}); use 0-based indices.',
+      )
+    self._need(len(set(indices)) == len(indices), field, 'lists a layer twice; give each once.')
+
+  def _check(self):
+    self._check_positive(
+      'num_layers', 'embed_dim', 'num_heads', 'head_dim', 'mlp_dim', 'vocab_size', 'window_length'
+    )
+    for field in ('dropout_rate', 'attention_dropout_rate'):
+      self._need(0.0 <= getattr(self, field) < 1.0, field, 'must be in [0, 1).')
+    for field in ('dtype', 'param_dtype'):
+      self._need(getattr(self, field) in _DTYPES, field, f'must be one of {_DTYPES}.')
+    self._need(
+      self.relative_position_buckets >= 2 and self.relative_position_buckets % 2 == 0,
+      'relative_position_buckets',
+      'must be an even integer >= 2 (half are exact distances, half log-spaced).',
+    )
+    self._need(
+      self.relative_position_max_distance > self.relative_position_buckets // 2,
+      'relative_position_max_distance',
+      f'must exceed relative_position_buckets // 2 = {self.relative_position_buckets // 2}.',
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MelodiConfig(BaseConfig):
+  """MELODI (defaults: the paper's S128+L64 model)."""
+
+  # S: learned summary tokens appended to every window in every layer.
+  summary_size: int = 128
+  # M: short-term memory tokens per layer carried from one window to the next.
+  short_term_memory_size: int = 128
+  # Indices of the layers that also keep a long-term memory FIFO (the "sandwich" middle).
+  long_term_memory_layers: tuple[int, ...] = (6,)
+  # L: long-term memory tokens produced from each window by a long-term layer.
+  long_term_memory_increment_size: int = 64
+  # Long-term FIFO capacity, in windows (the FIFO holds this many times L tokens).
+  long_term_memory_windows: int = 128
+  # Indices of layers that carry no memory at all (window + summary self-attention only).
+  no_memory_layers: tuple[int, ...] = ()
   # Mask memory slots that hold no data yet (document start); the reference does not mask.
   mask_empty_memory: bool = False
 
@@ -60,7 +123,7 @@ class MelodiConfig:
     # gin and JSON hand over lists; keep the dataclass hashable.
     object.__setattr__(self, 'long_term_memory_layers', tuple(self.long_term_memory_layers))
     object.__setattr__(self, 'no_memory_layers', tuple(self.no_memory_layers))
-    self._check()
+    super().__post_init__()
 
   # -- derived sizes ---------------------------------------------------------------------------
 
@@ -76,16 +139,6 @@ class MelodiConfig:
   def is_long_term_layer(self, layer: int) -> bool:
     return layer in self.long_term_memory_layers
 
-  def num_windows(self, segment_length: int) -> int:
-    """Windows per segment; raises if the segment is not a whole number of windows."""
-    if segment_length <= 0 or segment_length % self.window_length:
-      raise ValueError(
-        f'segment length {segment_length} is not a positive multiple of window_length='
-        f'{self.window_length}; pad or crop segments (e.g. TASK_FEATURE_LENGTHS) to a multiple '
-        'of the window, or change window_length.'
-      )
-    return segment_length // self.window_length
-
   @staticmethod
   def capacity_windows(long_term_memory_tokens: int, increment_size: int) -> int:
     """Converts a FIFO size in tokens to windows; it must be a multiple of L."""
@@ -99,42 +152,16 @@ class MelodiConfig:
   # -- validation ------------------------------------------------------------------------------
 
   def _check(self):
-    def need(ok: bool, field: str, msg: str):
-      if not ok:
-        raise ValueError(f'MelodiConfig.{field}={getattr(self, field)!r}: {msg}')
-
-    for field in (
-      'num_layers',
-      'embed_dim',
-      'num_heads',
-      'head_dim',
-      'mlp_dim',
-      'vocab_size',
-      'window_length',
-      'summary_size',
-    ):
-      need(
-        isinstance(getattr(self, field), int) and getattr(self, field) > 0,
-        field,
-        'must be a positive integer.',
-      )
+    super()._check()
+    need = self._need
+    self._check_positive('summary_size')
     need(
       isinstance(self.short_term_memory_size, int) and self.short_term_memory_size > 0,
       'short_term_memory_size',
       'must be a positive integer; to run a layer without memory list it in no_memory_layers.',
     )
-    for field in ('long_term_memory_layers', 'no_memory_layers'):
-      for i in getattr(self, field):
-        need(
-          isinstance(i, int) and 0 <= i < self.num_layers,
-          field,
-          f'layer index {i} is outside [0, num_layers={self.num_layers}); use 0-based indices.',
-        )
-      need(
-        len(set(getattr(self, field))) == len(getattr(self, field)),
-        field,
-        'lists a layer twice; give each index once.',
-      )
+    self._check_layer_indices('long_term_memory_layers')
+    self._check_layer_indices('no_memory_layers')
     both = set(self.long_term_memory_layers) & set(self.no_memory_layers)
     need(
       not both,
@@ -155,17 +182,14 @@ class MelodiConfig:
         'long_term_memory_windows',
         'must be a positive number of windows when long_term_memory_layers is non-empty.',
       )
-    for field in ('dropout_rate', 'attention_dropout_rate'):
-      need(0.0 <= getattr(self, field) < 1.0, field, 'must be in [0, 1).')
-    for field in ('dtype', 'param_dtype'):
-      need(getattr(self, field) in _DTYPES, field, f'must be one of {_DTYPES}.')
-    need(
-      self.relative_position_buckets >= 2 and self.relative_position_buckets % 2 == 0,
-      'relative_position_buckets',
-      'must be an even integer >= 2 (half are exact distances, half log-spaced).',
-    )
-    need(
-      self.relative_position_max_distance > self.relative_position_buckets // 2,
-      'relative_position_max_distance',
-      f'must exceed relative_position_buckets // 2 = {self.relative_position_buckets // 2}.',
-    )
+
+
+@dataclasses.dataclass(frozen=True)
+class XLConfig(BaseConfig):
+  """Transformer-XL with a sliding window (meliad `base_transformer.gin`)."""
+
+  # Carry each layer's last-window keys and values to the next segment; False gives the
+  # memory-free lower bound (every segment read from scratch, first window sees no past).
+  use_cache: bool = True
+  # The reference Transformer-XL's feed-forward layers have no biases.
+  ffn_bias: bool = False

@@ -338,7 +338,10 @@ def make_stream(
       any number of hosts that divides S (e.g. a one-process run reproduces a two-host run).
 
   Returns:
-    A `tasks.streaming.DocumentStreamIterator`, or a `RowConcatIterator` of them.
+    The prepared split when `tasks.PreparedDataConfig.root` is set
+    (`tasks.prepared_stream.PreparedStreamIterator`: this host's rows only, restore by seeking),
+    otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`); or a
+    `RowConcatIterator` of such streams.
   """
   if stream_shards is not None:
     if finite:
@@ -357,14 +360,14 @@ def make_stream(
     )
   _check_cfg(cfg, num_shards)
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top  (registers the tasks)
-  from tasks import streaming  # pylint: disable=g-import-not-at-top
+  from tasks import prepared_stream  # pylint: disable=g-import-not-at-top
 
   seed = cfg.seed
   if seed is None:
     # The stream is deterministic given its seed; T5X's "new seed per restart" (seed=None) would
     # break resuming from the checkpointed position, so None means seed 0.
     seed = 0
-  return streaming.DocumentStreamIterator(
+  return prepared_stream.make_task_stream(
     cfg.mixture_or_task_name,
     split=cfg.split,
     batch_size=cfg.batch_size // num_shards,

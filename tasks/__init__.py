@@ -1,7 +1,9 @@
-"""seqio tasks of melodi-t5x: `import tasks` registers local_books, pg19_t5, arxiv_math, c4_4k.
+"""seqio tasks of melodi-t5x: `import tasks` registers local_books, pg19_t5, arxiv_math, c4_4k
+and text_corpus (any corpus, set from gin).
 
 Importing touches no data and no network; settings (see `tasks.config`) are read when a dataset
-is requested. The document-streaming batcher is `tasks.streaming.DocumentStreamIterator`.
+is requested. Document streaming: `tasks.streaming.DocumentStreamIterator` (on the fly) and
+`tasks.prepared_stream.PreparedStreamIterator` (splits written by `python -m tasks.prepare`).
 """
 
 from tasks.config import (
@@ -9,6 +11,8 @@ from tasks.config import (
   C4Config,
   LocalBooksConfig,
   Pg19T5Config,
+  PreparedDataConfig,
+  TextCorpusConfig,
   configure,
   get_config,
   reset_config,
@@ -23,6 +27,8 @@ __all__ = [
   'C4Config',
   'LocalBooksConfig',
   'Pg19T5Config',
+  'PreparedDataConfig',
+  'TextCorpusConfig',
   'START_OF_DOCUMENT_ID',
   'TASK_NAMES',
   'chunk_documents',

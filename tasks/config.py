@@ -132,11 +132,69 @@ class C4Config:
   chunk_length: int = DEFAULT_CHUNK_LENGTH
 
 
+@gin.configurable(module='tasks')
+@dataclasses.dataclass(frozen=True)
+class TextCorpusConfig:
+  """Settings of `text_corpus`, the generic task: any corpus without writing Python.
+
+  For a folder of `.txt` files, one document each (command line of t5x.train / t5x.eval /
+  tasks.prepare)::
+
+    --gin.tasks.TextCorpusConfig.test_files="'/data/austen/*.txt'"
+    --gin.tasks.TextCorpusConfig.vocabulary_task="'local_books'"
+  """
+
+  # 'text' (each file is one document), 'jsonl' (one JSON object per line, .gz ok), 'tfrecord'
+  # (tf.train.Example) or 'tfds' (a prepared TFDS dataset).
+  source: str = 'text'
+  # Root of the files (relative patterns below are joined to it) or the TFDS data_dir (None: TFDS's
+  # default).
+  data_dir: str | None = None
+  # Glob pattern(s) of each split's files, comma-separated for several; '' = no such split.
+  train_files: str = ''
+  validation_files: str = ''
+  test_files: str = ''
+  # Key of the document text (JSONL, TFRecord, TFDS feature).
+  text_field: str = 'text'
+  # TFDS name and version (source 'tfds').
+  tfds_name: str = ''
+  # TFDS split of each of train / validation / test (source 'tfds'), e.g. 'validation[:50%]'.
+  tfds_train_split: str = 'train'
+  tfds_validation_split: str = 'validation'
+  tfds_test_split: str = 'test'
+  # Use the vocabulary of this registered task (e.g. 'local_books' to score a checkpoint trained
+  # on it); None: `vocabulary_path` below.
+  vocabulary_task: str | None = None
+  # SentencePiece model (when vocabulary_task is None).
+  vocabulary_path: str | None = None
+  # Extra ids appended to the SentencePiece vocabulary (when vocabulary_task is None).
+  vocabulary_extra_ids: int = 0
+  # Documents with fewer tokens (after tokenization) are dropped; 0 keeps every non-empty one.
+  min_document_tokens: int = 0
+  # Tokens per chunk.
+  chunk_length: int = DEFAULT_CHUNK_LENGTH
+
+
+@gin.configurable(module='tasks')
+@dataclasses.dataclass(frozen=True)
+class PreparedDataConfig:
+  """Where prepared (tokenized, sharded, indexed) splits live: `python -m tasks.prepare`.
+
+  When `root` is set, training and evaluation read `<root>/<task>/<split>` (written by
+  `python -m tasks.prepare --task=<task> --split=<split> --out=<root>`) instead of tokenizing the
+  source on the fly; a missing split is an error that names the command to write it.
+  """
+
+  # Root folder of prepared splits (local or gs://); None reads every task on the fly.
+  root: str | None = None
+
+
 CONFIG_CLASSES: dict[str, type] = {
   'local_books': LocalBooksConfig,
   'pg19_t5': Pg19T5Config,
   'arxiv_math': ArxivMathConfig,
   'c4_4k': C4Config,
+  'text_corpus': TextCorpusConfig,
 }
 _OVERRIDES: dict[str, dict[str, Any]] = {}
 

@@ -1,8 +1,10 @@
-"""Registration of the seqio tasks `local_books`, `pg19_t5`, `arxiv_math` and `c4_4k`.
+"""Registration of the seqio tasks `local_books`, `pg19_t5`, `arxiv_math`, `c4_4k`, `text_corpus`.
 
-Each task: documents -> tokenized (no EOS) -> [c4_4k: length filter] -> 4096-token chunks (the
-length is the task's `chunk_length` setting, or `sequence_length['targets']` when given). Splits
-are `train`, `validation`, `test` (C4 test: see `tasks.C4Config`).
+Each task: documents -> tokenized (no EOS) -> [c4_4k, text_corpus: length filter] -> (seqio cache
+point) -> 4096-token chunks (the length is the task's `chunk_length` setting, or
+`sequence_length['targets']` when given). Splits are `train`, `validation`, `test` (C4 test: see
+`tasks.C4Config`). Everything before the cache point is what `python -m tasks.prepare` (or seqio's
+cache job) writes; the chunking runs when the prepared split is read.
 """
 
 from __future__ import annotations
@@ -17,15 +19,33 @@ from tasks import config as config_lib
 from tasks import preprocessors, sources
 from tasks import vocab as vocab_lib
 
-TASK_NAMES = ('local_books', 'pg19_t5', 'arxiv_math', 'c4_4k')
+TASK_NAMES = ('local_books', 'pg19_t5', 'arxiv_math', 'c4_4k', 'text_corpus')
+# Tasks with a `min_document_tokens` setting (the length filter).
+_FILTERED_TASKS = ('c4_4k', 'text_corpus')
 
 
 @gin.configurable(module='tasks')
 def vocabulary(task_name: str = 'local_books') -> seqio.Vocabulary:
-  """The vocabulary of a task (its file is resolved from the task's settings at first use)."""
-  if task_name not in TASK_NAMES:
-    raise ValueError(f'Unknown task {task_name!r}; tasks are {TASK_NAMES}.')
-  return vocab_lib.TaskVocabulary(task_name)
+  """The vocabulary of a registered task or mixture (gin: `tasks.vocabulary.task_name`).
+
+  For this package's tasks the file is resolved from the task's settings at first use; any other
+  registered seqio task or mixture gives the vocabulary of its `targets` feature.
+  """
+  if task_name in TASK_NAMES:
+    return vocab_lib.TaskVocabulary(task_name)
+  try:
+    provider = seqio.get_mixture_or_task(task_name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    raise ValueError(
+      f'Unknown task {task_name!r} (tasks.vocabulary.task_name, usually %MIXTURE_OR_TASK_NAME): '
+      f'it is neither one of {TASK_NAMES} nor a registered seqio task or mixture. Registered: '
+      f'{known}. For a corpus of your own use the task text_corpus (tasks.TextCorpusConfig).'
+    ) from None
+  features = provider.output_features
+  if 'targets' not in features:
+    raise ValueError(f'Task {task_name!r} has no targets feature; features: {sorted(features)}.')
+  return features['targets'].vocabulary
 
 
 def output_features(task_name: str) -> dict[str, seqio.Feature]:
@@ -64,10 +84,13 @@ def build_task(task_name: str) -> seqio.Task:
     preprocessors.rekey_text,
     functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
   ]
-  if task_name == 'c4_4k':
+  if task_name in _FILTERED_TASKS:
     steps.append(
       functools.partial(preprocessors.filter_min_tokens, min_tokens=_min_tokens_getter(task_name))
     )
+  # Tokenized documents are cached here (seqio's cache job, or `python -m tasks.prepare`);
+  # not required: without a cache the task runs on the fly.
+  steps.append(seqio.CacheDatasetPlaceholder(required=False))
   steps.append(
     functools.partial(preprocessors.chunk_documents, chunk_length=_chunk_length_getter(task_name))
   )

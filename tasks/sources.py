@@ -2,6 +2,18 @@
 
 Settings are read when a dataset is requested; a missing directory, file or vocabulary raises an
 error that names the setting to fix. Splits are by document.
+
+Document ids come from the document's position, never from its content, so two identical texts
+are two documents (the content is checked separately: the streaming state and the prepared index
+keep a CRC32 of each document's tokens as a checksum). Ids are unique within a split and do not
+change when the file order is shuffled:
+
+- local_books: the play's index in the sorted list of 38 plays; PG-19: TFDS `book_id`;
+- files (JSONL, TFRecord, one text file per document): `file_index * 2**40 + row`, where
+  `file_index` is the file's position in the sorted list of the split's files and `row` the
+  record's position in its file (non-empty lines for JSONL, before any filter);
+- TFDS without an id feature (C4): a 62-bit fingerprint of the record's TFDS id (file and record
+  position), not of its text.
 """
 
 from __future__ import annotations
@@ -27,9 +39,18 @@ LOCAL_BOOKS_TEST = ('twelfth-night', 'hamlet', 'richard-ii')
 LOCAL_BOOKS_NUM_PLAYS = 38
 
 
-def _hash_document_id(text: tf.Tensor) -> tf.Tensor:
-  """A stable 62-bit id of a document from its text (FarmHash fingerprint)."""
-  return tf.strings.to_hash_bucket_fast(text, 2**62)
+# Documents per file addressable by a positional id (file_index * ROWS_PER_FILE + row).
+ROWS_PER_FILE = 2**40
+
+
+def _position_id(file_index, row) -> tf.Tensor:
+  """The id of the `row`-th record of the `file_index`-th file of a split (int64)."""
+  return tf.cast(file_index, tf.int64) * ROWS_PER_FILE + tf.cast(row, tf.int64)
+
+
+def _fingerprint_id(key: tf.Tensor) -> tf.Tensor:
+  """A stable 62-bit id from a position key (e.g. a TFDS record id; FarmHash fingerprint)."""
+  return tf.strings.to_hash_bucket_fast(key, 2**62)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,12 +172,14 @@ def tfds_documents(
   # Read the prepared files directly: this needs no builder code for the version (TFDS 4.9.10's
   # c4 code no longer builds 3.0.1, yet reads a prepared 3.0.1 copy this way).
   builder = tfds.builder_from_directory(os.path.join(root, name, version))
-  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  # add_tfds_id: each record's position (file and index), the document id when there is no id
+  # feature.
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False, add_tfds_id=True)
   ds = builder.as_dataset(split=tfds_split, shuffle_files=shuffle_files, read_config=read_config)
 
   def convert(ex):
     text = ex[text_key]
-    doc_id = tf.cast(ex[id_key], tf.int64) if id_key else _hash_document_id(text)
+    doc_id = tf.cast(ex[id_key], tf.int64) if id_key else _fingerprint_id(ex['tfds_id'])
     return {'text': text, 'document_id': doc_id}
 
   return ds.map(convert)
@@ -206,10 +229,11 @@ def resolve_files(task_name: str, data_dir: str | None, patterns: str, field: st
 
 
 def _open_text(path: str) -> io.TextIOBase:
-  raw = tf.io.gfile.GFile(path, 'rb')
   if path.endswith('.gz'):
+    raw = tf.io.gfile.GFile(path, 'rb')
     return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding='utf-8')
-  return io.TextIOWrapper(raw, encoding='utf-8')
+  # (GFile has no `readable`, so it cannot be wrapped by io.TextIOWrapper.)
+  return tf.io.gfile.GFile(path, 'r')
 
 
 def _get_dotted(obj, dotted: str):
@@ -221,21 +245,37 @@ def _get_dotted(obj, dotted: str):
 
 
 def iter_jsonl_texts(
-  files: Sequence[str], text_field: str, filter_field: str | None, filter_value: str | None
-) -> Iterator[str]:
-  """Texts of JSONL files, in file order, keeping rows whose `filter_field` is `filter_value`."""
-  for path in files:
+  files: Sequence[tuple[int, str]],
+  text_field: str,
+  filter_field: str | None,
+  filter_value: str | None,
+) -> Iterator[tuple[str, int]]:
+  """`(text, document id)` of `(file_index, path)` JSONL files, in the given file order.
+
+  Keeps rows whose `filter_field` is `filter_value`; the id is the row's position (see the module
+  docstring), counted over non-empty lines before filtering.
+  """
+  for file_index, path in files:
+    row_index = 0
     with _open_text(path) as f:
       for line_number, line in enumerate(f, 1):
         if not line.strip():
           continue
+        row_index += 1
         row = json.loads(line)
         if filter_field and _get_dotted(row, filter_field) != filter_value:
           continue
         text = row.get(text_field)
         if not isinstance(text, str):
           raise ValueError(f'{path}:{line_number}: no string field {text_field!r}.')
-        yield text
+        yield text, file_index * ROWS_PER_FILE + row_index - 1
+
+
+def iter_text_files(files: Sequence[tuple[int, str]]) -> Iterator[tuple[str, int]]:
+  """`(text, document id)` of `(file_index, path)` plain-text files, one document per file."""
+  for file_index, path in files:
+    with _open_text(path) as f:
+      yield f.read(), file_index * ROWS_PER_FILE
 
 
 def file_documents(
@@ -247,23 +287,50 @@ def file_documents(
   shuffle_files: bool,
   seed: int | None,
 ) -> tf.data.Dataset:
-  """Documents read from JSONL or TFRecord files (file order shuffled with `seed` when asked)."""
-  files = list(files)
+  """Documents read from files (file order shuffled with `seed` when asked).
+
+  Args:
+    files: the split's files, sorted (a file's index here is part of its documents' ids).
+    file_format: 'jsonl' (one JSON object per line), 'tfrecord' (tf.train.Example) or 'text'
+      (each file is one document).
+    text_field: key of the text (JSONL, TFRecord).
+    filter_field: JSONL rows are kept only if this dotted field equals `filter_value`.
+    filter_value: see `filter_field`.
+    shuffle_files: shuffle the file order with `seed`.
+    seed: seed of the file order.
+  """
+  indexed = list(enumerate(files))
   if shuffle_files:
-    files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    indexed = [indexed[i] for i in np.random.default_rng(seed).permutation(len(indexed))]
+  signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64))
   if file_format == 'jsonl':
     ds = tf.data.Dataset.from_generator(
-      lambda: iter_jsonl_texts(files, text_field, filter_field, filter_value),
-      output_signature=tf.TensorSpec([], tf.string),
+      lambda: iter_jsonl_texts(indexed, text_field, filter_field, filter_value),
+      output_signature=signature,
+    )
+  elif file_format == 'text':
+    ds = tf.data.Dataset.from_generator(
+      lambda: iter_text_files(indexed), output_signature=signature
     )
   elif file_format == 'tfrecord':
     compression = 'GZIP' if files and all(f.endswith('.gz') for f in files) else ''
-    ds = tf.data.TFRecordDataset(files, compression_type=compression)
     spec = {text_field: tf.io.FixedLenFeature([], tf.string)}
-    ds = ds.map(lambda r: tf.io.parse_single_example(r, spec)[text_field])
+
+    def read_file(file_index, path):
+      records = tf.data.TFRecordDataset(path, compression_type=compression).enumerate()
+      return records.map(
+        lambda row, r: (
+          tf.io.parse_single_example(r, spec)[text_field],
+          _position_id(file_index, row),
+        )
+      )
+
+    paths = tf.constant([p for _, p in indexed] or [''], tf.string)[: len(indexed)]
+    index = tf.constant([i for i, _ in indexed] or [0], tf.int64)[: len(indexed)]
+    ds = tf.data.Dataset.from_tensor_slices((index, paths)).flat_map(read_file)
   else:
-    raise ValueError(f"file_format must be 'jsonl' or 'tfrecord', got {file_format!r}.")
-  return ds.map(lambda text: {'text': text, 'document_id': _hash_document_id(text)})
+    raise ValueError(f"file_format must be 'jsonl', 'tfrecord' or 'text', got {file_format!r}.")
+  return ds.map(lambda text, doc_id: {'text': text, 'document_id': doc_id})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,9 +385,43 @@ def arxiv_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> t
   )
 
 
+def text_corpus_dataset(
+  split: str, shuffle_files: bool, seed: int | None = None
+) -> tf.data.Dataset:
+  """The generic task: a folder of text files, JSONL or TFRecord files, or a TFDS dataset."""
+  _check_split(split)
+  cfg = config_lib.get_config('text_corpus')
+  if cfg.source == 'tfds':
+    if not cfg.tfds_name:
+      raise ValueError(
+        f"Task 'text_corpus' reads TFDS but {config_lib.setting_name('text_corpus', 'tfds_name')}"
+        ' is not set. ' + config_lib.fix_hint('text_corpus', 'tfds_name', "'pg19:0.1.1'")
+      )
+    tfds_split = getattr(cfg, f'tfds_{split}_split')
+    return tfds_documents(
+      'text_corpus',
+      cfg.tfds_name,
+      cfg.data_dir,
+      tfds_split,
+      cfg.text_field,
+      None,
+      shuffle_files,
+      seed,
+    )
+  if cfg.source not in ('text', 'jsonl', 'tfrecord'):
+    raise ValueError(
+      f"{config_lib.setting_name('text_corpus', 'source')} must be 'text', 'jsonl', 'tfrecord' "
+      f"or 'tfds', got {cfg.source!r}."
+    )
+  field = f'{split}_files'
+  files = resolve_files('text_corpus', cfg.data_dir, getattr(cfg, field), field)
+  return file_documents(files, cfg.source, cfg.text_field, None, None, shuffle_files, seed)
+
+
 DATASET_FNS: dict[str, Callable[..., tf.data.Dataset]] = {
   'local_books': local_books_dataset,
   'pg19_t5': pg19_dataset,
   'arxiv_math': arxiv_dataset,
   'c4_4k': c4_dataset,
+  'text_corpus': text_corpus_dataset,
 }

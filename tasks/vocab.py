@@ -15,9 +15,25 @@ def _load(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
+def delegate_task(task_name: str) -> str | None:
+  """The task whose vocabulary `task_name` uses (its `vocabulary_task` setting), if any."""
+  other = getattr(config_lib.get_config(task_name), 'vocabulary_task', None)
+  if other == task_name:
+    raise ValueError(
+      f'{config_lib.setting_name(task_name, "vocabulary_task")} names the task itself; set '
+      'vocabulary_path instead, or name another task.'
+    )
+  return other
+
+
 def check_vocabulary_file(task_name: str) -> str:
   """Returns the task's vocabulary path, raising a clear error if it is unset or missing."""
   cfg = config_lib.get_config(task_name)
+  other = delegate_task(task_name)
+  if other is not None:
+    from tasks import definitions  # pylint: disable=g-import-not-at-top
+
+    return str(getattr(definitions.vocabulary(other), 'sentencepiece_model_file', ''))
   path = cfg.vocabulary_path
   if not path:
     raise ValueError(
@@ -51,8 +67,15 @@ class TaskVocabulary(seqio.Vocabulary):
     return self._task_name
 
   @property
-  def resolved(self) -> seqio.SentencePieceVocabulary:
-    """The underlying `seqio.SentencePieceVocabulary` for the current settings."""
+  def resolved(self) -> seqio.Vocabulary:
+    """The underlying vocabulary for the current settings (a SentencePiece model, or the
+    vocabulary of the task named by a `vocabulary_task` setting)."""
+    other = delegate_task(self._task_name)
+    if other is not None:
+      from tasks import definitions  # pylint: disable=g-import-not-at-top
+
+      vocab = definitions.vocabulary(other)
+      return vocab.resolved if isinstance(vocab, TaskVocabulary) else vocab
     path = check_vocabulary_file(self._task_name)
     extra_ids = config_lib.get_config(self._task_name).vocabulary_extra_ids
     return _load(path, extra_ids)
@@ -63,6 +86,8 @@ class TaskVocabulary(seqio.Vocabulary):
 
   @property
   def extra_ids(self) -> int:
+    if delegate_task(self._task_name) is not None:
+      return self.resolved.extra_ids
     return config_lib.get_config(self._task_name).vocabulary_extra_ids
 
   @property

@@ -54,3 +54,8 @@ def test_config_from_fixture_reads_sizes_and_rejects_bad_fifo():
   assert (cfg.long_term_memory_layers, cfg.long_term_memory_windows) == ((1,), 8)
   with pytest.raises(ValueError, match='multiple of the long-term increment'):
     check_reference.config_from_fixture({**meta, 'long_term_memory_size': 15})
+
+
+def test_parity_on_transformer_xl_fixture(capsys):
+  assert check_reference.main([str(FIXTURE.parent / 'xl_tiny_a.npz')]) == 0
+  assert 'PARITY OK' in capsys.readouterr().out

@@ -44,7 +44,7 @@ include 'gin/runs/cpu_data_parallel_train.gin'
 
 TRAIN_STEPS = {STEPS}
 train_script.train:
-  eval_period = 3
+  eval_period = 4
   eval_steps = 2
   stats_period = 1
 utils.SaveCheckpointConfig:
@@ -162,7 +162,7 @@ def test_two_process_training_equals_one_process(runs):
   # Train-eval (2 steps of the validation plays, memory carried) on both: same numbers.
   ppl_one = _metric(runs / 'train_one.log', 'training_eval/local_books', 'perplexity')
   ppl_two = _metric(runs / 'train_two_0.log', 'training_eval/local_books', 'perplexity')
-  assert sorted(ppl_one) == sorted(ppl_two) == [3, 6], (ppl_one, ppl_two)
+  assert sorted(ppl_one) == sorted(ppl_two) and STEPS in ppl_one, (ppl_one, ppl_two)
   for s in ppl_one:
     assert ppl_two[s] == pytest.approx(ppl_one[s], rel=1e-5)
   misaligned = _metric(runs / 'train_two_0.log', 'train', 'memory/misaligned_rows')

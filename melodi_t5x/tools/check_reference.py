@@ -1,10 +1,13 @@
-r"""Checks the MELODI decoder number-for-number against a fixture made with the authors' code.
+r"""Checks a decoder number-for-number against a fixture made with the authors' code.
 
 Usage:
   python -m melodi_t5x.tools.check_reference FIXTURE.npz [--swap REF_A REF_B] [--json OUT]
 
 The fixture format is described in the golden README (`config_json`, `param/<reference path>`,
-`seg{k}/...`). The tool builds a `MelodiConfig` from the stored config, maps every reference
+`seg{k}/...`). `config_json["model"]` names the architecture (`melodi` when absent, `xl`,
+`memorizing`, `brt`); `ARCHITECTURES` holds, per architecture, how to build our config from the
+stored sizes, the parameter mapping rules and the mapping of the reference's carried state. The
+tool builds the model from the stored config, maps every reference
 parameter onto ours, replays the recorded segments with the recorded resets (memory carried from
 one segment to the next, parameters fixed) and prints, per compared array, the relative error
 max|ours - reference| / max|reference|. It exits with status 1 if any forward value (logits, token
@@ -17,17 +20,21 @@ show that the check catches a single misplaced weight.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from melodi_t5x.config import MelodiConfig
-from melodi_t5x.model import MelodiDecoder
+from melodi_t5x.architectures.melodi import MelodiDecoder
+from melodi_t5x.architectures.xl import XLDecoder
+from melodi_t5x.config import MelodiConfig, XLConfig
 
 FORWARD_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
@@ -60,23 +67,66 @@ PARAM_RULES: list[tuple[str, str]] = [
 ]
 
 
-def our_path(reference_path: str) -> str:
-  """Translates one reference parameter path to ours; raises KeyError if no rule matches."""
-  for pattern, replacement in PARAM_RULES:
-    match = re.fullmatch(pattern, reference_path)
-    if match:
-      return replacement.format(**match.groupdict())
-  raise KeyError(f'no mapping rule for reference parameter {reference_path!r}')
+# Transformer-XL (meliad `transformer_layer.TransformerLayer` in a `TransformerStack`).
+_XL = r'layer_stack/transformer(?P<i>\d+)/'
+XL_PARAM_RULES: list[tuple[str, str]] = [
+  (r'embed/embedding', 'embedding'),
+  (r'layer_stack/final_layernorm/scale', 'final_norm/scale'),
+  (_XL + r'tbase/pre_attn_layernorm/scale', 'layers_{i}/attn_norm/scale'),
+  (_XL + r'tbase/_kvq/queries_layer/kernel', 'layers_{i}/query/kernel'),
+  (_XL + r'tbase/_kvq/keys_layer/kernel', 'layers_{i}/key/kernel'),
+  (_XL + r'tbase/_kvq/values_layer/kernel', 'layers_{i}/value/kernel'),
+  (_XL + r'tbase/_kvq/attention_scale', 'layers_{i}/temperature'),
+  (_XL + r'relative_positions/rel_embedding', 'layers_{i}/relpos_bias'),
+  (_XL + r'tbase/post_attn_mlp/output_layer/kernel', 'layers_{i}/out/kernel'),
+  (_XL + r'tbase/pre_ffn_layernorm/scale', 'layers_{i}/ffn_norm/scale'),
+  (_XL + r'tbase/ffn/hidden0/kernel', 'layers_{i}/ffn_in/kernel'),
+  (_XL + r'tbase/ffn/output_layer/kernel', 'layers_{i}/ffn_out/kernel'),
+]
 
 
-def config_from_fixture(meta: dict) -> MelodiConfig:
-  """Builds our config from a fixture's `config_json`."""
+def _melodi_state(ref_key: str) -> tuple[str, ...] | None:
+  match = re.fullmatch(
+    r'state/layer_stack/melodi_layers_(\d+)/(short|long)_memory/previous_mems_train', ref_key
+  )
+  return None if match is None else (f'{match.group(2)}_memory_{match.group(1)}', 'value')
+
+
+def _xl_state(ref_key: str) -> tuple[str, ...] | None:
+  match = re.fullmatch(
+    r'state/layer_stack/transformer(\d+)/kvi_cache/previous_(keys|values)_train', ref_key
+  )
+  return None if match is None else (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+
+
+def melodi_config_from_fixture(meta: dict) -> MelodiConfig:
+  """Builds our MELODI config from a fixture's `config_json`."""
   layers = tuple(int(i) for i in meta.get('long_term_memory_layer_indices') or ())
   increment, windows = 1, 1  # unused without long-term layers
   if layers:
     increment = int(meta['long_term_memory_increment_size'])
     windows = MelodiConfig.capacity_windows(int(meta['long_term_memory_size']), increment)
   return MelodiConfig(
+    **_base_sizes(meta),
+    summary_size=int(meta['summary_size']),
+    short_term_memory_size=int(meta['short_term_memory_size']),
+    long_term_memory_layers=layers,
+    long_term_memory_increment_size=increment,
+    long_term_memory_windows=windows,
+    no_memory_layers=tuple(int(i) for i in meta.get('no_memory_layer_indices', ())),
+  )
+
+
+def xl_config_from_fixture(meta: dict) -> XLConfig:
+  """Builds our Transformer-XL config from a fixture's `config_json`."""
+  if int(meta.get('xl_cache_length', meta['window_length'])) != int(meta['window_length']):
+    raise ValueError('XL fixtures must cache exactly one window (xl_cache_length == window)')
+  return XLConfig(**_base_sizes(meta))
+
+
+def _base_sizes(meta: dict) -> dict:
+  """The `BaseConfig` fields stored in every fixture (float32, no dropout)."""
+  return dict(
     num_layers=int(meta['num_layers']),
     embed_dim=int(meta['embed_dim']),
     num_heads=int(meta['num_heads']),
@@ -84,24 +134,61 @@ def config_from_fixture(meta: dict) -> MelodiConfig:
     mlp_dim=int(meta['mlp_dim']),
     vocab_size=int(meta['vocab_size']),
     window_length=int(meta['window_length']),
-    summary_size=int(meta['summary_size']),
-    short_term_memory_size=int(meta['short_term_memory_size']),
-    long_term_memory_layers=layers,
-    long_term_memory_increment_size=increment,
-    long_term_memory_windows=windows,
-    no_memory_layers=tuple(int(i) for i in meta.get('no_memory_layer_indices', ())),
     relative_position_buckets=int(meta.get('t5_num_buckets', 32)),
     relative_position_max_distance=int(meta.get('t5_max_distance', 128)),
     dtype='float32',
   )
 
 
-def map_parameters(reference: dict[str, np.ndarray], template: dict) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """How to check one architecture against its reference fixtures."""
+
+  # Builds our config from the fixture's `config_json`.
+  config_from_fixture: Callable[[dict], Any]
+  # Our decoder module class, built from that config.
+  decoder: Callable[[Any], Any]
+  # (reference parameter path regex, our '/'-joined path) rules.
+  param_rules: list[tuple[str, str]]
+  # Reference state key (without 'seg{k}/') -> path in our `memory` collection, or None.
+  state_path: Callable[[str], tuple[str, ...] | None]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+  'melodi': Architecture(melodi_config_from_fixture, MelodiDecoder, PARAM_RULES, _melodi_state),
+  'xl': Architecture(xl_config_from_fixture, XLDecoder, XL_PARAM_RULES, _xl_state),
+}
+
+
+def architecture(meta: dict) -> Architecture:
+  name = meta.get('model', 'melodi')
+  if name not in ARCHITECTURES:
+    raise ValueError(f'fixture model {name!r} is unknown; known: {sorted(ARCHITECTURES)}')
+  return ARCHITECTURES[name]
+
+
+def config_from_fixture(meta: dict):
+  """Our config for a fixture's `config_json` (any architecture)."""
+  return architecture(meta).config_from_fixture(meta)
+
+
+def our_path(reference_path: str, rules: list[tuple[str, str]] = PARAM_RULES) -> str:
+  """Translates one reference parameter path to ours; raises KeyError if no rule matches."""
+  for pattern, replacement in rules:
+    match = re.fullmatch(pattern, reference_path)
+    if match:
+      return replacement.format(**match.groupdict())
+  raise KeyError(f'no mapping rule for reference parameter {reference_path!r}')
+
+
+def map_parameters(
+  reference: dict[str, np.ndarray], template: dict, rules: list[tuple[str, str]] = PARAM_RULES
+) -> dict:
   """Maps `{reference path: array}` onto the structure of `template` (our params tree)."""
   ours = traverse_util.flatten_dict(template, sep='/')
   mapped = {}
   for ref_path, value in reference.items():
-    path = our_path(ref_path)
+    path = our_path(ref_path, rules)
     if path not in ours:
       raise KeyError(f'{ref_path!r} maps to {path!r}, which our model does not have')
     if path in mapped:
@@ -124,27 +211,21 @@ def relative_error(ours, reference) -> float:
   return float(diff / scale) if scale > 0 else float(diff)
 
 
-def _memory_key(ref_key: str) -> tuple[str, str] | None:
-  match = re.fullmatch(
-    r'state/layer_stack/melodi_layers_(\d+)/(short|long)_memory/previous_mems_train', ref_key
-  )
-  return None if match is None else (f'{match.group(2)}_memory_{match.group(1)}', 'value')
-
-
 def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, float]]:
   """Replays the fixture; returns {category: {array name: relative error}}."""
   z = np.load(path)
   meta = json.loads(str(z['config_json']))
-  cfg = config_from_fixture(meta)
+  arch = architecture(meta)
+  cfg = arch.config_from_fixture(meta)
   reference = {k[len('param/') :]: z[k] for k in z.files if k.startswith('param/')}
   if swap:
     a, b = swap
     reference[a], reference[b] = reference[b], reference[a]
   num_segments = int(meta['num_segments'])
   tokens0 = z['seg0/input_tokens']
-  model = MelodiDecoder(cfg)
+  model = arch.decoder(cfg)
   variables = model.init(jax.random.PRNGKey(0), tokens0, tokens0, enable_dropout=False)
-  params = map_parameters(reference, variables['params'])
+  params = map_parameters(reference, variables['params'], arch.param_rules)
   mem = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
 
   def loss_fn(params, mem, tokens, sos, targets, mask):
@@ -179,15 +260,22 @@ def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, f
     fwd[seg + 'loss'] = relative_error(loss, z[seg + 'loss'])
     for key in z.files:
       if key.startswith(seg + 'state/'):
-        where = _memory_key(key[len(seg) :])
+        where = arch.state_path(key[len(seg) :])
         if where is None:
           raise KeyError(f'unknown state array {key!r}')
-        fwd[key] = relative_error(mem[where[0]][where[1]], z[key])
+        fwd[key] = relative_error(_lookup(mem, where), z[key])
     flat_grads = traverse_util.flatten_dict(grads, sep='/')
     for ref_path in reference:
       name = seg + 'grad/' + ref_path
-      errors['gradient'][name] = relative_error(flat_grads[our_path(ref_path)], z[name])
+      grad = flat_grads[our_path(ref_path, arch.param_rules)]
+      errors['gradient'][name] = relative_error(grad, z[name])
   return errors
+
+
+def _lookup(tree, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def main(argv: list[str] | None = None) -> int:

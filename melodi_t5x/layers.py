@@ -1,0 +1,245 @@
+"""Building blocks shared by every architecture of the project (MELODI and the baselines).
+
+Reads top-down: relative positions, attention, then the parameter helper and the small modules
+(RMS norm, dense with logical axes). Every module takes the architecture's frozen config (any
+`config.BaseConfig`) and reads only its `dtype` and `param_dtype`.
+
+Conventions (those of the authors' code, google-research/meliad cc1aef5): cosine attention, i.e.
+queries and keys L2-normalised per head, logits `|temperature| * (q.k + bias)`, masked logits set
+to -1e6 and a softmax whose normaliser has an extra `exp(-1000 - max)` term, so that a row with
+every key masked attends to nothing. Notation: B batch, N keys, H heads, K head dim, D embed dim.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning
+
+Array = jax.Array
+MASKED = -1_000_000.0  # Logit of a masked key.
+FLOOR = -1000.0  # Softmax floor: a row with every key masked attends to nothing.
+EPS = 1e-6
+dense_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+relpos_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative positions and attention.
+# ---------------------------------------------------------------------------------------------
+
+
+def t5_bucket(distance: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
+  """Unidirectional T5 bucket of `distance` = query position - key position (>= 0 kept)."""
+  n = np.maximum(distance, 0)
+  max_exact = num_buckets // 2
+  log_ratio = np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+  large = max_exact + (log_ratio / np.log(max_distance / max_exact) * (num_buckets - max_exact))
+  large = np.minimum(large.astype(np.int32), num_buckets - 1)
+  return np.where(n < max_exact, n, large).astype(np.int32)
+
+
+def l2_normalize(x: Array) -> Array:
+  """Normalises the last axis (one attention head): x / sqrt(sum x^2 + 1e-6)."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + EPS)
+
+
+def attend(
+  q: Array, k: Array, v: Array, temperature: Array, bias: Array | None, mask: Array | None
+) -> Array:
+  """Cosine attention with a per-head temperature and an additive position bias.
+
+  Args:
+    q: [B, Nq, H, K] and k, v: [B, Nk, H, K]; q and k are L2-normalised per head.
+    temperature: [H]; logits are |temperature| * (q.k + bias).
+    bias: broadcastable to [B, H, Nq, Nk] (e.g. [H, Nq, Nk]), or None.
+    mask: broadcastable to [B, H, Nq, Nk], True = visible, or None.
+
+  Returns:
+    Attention probabilities [B, H, Nq, Nk] (float32). A row whose keys are all masked sums to 0.
+  """
+  del v  # The caller applies the probabilities (possibly after dropout).
+  logits = jnp.einsum('bqhk,bnhk->bhqn', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  logits = logits * jnp.abs(temperature.astype(jnp.float32))[:, None, None]
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASKED)
+  top = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), FLOOR))
+  weights = jnp.exp(logits - top)
+  return weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(FLOOR - top))
+
+
+def apply_attention(probs: Array, v: Array) -> Array:
+  """probs: [B, H, Nq, Nk], v: [B, Nk, H, K] -> [B, Nq, H, K] in v's dtype."""
+  return jnp.einsum('bhqn,bnhk->bqhk', probs.astype(v.dtype), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and small modules.
+# ---------------------------------------------------------------------------------------------
+
+
+def param(module: nn.Module, name: str, init, shape, axes, dtype: str):
+  """A parameter with logical axis names (`flax.linen.partitioning`)."""
+  return partitioning.param_with_axes(name, init, shape, jnp.dtype(dtype), axes=axes, module=module)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation (no mean, no bias) with a learned scale; statistics in float32."""
+
+  config: object  # any config.BaseConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = param(
+      self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',), self.config.param_dtype
+    )
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + EPS)
+    return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
+
+
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias) over the last axis, with logical axis names on the kernel."""
+
+  features: int
+  axes: tuple[str, str]
+  config: object  # any config.BaseConfig
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dtype, pdtype = jnp.dtype(self.config.dtype), self.config.param_dtype
+    kernel = param(self, 'kernel', dense_init, (x.shape[-1], self.features), self.axes, pdtype)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias = param(self, 'bias', nn.initializers.zeros, (self.features,), self.axes[1:], pdtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class TransformerBlock(nn.Module):
+  """Parameters and maths of a pre-norm attention + ReLU MLP layer, shared by every layer kind.
+
+  Subclasses decide which tokens are queries, keys and values and how attention is masked; this
+  class owns the projections (`attn_norm`, `query`, `key`, `value`, `temperature`, optional
+  `relpos_bias`, `out`) and the residual MLP (`ffn_norm`, `ffn_in`, `ffn_out`). Biases in the MLP
+  follow `config.ffn_bias`.
+  """
+
+  config: object  # any config.BaseConfig
+
+  # Whether this layer owns a T5 relative-position table (overridden by layers without positions).
+  has_relpos: ClassVar[bool] = True
+
+  def setup(self):
+    self.setup_block()
+
+  def setup_block(self):
+    cfg = self.config
+    hk = cfg.num_heads * cfg.head_dim
+    self.attn_norm = RMSNorm(cfg)
+    self.query = Dense(hk, ('embed', 'joined_kv'), cfg)
+    self.key = Dense(hk, ('embed', 'joined_kv'), cfg)
+    self.value = Dense(hk, ('embed', 'joined_kv'), cfg)
+    self.temperature = param(
+      self, 'temperature', nn.initializers.ones, (cfg.num_heads,), ('heads',), 'float32'
+    )
+    if self.has_relpos:
+      self.relpos_bias = param(
+        self,
+        'relpos_bias',
+        relpos_init,
+        (cfg.num_heads, cfg.relative_position_buckets),
+        ('heads', 'relpos_buckets'),
+        cfg.param_dtype,
+      )
+    self.out = Dense(cfg.embed_dim, ('joined_kv', 'embed'), cfg)
+    self.ffn_norm = RMSNorm(cfg)
+    self.ffn_in = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, use_bias=cfg.ffn_bias)
+    self.ffn_out = Dense(cfg.embed_dim, ('mlp', 'embed'), cfg, use_bias=cfg.ffn_bias)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.attn_dropout = nn.Dropout(cfg.attention_dropout_rate)
+
+  def heads(self, x: Array) -> Array:
+    """[..., H*K] -> [..., H, K]."""
+    return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
+
+  def normed_input(self, x: Array, deterministic: bool) -> Array:
+    """RMSNorm before attention, then dropout: [B, N, D] -> [B, N, D]."""
+    return self.dropout(self.attn_norm(x), deterministic=deterministic)
+
+  def queries(self, a: Array) -> Array:
+    """L2-normalised queries of normed tokens `a: [B, N, D]` -> [B, N, H, K]."""
+    return l2_normalize(self.heads(self.query(a)))
+
+  def keys_values(self, a: Array) -> tuple[Array, Array]:
+    """Keys (L2-normalised per head) and values of normed tokens `a: [B, N, D]`."""
+    return l2_normalize(self.heads(self.key(a))), self.heads(self.value(a))
+
+  def position_bias(self, bucket: np.ndarray) -> Array:
+    """The T5 bias [H, *bucket.shape] of a static bucket table."""
+    return self.relpos_bias[:, bucket]
+
+  def attention(self, q, k, v, bias, mask, deterministic: bool, temperature=None) -> Array:
+    """Attention output [B, Nq, H, K] (probabilities with attention dropout)."""
+    t = self.temperature if temperature is None else temperature
+    probs = self.attn_dropout(attend(q, k, v, t, bias, mask), deterministic)
+    return apply_attention(probs, v)
+
+  def residual_mlp(self, x: Array, o: Array, deterministic: bool) -> Array:
+    """h = x + W_O o; y = h + MLP(RMSNorm(h)). x: [B, N, D], o: [B, N, H, K] -> [B, N, D]."""
+    h = x + self.out(o.reshape(*o.shape[:-2], -1))
+    ffn = self.ffn_out(nn.relu(self.ffn_in(self.ffn_norm(h))))
+    return h + self.dropout(ffn, deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder-level helpers (embedding, inputs, logits), the same for every architecture.
+# ---------------------------------------------------------------------------------------------
+
+
+def embedding_param(module: nn.Module, config) -> Array:
+  """The tied token embedding `[V, D]` of a decoder."""
+  return param(
+    module,
+    'embedding',
+    nn.initializers.normal(stddev=1.0),
+    (config.vocab_size, config.embed_dim),
+    ('vocab', 'embed'),
+    config.param_dtype,
+  )
+
+
+def segment_inputs(
+  config, decoder_input_tokens, decoder_segment_ids, start_of_sequence
+) -> tuple[Array, Array]:
+  """Checks a segment's inputs; returns (tokens [B, T] int32, start_of_sequence [B] bool).
+
+  `start_of_sequence` None means every row starts a document.
+  """
+  if decoder_segment_ids is not None:
+    raise ValueError(
+      'memory decoders do not support packed examples (decoder_segment_ids given): each batch '
+      'row must stream one document; set pack=False in the dataset config.'
+    )
+  tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32) % config.vocab_size
+  batch, length = tokens.shape
+  config.num_windows(length)  # validates the segment length
+  if start_of_sequence is None:
+    start_of_sequence = jnp.ones((batch,), bool)
+  return tokens, jnp.asarray(start_of_sequence).astype(bool).reshape((batch,))
+
+
+def tied_logits(y: Array, embedding: Array, config) -> Array:
+  """Logits [B, T, V] (float32) = y @ E^T / sqrt(D), sharded on ('batch', 'length', 'vocab')."""
+  dtype = jnp.dtype(config.dtype)
+  logits = jnp.einsum(
+    'btd,vd->btv', y, embedding.astype(dtype), preferred_element_type=jnp.float32
+  ) / np.sqrt(config.embed_dim)
+  return partitioning.with_sharding_constraint(logits, ('batch', 'length', 'vocab'))

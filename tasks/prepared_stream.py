@@ -1,0 +1,395 @@
+"""Document streaming from a prepared split: per-host reads, restore by seeking.
+
+`PreparedStreamIterator` yields the same batches as `tasks.streaming.DocumentStreamIterator`
+(same keys, dtypes and chunk layout; without shuffling, the very same batches on one host) but
+reads a split written by `python -m tasks.prepare` (`tasks.prepared`).
+
+The schedule is global. Epoch e reads the split's documents in one order, a deterministic function
+of `(seed, e)` (a full permutation when shuffling; the prepared order otherwise). The global batch
+has `G = batch_size * num_shards` rows; when a row's document ends, the row takes the next document
+of that order at the next step (rows in increasing order). Document lengths are in the index, so
+every host computes the whole schedule without reading tokens, and host `h` reads only the chunks
+of its rows `[h * batch_size, (h + 1) * batch_size)`: one positioned read of L + 1 tokens per row
+and step. Consequences:
+
+- every document is read exactly once per epoch, by one row of one host; a finite stream
+  (`repeat=False`, evaluation) emits every chunk once, and all hosts run the same number of steps
+  (a host whose rows have no document left yields padded rows until every row is done);
+- the state (`get_state`) is per global row: (epoch, position in the epoch's order, document
+  ordinal, next chunk), plus the epoch and position of the next document to hand out. Restoring
+  checks it against the index and seeks: its cost does not depend on the position (computing the
+  epoch's permutation, O(documents), is the largest part) and it reads nothing before it;
+- resuming on another number of hosts with the same global batch continues exactly (the global
+  batches are identical); a different global batch size is refused with an error, since the saved
+  position is per global row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from clu.data import dataset_iterator
+from etils import epath
+
+from tasks import prepared as prepared_lib
+from tasks.preprocessors import START_OF_DOCUMENT_ID
+
+STATE_VERSION = 1
+STATE_KIND = 'prepared'
+
+
+class PreparedStreamIterator(dataset_iterator.DatasetIterator):
+  """Per-row document streaming over a prepared split, with a global, seekable schedule.
+
+  Args:
+    split: a `tasks.prepared.PreparedSplit` or the path of a prepared split.
+    batch_size: rows per batch on this host (the global batch is `batch_size * num_shards`).
+    chunk_length: tokens per chunk.
+    seed: seed of the document order (one permutation per epoch when shuffling).
+    shuffle: shuffle documents (training); False reads them in prepared order (evaluation).
+    shard_id: this host.
+    num_shards: number of hosts.
+    repeat: True: endless epochs (training); False: one pass, padded rows at the end (eval).
+    start_id: input token of a document's first position (as in `tasks.preprocessors`).
+    name: name of the source for messages and the state (e.g. the task name).
+  """
+
+  def __init__(
+    self,
+    split: prepared_lib.PreparedSplit | str,
+    *,
+    batch_size: int,
+    chunk_length: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    repeat: bool = True,
+    start_id: int = START_OF_DOCUMENT_ID,
+    name: str | None = None,
+  ):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+    if not 0 <= shard_id < num_shards:
+      raise ValueError(f'Need 0 <= shard_id < num_shards, got {shard_id} and {num_shards}.')
+    if chunk_length < 1:
+      raise ValueError(f'chunk_length must be >= 1, got {chunk_length}.')
+    if isinstance(split, prepared_lib.PreparedSplit):
+      self._data = split
+    else:
+      self._data = prepared_lib.PreparedSplit(split)
+    self._batch_size = int(batch_size)
+    self._chunk_length = int(chunk_length)
+    self._seed = int(seed)
+    self._shuffle = bool(shuffle)
+    self._shard_id = int(shard_id)
+    self._num_shards = int(num_shards)
+    self._repeat = bool(repeat)
+    self._start_id = int(start_id)
+    self._name = name or self._data.meta.get('task') or self._data.path
+    self._global_rows = self._batch_size * self._num_shards
+    self._first_row = self._shard_id * self._batch_size
+    index = self._data.index
+    self._lengths = index['length'].astype(np.int64)
+    self._num_chunks = -(-self._lengths // self._chunk_length)
+    self._orders: dict[int, np.ndarray] = {}
+    self.reset()
+
+  # ----------------------------------------------------------------------------------------------
+  # Schedule.
+
+  @property
+  def data(self) -> prepared_lib.PreparedSplit:
+    return self._data
+
+  def order(self, epoch: int) -> np.ndarray:
+    """Document ordinals of an epoch in reading order (a permutation when shuffling)."""
+    order = self._orders.get(epoch)
+    if order is None:
+      n = self._data.num_documents
+      if self._shuffle:
+        rng = np.random.default_rng(np.random.SeedSequence([self._seed, epoch]))
+        order = rng.permutation(n)
+      else:
+        order = np.arange(n)
+      if len(self._orders) >= 2:  # rows span at most the current and the previous epoch
+        self._orders.pop(min(self._orders))
+      self._orders[epoch] = order
+    return order
+
+  def _take(self) -> list[int] | None:
+    """The next document of the schedule as a row `[epoch, position, ordinal, next_chunk]`."""
+    if self._exhausted:
+      return None
+    n = self._data.num_documents
+    if self._next_position >= n:
+      if not self._repeat or n == 0:
+        if self._repeat:
+          raise ValueError(f'Prepared split {self._data.path!r} ({self._name}) has no documents.')
+        self._exhausted = True
+        return None
+      self._epoch += 1
+      self._next_position = 0
+    position = self._next_position
+    self._next_position += 1
+    return [self._epoch, position, int(self.order(self._epoch)[position]), 0]
+
+  def _fill_rows(self) -> bool:
+    for g in range(self._global_rows):
+      if self._rows[g] is None:
+        self._rows[g] = self._take()
+    return any(row is not None for row in self._rows)
+
+  def _advance_rows(self) -> None:
+    for g, row in enumerate(self._rows):
+      if row is not None:
+        row[3] += 1
+        if row[3] == self._num_chunks[row[2]]:
+          self._rows[g] = None
+    self._step += 1
+
+  def skip(self, steps: int) -> int:
+    """Advances the schedule by up to `steps` batches without reading tokens; returns the count."""
+    done = 0
+    while done < steps and self._fill_rows():
+      self._advance_rows()
+      done += 1
+    return done
+
+  # ----------------------------------------------------------------------------------------------
+  # DatasetIterator interface.
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def chunk_length(self) -> int:
+    return self._chunk_length
+
+  @property
+  def element_spec(self) -> dict[str, dataset_iterator.ArraySpec]:
+    b, n = self._batch_size, self._chunk_length
+    spec = dataset_iterator.ArraySpec
+    return {
+      'decoder_input_tokens': spec(np.int32, (b, n)),
+      'decoder_target_tokens': spec(np.int32, (b, n)),
+      'decoder_loss_weights': spec(np.float32, (b, n)),
+      'start_of_sequence': spec(np.bool_, (b,)),
+      'document_id': spec(np.int64, (b,)),
+      'chunk_index': spec(np.int32, (b,)),
+      'row_valid': spec(np.bool_, (b,)),
+    }
+
+  def reset(self) -> None:
+    """Goes back to the beginning of the stream."""
+    self._epoch = 0
+    self._next_position = 0
+    self._exhausted = False
+    self._rows: list[list[int] | None] = [None] * self._global_rows
+    self._step = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if not self._fill_rows():
+      raise StopIteration
+    b, n = self._batch_size, self._chunk_length
+    inputs = np.zeros((b, n), np.int32)
+    targets = np.zeros((b, n), np.int32)
+    sos = np.ones((b,), np.bool_)
+    doc_ids = np.full((b,), -1, np.int64)
+    chunk_index = np.full((b,), -1, np.int32)
+    valid = np.zeros((b,), np.bool_)
+    index = self._data.index
+    for r in range(b):
+      row = self._rows[self._first_row + r]
+      if row is None:
+        continue
+      ordinal, c = row[2], row[3]
+      targets[r], inputs[r] = prepared_lib.chunk_at(
+        lambda lo, hi, o=ordinal: self._data.read(o, lo, hi),
+        int(self._lengths[ordinal]),
+        c,
+        n,
+        self._start_id,
+      )
+      sos[r] = c == 0
+      doc_ids[r] = index[ordinal]['document_id']
+      chunk_index[r] = c
+      valid[r] = True
+    self._advance_rows()
+    return {
+      'decoder_input_tokens': inputs,
+      'decoder_target_tokens': targets,
+      'decoder_loss_weights': (targets != 0).astype(np.float32),
+      'start_of_sequence': sos,
+      'document_id': doc_ids,
+      'chunk_index': chunk_index,
+      'row_valid': valid,
+    }
+
+  def get_next(self) -> dict[str, np.ndarray]:
+    return next(self)
+
+  # ----------------------------------------------------------------------------------------------
+  # State.
+
+  def _settings(self) -> dict[str, Any]:
+    return {
+      'data_fingerprint': self._data.fingerprint,
+      'num_documents': self._data.num_documents,
+      'global_batch_size': self._global_rows,
+      'chunk_length': self._chunk_length,
+      'seed': self._seed,
+      'shuffle': self._shuffle,
+      'repeat': self._repeat,
+      'start_id': self._start_id,
+    }
+
+  def get_state(self) -> dict[str, Any]:
+    """The position as a JSON-able dict (identical on every host)."""
+    rows = []
+    index = self._data.index
+    for row in self._rows:
+      if row is None:
+        rows.append(None)
+        continue
+      rec = index[row[2]]
+      rows.append(
+        {
+          'epoch': row[0],
+          'position': row[1],
+          'ordinal': row[2],
+          'next_chunk': row[3],
+          'document_id': int(rec['document_id']),
+          'checksum': int(rec['checksum']),
+        }
+      )
+    return {
+      'version': STATE_VERSION,
+      'kind': STATE_KIND,
+      'source': self._name,
+      'settings': self._settings(),
+      'topology': {'num_shards': self._num_shards, 'batch_size': self._batch_size},
+      'step': self._step,
+      'epoch': self._epoch,
+      'next_position': self._next_position,
+      'exhausted': self._exhausted,
+      'rows': rows,
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores a position saved by `get_state` (by seeking; nothing before it is read)."""
+    if state.get('kind') != STATE_KIND:
+      raise ValueError(
+        'This iterator state was written by the on-the-fly stream (tasks.streaming), whose '
+        'document order differs from the prepared stream: resume with the setting that saved it '
+        '(tasks.PreparedDataConfig.root unset), or start the data position afresh.'
+      )
+    if state.get('version') != STATE_VERSION:
+      raise ValueError(f'Unsupported prepared-stream state version {state.get("version")!r}.')
+    saved, current = dict(state['settings']), self._settings()
+    if saved['global_batch_size'] != current['global_batch_size']:
+      topo = state.get('topology', {})
+      raise ValueError(
+        f'The data position was saved with a global batch of {saved["global_batch_size"]} rows '
+        f'({topo.get("num_shards")} host(s) x {topo.get("batch_size")}); the global batch is now '
+        f'{current["global_batch_size"]} ({self._num_shards} x {self._batch_size}). The position '
+        'is kept per global row: resume with the same global batch size (any number of hosts '
+        'that divides it continues exactly).'
+      )
+    if saved != current:
+      diff = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+      raise ValueError(
+        f'Iterator state was saved with other settings or data (saved, current): {diff}. Restore '
+        'with the settings and the prepared split of the run that saved it.'
+      )
+    index = self._data.index
+    rows: list[list[int] | None] = []
+    for g, row in enumerate(state['rows']):
+      if row is None:
+        rows.append(None)
+        continue
+      epoch, position, ordinal = int(row['epoch']), int(row['position']), int(row['ordinal'])
+      chunk = int(row['next_chunk'])
+      ok = 0 <= ordinal < self._data.num_documents and 0 <= position < self._data.num_documents
+      ok = ok and int(self.order(epoch)[position]) == ordinal
+      ok = ok and (int(index[ordinal]['document_id']), int(index[ordinal]['checksum'])) == (
+        int(row['document_id']),
+        int(row['checksum']),
+      )
+      if not ok or not 0 <= chunk < self._num_chunks[ordinal]:
+        raise ValueError(
+          f'Row {g}: the saved document (epoch {epoch}, position {position}, ordinal {ordinal}, id '
+          f'{row["document_id"]}, chunk {chunk}) does not match the prepared split: the data '
+          'changed since the state was saved.'
+        )
+      rows.append([epoch, position, ordinal, chunk])
+    self._rows = rows
+    self._epoch = int(state['epoch'])
+    self._next_position = int(state['next_position'])
+    self._exhausted = bool(state['exhausted'])
+    self._step = int(state['step'])
+
+  def save(self, filename: epath.PathLike) -> None:
+    """Writes the state as JSON (T5X calls this when it checkpoints the dataset)."""
+    epath.Path(filename).write_text(json.dumps(self.get_state()))
+
+  def restore(self, filename: epath.PathLike) -> None:
+    """Reads a state written by `save`."""
+    path = epath.Path(filename)
+    if not path.exists():
+      raise FileNotFoundError(f'No iterator state at {filename}.')
+    self.set_state(json.loads(path.read_text()))
+
+
+def make_task_stream(
+  task_name: str,
+  *,
+  split: str,
+  batch_size: int,
+  chunk_length: int,
+  seed: int = 0,
+  shuffle: bool = True,
+  shard_id: int = 0,
+  num_shards: int = 1,
+  repeat: bool = True,
+) -> dataset_iterator.DatasetIterator:
+  """A task's document stream: prepared if `tasks.PreparedDataConfig.root` is set, else on the fly.
+
+  Same arguments as `tasks.streaming.DocumentStreamIterator` (batch_size: rows on this host). The
+  on-the-fly stream (every host reads and tokenizes the whole split, restore replays) is meant for
+  small local tasks; set the root for PG-19 / C4 scale.
+  """
+  from tasks import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  root = config_lib.PreparedDataConfig().root
+  if root:
+    from tasks import prepare  # pylint: disable=g-import-not-at-top
+
+    return PreparedStreamIterator(
+      prepare.open_for_task(root, task_name, split),
+      batch_size=batch_size,
+      chunk_length=chunk_length,
+      seed=seed,
+      shuffle=shuffle,
+      shard_id=shard_id,
+      num_shards=num_shards,
+      repeat=repeat,
+      name=task_name,
+    )
+  from tasks import streaming  # pylint: disable=g-import-not-at-top
+
+  return streaming.DocumentStreamIterator(
+    task_name,
+    split=split,
+    batch_size=batch_size,
+    chunk_length=chunk_length,
+    seed=seed,
+    shuffle=shuffle,
+    shard_id=shard_id,
+    num_shards=num_shards,
+    repeat=repeat,
+  )
