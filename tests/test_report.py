@@ -98,6 +98,26 @@ def test_growing_buckets_reach_the_longest_document():
     report.PerplexityAccumulator([0], grow=True)
 
 
+def test_growing_buckets_merge_across_hosts():
+  rng = np.random.default_rng(2)
+  batches, _ = _stream(rng, [1000, 40], batch=1, length=16)  # host A: a long document
+  other, _ = _stream(rng, [50], batch=1, length=16)  # host B: short documents only
+  other = [(n, w, d + 10, c, v) for n, w, d, c, v in other]  # document ids of host B
+  edges = report.default_bucket_edges(16, 17)
+  one, host_a, host_b = (report.PerplexityAccumulator(edges, grow=True) for _ in range(3))
+  for b in batches:
+    one.add(*b)
+    host_a.add(*b)
+  for b in other:
+    one.add(*b)
+    host_b.add(*b)
+  for first, second in ((host_a, host_b), (host_b, host_a)):
+    combined = report.PerplexityAccumulator(list(first.bucket_edges), grow=True)
+    combined.merge_state(first.get_state())
+    combined.merge_state(second.get_state())
+    assert combined.summary() == pytest.approx(one.summary())
+
+
 def test_accumulator_rejects_double_scoring_and_bad_weights():
   acc = report.PerplexityAccumulator([0, 4])
   nll = np.ones((1, 4))
