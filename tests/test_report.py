@@ -115,7 +115,18 @@ def test_growing_buckets_merge_across_hosts():
     combined = report.PerplexityAccumulator(list(first.bucket_edges), grow=True)
     combined.merge_state(first.get_state())
     combined.merge_state(second.get_state())
-    assert combined.summary() == pytest.approx(one.summary())
+    got, want = combined.summary(), one.summary()
+    assert (got['tokens'], got['documents'], got['chunks']) == (
+      want['tokens'],
+      want['documents'],
+      want['chunks'],
+    )
+    assert got['perplexity'] == pytest.approx(want['perplexity'], rel=1e-12)
+    assert [(b['start'], b['tokens']) for b in got['position_buckets']] == [
+      (b['start'], b['tokens']) for b in want['position_buckets']
+    ]
+    for b, c in zip(got['position_buckets'], want['position_buckets']):
+      assert b['perplexity'] == pytest.approx(c['perplexity'], rel=1e-12)
 
 
 def test_accumulator_rejects_double_scoring_and_bad_weights():
