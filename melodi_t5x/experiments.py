@@ -468,7 +468,8 @@ def sweep(name: str, size: str = 'paper', dataset: str | None = None) -> list[Ex
     datasets = MAIN_DATASETS if size == 'paper' else (dataset or 'local_books',)
     return _main(scale, datasets, run or 'main')
   if name in ABLATIONS:
-    return ABLATIONS[name](scale, dataset or ABLATION_DATASET, run or 'ablation')
+    default = ABLATION_DATASET if size == 'paper' else 'local_books'
+    return ABLATIONS[name](scale, dataset or default, run or 'ablation')
   if name == 'timing':
     return []
   raise ValueError(f'unknown sweep {name!r}; sweeps: {sweep_names()}.')

@@ -1,20 +1,191 @@
-"""The XManager sweep builds correct t5x.train flags (no xmanager or T5X needed)."""
+"""The launcher: job lists of every sweep, the --dry_run CLI, and the XManager job specs.
 
+The XManager test builds the real `xmanager` objects (jobs, requirements, the job image's
+Dockerfile) without contacting any cloud. xmanager's dependencies conflict with the training
+stack, so it lives in its own virtualenv (requirements-xm.txt; .ci/run builds it and points
+$XM_PYTHON at its interpreter); the test skips when neither that nor this Python has xmanager.
+"""
+
+from __future__ import annotations
+
+import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-from xm_launch import launch
+from melodi_t5x import experiments
+from xm_launch import jobs as jobs_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = experiments.REPO_ROOT
+ROOT = 'gs://bucket/melodi'
+TRAIN_JOBS = {
+  'main': 18,
+  'memory_tradeoff': 12,
+  'coverage': 7,
+  'window': 15,
+  'short_layers': 8,
+  'long_layers': 2,
+  'branching': 3,
+}
 
 
-def test_sweep_points():
-  points = launch.sweep_gin_args('pg19_t5', 'gs://b/m/', seeds=(0, 1))
-  assert len(points) == 6 and len({p['name'] for p in points}) == 6
-  for p in points:
-    gin_files = [a.split('=', 1)[1] for a in p['args'] if a.startswith('--gin_file=')]
-    assert all(os.path.exists(os.path.join(REPO, g)) for g in gin_files)
-    assert f"--gin.MODEL_DIR='gs://b/m/{p['name']}'" in p['args']
-  with pytest.raises(ValueError, match='required'):
-    launch.sweep_gin_args('', 'gs://b')
+@pytest.mark.parametrize('sweep', sorted(TRAIN_JOBS))
+def test_sweep_jobs(sweep):
+  jobs = jobs_lib.sweep_jobs(ROOT, sweep=sweep)
+  train = [j for j in jobs if j.kind == 'train']
+  assert len(train) == TRAIN_JOBS[sweep]
+  assert len({j.model_dir for j in train}) == len(train)  # one MODEL_DIR per run
+  assert len(jobs) == 3 * len(train)  # + eval carried and reset
+  names = [j.name for j in jobs]
+  assert len(set(names)) == len(names)
+  for job in train:
+    exp_file = job.gin_files[1]
+    assert job.gin_files[0] == experiments.TRAIN_MODE_GIN
+    assert os.path.exists(os.path.join(REPO, exp_file))
+    assert job.model_dir == f'{ROOT}/{sweep}/{os.path.basename(exp_file)[:-4]}'
+    assert f'MODEL_DIR="{job.model_dir}"' in job.bindings
+  steps = 500_000 if sweep == 'main' else 200_000
+  for job in jobs:
+    if job.kind.startswith('eval_'):
+      mode = job.kind[len('eval_') :]
+      assert job.after == job.name.rsplit('/', 1)[0] + '/train'
+      assert job.gin_files[0] == experiments.EVAL_MODE_GIN
+      assert f'CHECKPOINT_PATH="{job.model_dir}/checkpoint_{steps}"' in job.bindings
+      assert f'MEMORY_MODE="{mode}"' in job.bindings
+
+
+def test_timing_and_single_experiment_jobs():
+  timing = jobs_lib.sweep_jobs(ROOT, sweep='timing', timing_topology='1x1')
+  assert len(timing) == 2 * len(experiments.TIMING_MODELS)
+  outs = [j.flags[j.flags.index('--json') + 1] for j in timing]
+  assert len(set(outs)) == len(outs)
+  for job in timing:
+    assert job.module == 'melodi_t5x.tools.bench' and '--num-layers' in job.flags
+    assert job.flags[job.flags.index('--num-layers') + 1] == '12'
+  one = jobs_lib.sweep_jobs(ROOT, experiment='gin/experiments/ablations/coverage/fifo016.gin')
+  assert [j.kind for j in one] == ['train', 'eval_carried', 'eval_reset']
+  with pytest.raises(ValueError, match='not an experiment file'):
+    jobs_lib.sweep_jobs(ROOT, experiment='gin/quickstart.gin')
+  with pytest.raises(ValueError, match='exactly one'):
+    jobs_lib.sweep_jobs(ROOT)
+  with pytest.raises(ValueError, match='divide the batch'):
+    jobs_lib.check_topology('v5e', '4x6')
+  assert jobs_lib.check_topology('v4', '2x2x4') == 16
+
+
+def _launch(*args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(
+    [sys.executable, '-m', 'xm_launch.launch', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+
+
+def test_dry_run_cli():
+  out = _launch('--sweep=main', f'--model_dir_root={ROOT}', '--accelerator=v6e', '--dry_run')
+  assert out.startswith('54 jobs (18 train), 18 run dirs')
+  assert len(re.findall(r'^\[main/.*/train\]$', out, flags=re.M)) == 18
+  assert out.count('accelerator: v6e 4x8') == 54
+  assert 'RUN python -m pip install --no-deps -r requirements-t5x.txt' in out
+  out = _launch('--sweep=coverage', f'--model_dir_root={ROOT}', '--noeval', '--dry_run')
+  assert out.startswith('7 jobs (7 train), 7 run dirs')
+
+
+def _xm_python() -> str | None:
+  """A Python with xmanager: $XM_PYTHON (set by .ci/run), else this one."""
+  for python in (os.environ.get('XM_PYTHON'), sys.executable):
+    if python and os.path.exists(python):
+      ok = subprocess.run([python, '-c', 'import xmanager'], capture_output=True).returncode == 0
+      if ok:
+        return python
+  return None
+
+
+XM_SCRIPT = r'''
+import json, sys
+from absl import flags
+from xmanager import xm, xm_local
+from xmanager.cloud import build_image
+from xmanager.xm_local import executables as local_executables
+from xm_launch import jobs as jobs_lib, launch
+
+flags.FLAGS(['launch', '--sweep=main', '--model_dir_root=gs://bucket/melodi', '--accelerator=v5e'])
+specs = launch.build_jobs()
+container = launch.xm_container(xm, xm_local)
+image = local_executables.GoogleContainerRegistryImage(
+  name='melodi', image_path='gcr.io/project/melodi:test')
+jobs = [launch.xm_job(xm, xm_local, s, image, 'v5e') for s in specs]
+dockerfile = open(build_image._create_dockerfile(container.executable_spec, xm.SequentialArgs(), {})).read()
+entrypoint = open(build_image._create_entrypoint(container.executable_spec)).read()
+print(json.dumps({
+  'jobs': [{
+    'name': j.name,
+    'args': xm.merge_args(image.args, j.args).to_list(str),
+    'accelerator': str(j.executor.requirements.accelerator),
+    'topology': j.executor.requirements.topology.name,
+    'chips': j.executor.requirements.task_requirements[j.executor.requirements.accelerator],
+    'executor': type(j.executor).__name__,
+  } for j in jobs],
+  'dockerfile': dockerfile,
+  'entrypoint': entrypoint,
+}))
+'''
+
+
+def test_xmanager_job_specs_and_container():
+  python = _xm_python()
+  if python is None:
+    pytest.skip(
+      'xmanager not installed: python -m venv VENV && VENV/bin/pip install -r requirements-xm.txt, '
+      'then XM_PYTHON=VENV/bin/python (.ci/run does this)'
+    )
+  out = subprocess.run(
+    [python, '-c', XM_SCRIPT],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  data = json.loads(out.strip().splitlines()[-1])
+  jobs = data['jobs']
+  assert len(jobs) == 54 and len({j['name'] for j in jobs}) == 54
+  for job in jobs:
+    assert job['executor'] == 'Kubernetes'
+    assert (job['accelerator'], job['topology'], job['chips']) == ('TPU_V5E', '4x8', 32)
+    assert job['args'][0] in ('t5x.train', 't5x.eval')
+    for arg in job['args']:
+      if arg.startswith('--gin_file='):
+        assert os.path.exists(os.path.join(REPO, arg.split('=', 1)[1])), arg
+  # The job image: python -m <module> <args>, the full stack installed in this order.
+  assert 'python -m "$@"' in data['entrypoint']
+  dockerfile = data['dockerfile']
+  assert dockerfile.lstrip().startswith(f'FROM {jobs_lib.BASE_IMAGE}')
+  steps = [
+    'RUN python -m pip install -r requirements.txt',
+    'RUN python -m pip install --no-deps -r requirements-t5x.txt',
+    'RUN python -m pip install -r requirements-tpu.txt',
+    'RUN python -m pip install --no-deps -e .',
+    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks"',
+  ]
+  positions = [dockerfile.index(s) for s in steps]
+  assert positions == sorted(positions)
+  for name in re.findall(r'COPY \S+/(requirements[\w-]*\.txt)', dockerfile):
+    assert os.path.exists(os.path.join(REPO, name)), name
+
+
+def test_container_requirements_are_pinned():
+  t5x_reqs = open(os.path.join(REPO, 'requirements-t5x.txt')).read()
+  for package in ('t5x', 'airio', 'jestimator'):
+    assert re.search(rf'^{package} @ git\+\S+@[0-9a-f]{{40}}$', t5x_reqs, flags=re.M), package
+  core = open(os.path.join(REPO, 'requirements.txt')).read()
+  jax_version = re.search(r'^jax==(\S+)$', core, flags=re.M).group(1)
+  tpu = open(os.path.join(REPO, 'requirements-tpu.txt')).read()
+  assert re.search(rf'^jax\[tpu\]=={re.escape(jax_version)}$', tpu, flags=re.M)

@@ -11,6 +11,7 @@ stack, T5X at its pinned commits, a TPU jax, this repository. `xm_launch.launch`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -99,8 +100,8 @@ class JobSpec:
 
 
 def gin_string(value: str) -> str:
-  """A Python string as a gin literal, e.g. MODEL_DIR='gs://b/x'."""
-  return repr(str(value))
+  """A string as a double-quoted gin literal (shell-friendly), e.g. MODEL_DIR="gs://b/x"."""
+  return json.dumps(str(value))
 
 
 def run_dir(root: str, exp: experiments.Experiment) -> str:

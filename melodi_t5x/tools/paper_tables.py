@@ -77,11 +77,18 @@ def experiment_config(exp: experiments.Experiment):
     gin.clear_config(clear_constants=True)
 
 
-def memory_millions(exp: experiments.Experiment) -> float | None:
-  """Carried memory per sequence in millions of floats (paper convention), or None."""
-  from melodi_t5x import memory_accounting  # pylint: disable=g-import-not-at-top
+def memory_floats(exp: experiments.Experiment) -> tuple[float | None, int | None]:
+  """Carried memory per sequence: (millions of floats as the paper prints them, exact floats).
 
-  return memory_accounting.paper_floats(experiment_config(exp)) / 1e6
+  Paper convention (`melodi_t5x.memory_accounting`): short-term memory tokens x d per layer,
+  long-term / cached / external memories as keys + values. (None, None) if that module is absent.
+  """
+  try:
+    from melodi_t5x import memory_accounting  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None, None
+  cfg = experiment_config(exp)
+  return memory_accounting.paper_millions(cfg), memory_accounting.paper_floats(cfg)
 
 
 def collect(
@@ -101,10 +108,12 @@ def collect(
       'x': exp.x,
       'series': exp.series,
       'step': steps,
-      'memory_mfloats': memory_millions(exp),
+      'memory_mfloats': None,
+      'memory_floats': None,
       'perplexity': {},
       'status': {},
     }
+    record['memory_mfloats'], record['memory_floats'] = memory_floats(exp)
     for mode in experiments.MEMORY_MODES:
       status, report = read_report(eval_dir, exp.dataset, steps, mode)
       record['status'][mode] = status
@@ -198,9 +207,12 @@ def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
     xlabel, key, log2 = PLOT_X[sweep]
     for series in dict.fromkeys(r['series'] for r in runs):
       pts = sorted(
-        (r['memory_mfloats'] if key == 'memory' else r['x'], r['perplexity']['carried'], r)
-        for r in done
-        if r['series'] == series
+        (
+          (_plot_x(r, key), r['perplexity']['carried'], r)
+          for r in done
+          if r['series'] == series and _plot_x(r, key) is not None
+        ),
+        key=lambda p: p[0],
       )
       if not pts:
         continue
@@ -227,6 +239,12 @@ def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
   with path.open('wb') as f:
     fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
+
+
+def _plot_x(run: dict[str, Any], key: str) -> float | None:
+  if key == 'memory':
+    return None if run['memory_floats'] is None else run['memory_floats'] / 1e6
+  return run['x']
 
 
 # -- main ----------------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""The experiment suite's gin files: generated from the registry, parse, build the intended configs.
+
+Without T5X each file is parsed with T5X's configurables skipped and its model config is built;
+with T5X the mode file + experiment file parse completely (as `t5x.train` / `t5x.eval` do) and
+the T5X model object is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gin
+import pytest
+
+from melodi_t5x import config as config_lib
+from melodi_t5x import experiments
+from melodi_t5x.tools import make_experiments, paper_tables
+
+REPO = experiments.REPO_ROOT
+COMMITTED = experiments.all_committed()
+SWEEP_SIZES = {
+  'main': 18,
+  'memory_tradeoff': 12,
+  'coverage': 7,
+  'window': 15,
+  'short_layers': 8,
+  'long_layers': 2,
+  'branching': 3,
+}
+
+
+def test_committed_files_equal_the_generator_output():
+  assert make_experiments.differences() == []
+
+
+def test_sweeps_have_the_documented_grids():
+  for name, size in SWEEP_SIZES.items():
+    exps = experiments.sweep(name)
+    assert len(exps) == size, name
+    assert len({e.name for e in exps}) == size, name
+  main = experiments.sweep('main')
+  assert {(e.dataset, e.model) for e in main} == {
+    (d, m) for d in ('pg19_t5', 'arxiv_math', 'c4_4k') for m in experiments.MAIN_MODELS
+  }
+  assert all(e.train_steps == 500_000 for e in main)
+  ablations = [e for e in COMMITTED if e.sweep != 'main']
+  assert all(e.train_steps == 200_000 and e.dataset == 'pg19_t5' for e in ablations)
+  for exp in COMMITTED:
+    for path in (exp.model_gin, f'gin/experiments/data/{exp.dataset}.gin'):
+      assert os.path.exists(os.path.join(REPO, path)), (exp.path, path)
+
+
+def test_spread_layers_matches_the_header():
+  expected = {
+    1: (6,),
+    2: (6, 9),
+    3: (2, 6, 10),
+    4: (1, 6, 8, 11),
+    5: (1, 3, 6, 9, 11),
+    7: (0, 2, 4, 6, 8, 10, 12),
+    10: (0, 1, 3, 4, 6, 7, 8, 9, 11, 12),
+    13: tuple(range(13)),
+  }
+  for k, layers in expected.items():
+    assert experiments.spread_layers(13, k, 6) == layers, k
+  with pytest.raises(ValueError, match='count'):
+    experiments.spread_layers(13, 0, 6)
+
+
+def _parsed_config(exp):
+  return paper_tables.experiment_config(exp)
+
+
+@pytest.mark.parametrize('exp', COMMITTED, ids=[e.path.split('experiments/')[1] for e in COMMITTED])
+def test_experiment_builds_its_config(exp):
+  cfg = _parsed_config(exp)
+  assert type(cfg).__name__ == exp.model_spec.config_class
+  assert (cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == (1024, 8, 128, 4096)
+  assert cfg.dropout_rate == cfg.attention_dropout_rate == 0.05
+  assert cfg.vocab_size == {'pg19_t5': 32128, 'c4_4k': 32128, 'arxiv_math': 32000}[exp.dataset]
+  # Every setting of the grid point reached the config.
+  for field, value in exp.overrides:
+    assert getattr(cfg, field) == value, field
+  window = dict(exp.overrides).get('window_length', 512)
+  assert cfg.window_length == window and cfg.num_windows(4096) == 4096 // window
+  if isinstance(cfg, config_lib.MelodiConfig):
+    memory = exp.model_spec.melodi_memory
+    if exp.sweep == 'main':
+      assert (cfg.summary_size, cfg.long_term_memory_increment_size) == memory
+    assert cfg.num_layers == 13 and cfg.summary_size == cfg.short_term_memory_size
+    if exp.sweep == 'short_layers':
+      k = int(exp.name[len('short') :])
+      assert cfg.num_layers - len(cfg.no_memory_layers) == k
+      assert 6 in cfg.long_term_memory_layers and 6 not in cfg.no_memory_layers
+
+
+def test_schedule_macros_of_the_run_files():
+  for run, steps in (('main', 500_000), ('ablation', 200_000)):
+    gin.clear_config(clear_constants=True)
+    try:
+      gin.parse_config_file(os.path.join(REPO, f'gin/experiments/runs/{run}.gin'))
+      assert gin.query_parameter('%TRAIN_STEPS') == steps == experiments.RUN_STEPS[run]
+      assert gin.query_parameter('%BATCH_SIZE') == 32
+      assert gin.query_parameter('%TASK_FEATURE_LENGTHS') == {'targets': 4096}
+      assert gin.query_parameter('%DROPOUT_RATE') == 0.05
+      assert gin.query_parameter('t5x_schedule.warmup_cosine.warmup_steps') == 1000
+      assert gin.query_parameter('t5x_schedule.warmup_cosine.base_learning_rate') == 0.01
+      assert gin.query_parameter('t5x_schedule.warmup_cosine.final_learning_rate') == 0.001
+      assert steps % gin.query_parameter('%CHECKPOINT_PERIOD') == 0
+      assert steps % gin.query_parameter('%EVAL_PERIOD') == 0
+    finally:
+      gin.clear_config(clear_constants=True)
+
+
+def test_tiny_sweeps_scale_the_grids():
+  for name in SWEEP_SIZES:
+    for exp in experiments.sweep(name, size='tiny'):
+      cfg = _parsed_config(exp)
+      assert cfg.embed_dim == 64 and cfg.window_length in (8, 16, 32), exp.name
+      assert exp.dataset == 'local_books' and exp.train_steps == experiments.RUN_STEPS['tiny']
+  tiny = {e.name: _parsed_config(e) for e in experiments.sweep('long_layers', size='tiny')}
+  assert tiny['two_l32'].long_term_memory_layers == (0, 1)
+  assert tiny['two_l32'].long_term_memory_increment_size == 2
+
+
+def test_full_gin_with_t5x():
+  pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+  from melodi_t5x import t5x_model  # pylint: disable=g-import-not-at-top
+
+  for exp in COMMITTED:
+    for mode, extra in (
+      (experiments.TRAIN_MODE_GIN, ["MODEL_DIR = '/tmp/unused'"]),
+      (
+        experiments.EVAL_MODE_GIN,
+        ["CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'", "EVAL_OUTPUT_DIR = '/tmp/unused'"],
+      ),
+    ):
+      gin.clear_config(clear_constants=True)
+      try:
+        gin.parse_config_files_and_bindings(
+          [os.path.join(REPO, mode), os.path.join(REPO, exp.path)], extra, finalize_config=False
+        )
+        assert gin.query_parameter('%MIXTURE_OR_TASK_NAME') == exp.dataset
+        assert gin.query_parameter('%TRAIN_STEPS') == exp.train_steps
+        model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+        assert isinstance(model, t5x_model.MemoryDecoderModel)
+        assert type(model.module.config).__name__ == exp.model_spec.config_class
+      finally:
+        gin.clear_config(clear_constants=True)

@@ -1,0 +1,92 @@
+"""The tables tool on synthetic eval reports (no T5X): numbers only from final reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from melodi_t5x import experiments
+from melodi_t5x.tools import paper_tables
+
+ROOT_SWEEPS = ('main', 'coverage')
+
+
+def _write_report(root, exp, step, mode, ppl):
+  eval_dir = root / exp.sweep / exp.name / 'eval'
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  report = {'perplexity': ppl, 'tokens': 1000, 'checkpoint_step': step, 'memory_mode': mode}
+  (eval_dir / f'{exp.dataset}_step{step}_{mode}.json').write_text(json.dumps(report))
+
+
+def test_main_table_from_reports(tmp_path, capsys):
+  exps = {(e.dataset, e.model): e for e in experiments.sweep('main')}
+  done = exps[('pg19_t5', 'melodi_s128_l64')]
+  _write_report(tmp_path, done, 500_000, 'carried', 10.4412)
+  _write_report(tmp_path, done, 500_000, 'reset', 12.5)
+  unfinished = exps[('pg19_t5', 'xl')]
+  _write_report(tmp_path, unfinished, 250_000, 'carried', 13.0)  # an earlier checkpoint only
+  assert paper_tables.main(['--sweep=main', f'--model_dir_root={tmp_path}']) == 0
+  md = capsys.readouterr().out
+  lines = {line.split(' | ')[0]: line for line in md.splitlines() if line.startswith('| ')}
+  carried = md.split('## Same checkpoints')[0]
+  assert '| MELODI S128+L64 |' in carried
+  row = next(x for x in carried.splitlines() if x.startswith('| MELODI S128+L64 |'))
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[2:] == ['10.44', 'missing', 'missing']  # PG-19, arXiv, C4
+  xl = next(x for x in carried.splitlines() if x.startswith('| Transformer-XL |'))
+  assert 'unfinished (step 250000)' in xl and '13.0' not in xl
+  reset = md.split('## Same checkpoints')[1]
+  assert '| 12.50 |' in next(x for x in reset.splitlines() if x.startswith('| MELODI S128+L64 |'))
+  assert lines  # the tables were printed
+  data = json.loads((tmp_path / 'tables' / 'main.json').read_text())
+  runs = {(r['dataset'], r['model']): r for r in data['runs']}
+  assert len(runs) == 18
+  assert runs[('pg19_t5', 'melodi_s128_l64')]['perplexity'] == {'carried': 10.4412, 'reset': 12.5}
+  assert runs[('pg19_t5', 'xl')]['perplexity']['carried'] is None
+  assert runs[('pg19_t5', 'xl')]['status']['carried'] == 'unfinished (step 250000)'
+  assert runs[('c4_4k', 'brt')]['status'] == {'carried': 'missing', 'reset': 'missing'}
+
+
+def test_main_table_memory_column(tmp_path, capsys):
+  """Memory in M floats from memory_accounting: the paper's values at the paper's sizes."""
+  pytest.importorskip('melodi_t5x.memory_accounting')
+  paper_tables.main(['--sweep=main', f'--model_dir_root={tmp_path}'])
+  carried = capsys.readouterr().out.split('## Same checkpoints')[0]
+  paper = {
+    'Transformer-XL': '13.6',
+    'Block-Recurrent': '13.1',
+    'Memorizing (dense 64K)': '147.8',
+    'MELODI S192+L32': '11.0',
+    'MELODI S128+L64': '18.5',
+    'MELODI S192+L96': '27.8',
+  }
+  for label, mem in paper.items():
+    assert f'| {label} | {mem} | missing | missing | missing |' in carried, label
+
+
+def test_ablation_table_and_plot(tmp_path, capsys):
+  exps = experiments.sweep('coverage')
+  for i, exp in enumerate(exps[:-1]):  # the 128-window run has no report
+    _write_report(tmp_path, exp, 200_000, 'carried', 12.0 - 0.1 * i)
+  out = tmp_path / 'out'
+  paper_tables.main(['--sweep=coverage', f'--model_dir_root={tmp_path}', f'--out_dir={out}'])
+  md = capsys.readouterr().out
+  rows = [x for x in md.splitlines() if x.startswith('| ') and 'windows' in x]
+  assert len(rows) == 7
+  assert '| 11.50 |' in rows[5] and rows[-1].count('missing') == 2
+  assert (out / 'coverage.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  data = json.loads((out / 'coverage.json').read_text())
+  assert [r['x'] for r in data['runs']] == [2, 4, 8, 16, 32, 64, 128]
+  assert math.isclose(data['runs'][0]['perplexity']['carried'], 12.0)
+
+
+def test_timing_table(tmp_path, capsys):
+  (tmp_path / 'timing').mkdir()
+  result = {'step_sec_median': 0.25, 'tokens_per_sec': 16384.0, 'params': 151e6, 'device': 'TPU'}
+  (tmp_path / 'timing' / 'xl_train.json').write_text(json.dumps(result))
+  paper_tables.main(['--sweep=timing', f'--model_dir_root={tmp_path}'])
+  md = capsys.readouterr().out
+  row = next(x for x in md.splitlines() if x.startswith('| Transformer-XL |'))
+  assert '| 250.0 | 16384 | missing | missing | 151.0M | TPU |' in row
