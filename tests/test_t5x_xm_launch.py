@@ -108,7 +108,7 @@ def _xm_python() -> str | None:
   return None
 
 
-XM_SCRIPT = r'''
+XM_SCRIPT = r"""
 import json, sys
 from absl import flags
 from xmanager import xm, xm_local
@@ -122,8 +122,9 @@ container = launch.xm_container(xm, xm_local)
 image = local_executables.GoogleContainerRegistryImage(
   name='melodi', image_path='gcr.io/project/melodi:test')
 jobs = [launch.xm_job(xm, xm_local, s, image, 'v5e') for s in specs]
-dockerfile = open(build_image._create_dockerfile(container.executable_spec, xm.SequentialArgs(), {})).read()
-entrypoint = open(build_image._create_entrypoint(container.executable_spec)).read()
+spec = container.executable_spec
+dockerfile = open(build_image._create_dockerfile(spec, xm.SequentialArgs(), {})).read()
+entrypoint = open(build_image._create_entrypoint(spec)).read()
 print(json.dumps({
   'jobs': [{
     'name': j.name,
@@ -136,7 +137,7 @@ print(json.dumps({
   'dockerfile': dockerfile,
   'entrypoint': entrypoint,
 }))
-'''
+"""
 
 
 def test_xmanager_job_specs_and_container():

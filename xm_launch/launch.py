@@ -39,7 +39,7 @@ _TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice topology (default: 
 _TIMING_TOPOLOGY = flags.DEFINE_string('timing_topology', None, 'slice of the timing jobs')
 _EVAL = flags.DEFINE_bool('eval', True, 'add eval jobs on the final checkpoint of each run')
 _EVAL_MODES = flags.DEFINE_list('eval_modes', list(experiments.MEMORY_MODES), 'memory modes')
-_BINDINGS = flags.DEFINE_multi_string('binding', [], "extra gin binding NAME=VALUE (all jobs)")
+_BINDINGS = flags.DEFINE_multi_string('binding', [], 'extra gin binding NAME=VALUE (all jobs)')
 _SEED = flags.DEFINE_integer('seed', 0, 'RANDOM_SEED of the runs')
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', None, 'override TRAIN_STEPS')
 _SIZE = flags.DEFINE_enum('size', 'paper', sorted(experiments.SCALES), 'model size of the sweep')
@@ -142,8 +142,12 @@ def launch_xm(jobs: Sequence[jobs_lib.JobSpec]) -> None:  # pragma: no cover - n
 # -- local ---------------------------------------------------------------------------------------
 
 
-def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> None:
-  """Runs the jobs one after another on this machine (writes tiny experiment files first)."""
+def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> list[str]:
+  """Runs the jobs one after another here (writes tiny experiment files first).
+
+  A failed job is reported and the jobs that wait for it are skipped; the others still run (their
+  runs then show as missing in the tables). Returns the names of the failed and skipped jobs.
+  """
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join([jobs_lib.REPO_ROOT, env.get('PYTHONPATH', '')])
   env.setdefault('JAX_PLATFORMS', 'cpu')
@@ -151,7 +155,12 @@ def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> None:
   if _SWEEP.value and _SWEEP.value != 'timing':
     for exp in experiments.sweep(_SWEEP.value, size=_SIZE.value, dataset=_TASK.value):
       exps[jobs_lib.run_dir(_ROOT.value, exp)] = exp
+  failed = []
   for job in jobs:
+    if job.after in failed:
+      print(f'[{job.name}] skipped: {job.after} failed', flush=True)
+      failed.append(job.name)
+      continue
     os.makedirs(job.model_dir, exist_ok=True)
     exp = exps.get(job.model_dir)
     if exp is not None and _SIZE.value != 'paper':
@@ -165,8 +174,10 @@ def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> None:
       rc = subprocess.run(cmd, cwd=jobs_lib.REPO_ROOT, env=env, stdout=out, stderr=out).returncode
     print(f'  rc={rc} in {time.time() - tick:.0f} s', flush=True)
     if rc:
-      tail = open(log).read()[-3000:]
-      raise RuntimeError(f'job {job.name} failed (rc={rc}); end of {log}:\n{tail}')
+      errors = [line for line in open(log) if 'Error' in line][-3:]
+      print(f'  FAILED; last errors in {log}:\n    ' + '    '.join(errors), flush=True)
+      failed.append(job.name)
+  return failed
 
 
 def main(argv: Sequence[str]) -> None:
@@ -176,7 +187,7 @@ def main(argv: Sequence[str]) -> None:
   if _DRY_RUN.value:
     dry_run(jobs)
   elif _LOCAL.value:
-    run_local(jobs)
+    failed = run_local(jobs)
     if _SWEEP.value:
       from melodi_t5x.tools import paper_tables  # pylint: disable=g-import-not-at-top
 
@@ -185,6 +196,8 @@ def main(argv: Sequence[str]) -> None:
       if _TRAIN_STEPS.value:
         argv.append(f'--train_steps={_TRAIN_STEPS.value}')
       paper_tables.main(argv)
+    if failed:
+      raise SystemExit(f'{len(failed)} jobs failed or were skipped: {failed}')
   else:
     launch_xm(jobs)
 

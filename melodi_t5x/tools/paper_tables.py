@@ -43,7 +43,8 @@ PLOT_X = {
 
 
 def read_report(eval_dir: epath.Path, task: str, step: int, mode: str) -> tuple[str, Any]:
-  """(status, report or None): 'done' with the step-N report, else 'unfinished (step M)'/'missing'."""
+  """(status, report or None): 'done' with the step-N report, else 'unfinished (step M)' or
+  'missing'."""
   pattern = re.compile(rf'{re.escape(task)}_step(\d+)_{mode}\.json')
   steps = []
   if eval_dir.exists():
@@ -226,13 +227,16 @@ def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
     if len({r['series'] for r in runs}) > 1:
       ax.legend(fontsize=8)
   else:
-    labels = [r['row'] if r['perplexity']['carried'] is not None else f'{r["row"]}\n(missing)'
-              for r in runs]
+    labels = [
+      r['row'] if r['perplexity']['carried'] is not None else f'{r["row"]}\n(missing)' for r in runs
+    ]
     ax.bar(range(len(runs)), [r['perplexity']['carried'] or 0.0 for r in runs])
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(labels, rotation=15, ha='right', fontsize=8)
   ax.set_ylabel('test perplexity (carried memory)')
-  title = f'{sweep}' + (f' ({missing} of {len(runs)} runs without a final report)' if missing else '')
+  title = f'{sweep}' + (
+    f' ({missing} of {len(runs)} runs without a final report)' if missing else ''
+  )
   ax.set_title(title)
   ax.grid(alpha=0.3)
   fig.tight_layout()
