@@ -403,7 +403,7 @@ Memory trade-off: perplexity against memory (M floats, paper convention) for MEL
 size S (summary = short-term tokens per layer and window) and long-term increment L.
 Grid: S in {64, 128, 192} x L in {0, 32, 64, 96}, 12 runs; L=0 has no long-term layer
 (long_term_memory_layers = ()). The paper's exact grid is not public; this one contains the three
-main configurations (S192+L32, S128+L64, S192+L96), brackets them on both axes and includes the
+main configurations (S192+L32, S128+L64, S192+L96), brackets them on both axes and covers the
 memory-free end of the long-term axis. Otherwise as S128+L64: 13 layers, long-term layer 6, FIFO
 of 128 windows.""",
   'coverage': """\
