@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
 
-from melodi_t5x import memory
+from melodi_t5x import decoding, memory
 from melodi_t5x.config import MelodiConfig
 from melodi_t5x.layers import (
   RMSNorm,
@@ -179,25 +179,128 @@ class MelodiLayer(TransformerBlock):
       )
       mask = mask & key_ok[:, None, None, :]
     o = self.attention(q, k, v, self.position_bias(bucket), mask, deterministic)  # [B, W+S, H, K]
-
-    if self.is_long:
-      cmask = None if long_valid is None else long_valid[:, None, None, :]
-      o_long = self.attention(q, *long_kv, None, cmask, deterministic)
-      g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
-      o = g * o + (1.0 - g) * o_long
+    o = self.with_long_term(q, o, long_kv, long_valid, deterministic)
 
     y = self.residual_mlp(xu, o, deterministic)
     x_out, u_out = y[:, :w], y[:, w:]
+    return (x_out, *self.mix_window(x_out, u_out))
 
+  def with_long_term(self, q, o, long_kv, long_valid, deterministic: bool) -> Array:
+    """Long-term layers: gates self-attention `o` with cross-attention of `q` to the FIFO."""
+    if not self.is_long:
+      return o
+    cmask = None if long_valid is None else long_valid[:, None, None, :]
+    o_long = self.attention(q, *long_kv, None, cmask, deterministic)
+    g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
+    return g * o + (1.0 - g) * o_long
+
+  def mix_window(self, x_out: Array, u_out: Array):
+    """Token mixers over a window's outputs: (next summary tokens, next z or None, delta)."""
     delta = self.long_mixer(x_out, u_out) if self.is_long else None
-    if not m:
-      return x_out, u_out, None, delta
-    return x_out, self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+    if not self.memory_size:
+      return u_out, None, delta
+    return self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+
+  # -- incremental decoding: the window's context tokens one call at a time, then its summary --
+
+  def _memory_mask(self, mask: Array, memory_valid: Array | None) -> Array:
+    """Hides the memory keys (the first M) of rows whose memory is empty (`mask_empty_memory`)."""
+    if memory_valid is None or not self.memory_size:
+      return mask
+    n = mask.shape[-1] - self.memory_size
+    ok = jnp.concatenate(
+      [
+        jnp.broadcast_to(memory_valid[:, None], (memory_valid.shape[0], self.memory_size)),
+        jnp.ones((memory_valid.shape[0], n), bool),
+      ],
+      axis=1,
+    )
+    return mask & ok[:, None, None, :]
+
+  def _with_memory(self, kv: tuple[Array, Array], memory_kv) -> tuple[Array, Array]:
+    """Prepends the memory keys/values [B, M, H, K] (if any) to `kv`."""
+    if not self.memory_size:
+      return kv
+    return tuple(jnp.concatenate([m.astype(c.dtype), c], axis=1) for m, c in zip(memory_kv, kv))
+
+  def context_step(self, x, position, context_kv, memory_kv, long_kv, memory_valid, long_valid):
+    """Context tokens `x: [B, N, D]` at window positions `position[b] + 0..N-1`.
+
+    Each attends to the memory and to the window's context tokens before it, exactly as in
+    `__call__` (context tokens never see the summary tokens), so the window can be read a few
+    tokens at a time.
+
+    Args:
+      x: [B, N, D] inputs of this layer; position: [B] window position of x[:, 0].
+      context_kv: keys and values [B, W, H, K] of the window's context tokens so far (slots at or
+        after `position` are ignored and overwritten).
+      memory_kv: keys and values [B, M, H, K] of the short-term memory (None without memory).
+      long_kv: keys and values [B, Q, H, K] of the long-term FIFO (long-term layers).
+      memory_valid, long_valid: as in `__call__` (None unless masking empty memory).
+
+    Returns:
+      y: [B, N, D] outputs; the updated context keys and values.
+    """
+    cfg = self.config
+    w, m = cfg.window_length, self.memory_size
+    a = self.normed_input(x, True)
+    q = self.queries(a)
+    context_kv = tuple(
+      decoding.write_rows(c, new, position) for c, new in zip(context_kv, self.keys_values(a))
+    )
+    bucket, visible = window_geometry(
+      w, cfg.summary_size, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    rows = position[:, None] + jnp.arange(x.shape[1])  # [B, N] query positions in the window
+    bucket = jnp.take(jnp.asarray(bucket[:w, : m + w]), rows, axis=0)  # [B, N, M+W]
+    mask = jnp.take(jnp.asarray(visible[:w, : m + w]), rows, axis=0)[:, None]
+    bias = jnp.moveaxis(self.relpos_bias[:, bucket], 0, 1)  # [B, H, N, M+W]
+    k, v = self._with_memory(context_kv, memory_kv)
+    o = self.attention(q, k, v, bias, self._memory_mask(mask, memory_valid), True)
+    o = self.with_long_term(q, o, long_kv, long_valid, True)
+    return self.residual_mlp(x, o, True), context_kv
+
+  def summary_step(self, x_out, u, context_kv, memory_kv, long_kv, memory_valid, long_valid):
+    """The summary tokens `u: [B, S, D]` of a complete window, then the token mixers.
+
+    Args:
+      x_out: [B, W, D] this layer's outputs for the window's context tokens.
+      u: [B, S, D] summary tokens entering this layer.
+      context_kv: keys and values [B, W, H, K] of the window's context tokens.
+      memory_kv, long_kv, memory_valid, long_valid: as in `context_step`.
+
+    Returns:
+      As `__call__` without x: the next layer's summary tokens, z for the next window (or None),
+      the long-term increment (or None).
+    """
+    cfg = self.config
+    w, s, m = cfg.window_length, u.shape[1], self.memory_size
+    a = self.normed_input(u, True)
+    q = self.queries(a)
+    ku, vu = self.keys_values(a)
+    k, v = self._with_memory(
+      tuple(jnp.concatenate([c, n], axis=1) for c, n in zip(context_kv, (ku, vu))), memory_kv
+    )
+    bucket, visible = window_geometry(
+      w, s, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    mask = self._memory_mask(jnp.asarray(visible[w:])[None, None], memory_valid)
+    o = self.attention(q, k, v, self.position_bias(bucket[w:]), mask, True)
+    o = self.with_long_term(q, o, long_kv, long_valid, True)
+    return self.mix_window(x_out, self.residual_mlp(u, o, True))
 
 
 # ---------------------------------------------------------------------------------------------
 # The decoder.
 # ---------------------------------------------------------------------------------------------
+
+
+def _valid_memory(cfg: MelodiConfig, seen: Array) -> tuple[Array | None, Array | None]:
+  """(memory_valid [B], long_valid [B, Q]) from windows seen, or Nones without masking."""
+  if not cfg.mask_empty_memory:
+    return None, None
+  q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
+  return seen > 0, jnp.arange(q)[None, :] >= q - inc * seen[:, None]
 
 
 def _window_step(module: MelodiDecoder, carry, x: Array, deterministic: bool):
@@ -209,11 +312,7 @@ def _window_step(module: MelodiDecoder, carry, x: Array, deterministic: bool):
   u = jnp.broadcast_to(
     module.summary_embeddings.astype(x.dtype)[None], (batch, cfg.summary_size, cfg.embed_dim)
   )
-  memory_valid = long_valid = None
-  if cfg.mask_empty_memory:
-    memory_valid = seen > 0
-    q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
-    long_valid = jnp.arange(q)[None, :] >= q - inc * seen[:, None]
+  memory_valid, long_valid = _valid_memory(cfg, seen)
   for i, layer in enumerate(module.layers):
     kv = long[i][1:] if i in long else None
     x, u, z, delta = layer(x, u, short.get(i), kv, memory_valid, long_valid, deterministic)
@@ -259,6 +358,7 @@ class MelodiDecoder(nn.Module):
       for i in cfg.long_term_memory_layers
     }
     self.windows_seen = memory.CarriedState((), (), jnp.int32)
+    self.decode_state = decoding.DecodeCache(self._cache_specs())
 
   def __call__(
     self,
@@ -281,12 +381,15 @@ class MelodiDecoder(nn.Module):
     reset); None resets every row. Memory is read from and, when the `memory` collection is
     mutable, written to the `memory` collection. Targets, positions and causal-attention flags
     are accepted for T5X compatibility; MELODI's attention pattern is fixed by the windows.
+
+    Incremental decoding (T5X's convention, state in the `cache` collection): `prefill=True`
+    reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
     """
     del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    if decode or prefill:
-      raise NotImplementedError(
-        'MELODI has no incremental decoding yet; use teacher-forced scoring (decode=False).'
-      )
+    if prefill:
+      return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
+    if decode:
+      return self.decode_step(decoder_input_tokens)
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     tokens, sos = segment_inputs(cfg, decoder_input_tokens, decoder_segment_ids, start_of_sequence)
@@ -331,3 +434,178 @@ class MelodiDecoder(nn.Module):
     for i, state in self.long_memory.items():
       state.end_segment(long[int(i)][0])
     self.windows_seen.end_segment(seen)
+
+  # -- incremental decoding ----------------------------------------------------------------------
+  #
+  # Cache (collection `cache`, every array [B, ...]): `index` (tokens read), `windows_seen`, and per
+  # layer the current window's context keys/values and outputs ([B, W, ...], valid before the
+  # window position index % W), the short-term memory z with its keys/values, and for long-term
+  # layers the FIFO with its keys/values. Memory changes only when a window completes.
+
+  def _cache_specs(self) -> tuple[decoding.Spec, ...]:
+    cfg = self.config
+    w, d, dt = cfg.window_length, cfg.embed_dim, cfg.dtype
+    kv, kv_axes = (cfg.num_heads, cfg.head_dim), ('heads', 'kv')
+    specs = [('index', (), (), 'int32'), ('windows_seen', (), (), 'int32')]
+    for i in range(cfg.num_layers):
+      specs += [
+        (f'context_keys_{i}', (w, *kv), ('length', *kv_axes), dt),
+        (f'context_values_{i}', (w, *kv), ('length', *kv_axes), dt),
+        (f'context_outputs_{i}', (w, d), ('length', 'embed'), dt),
+      ]
+      sizes = [('short_memory', 'memory', cfg.short_memory_size(i))]
+      if cfg.is_long_term_layer(i):
+        sizes.append(('long_memory', 'long', cfg.long_term_memory_tokens))
+      for tokens_name, kv_name, n in sizes:
+        if n:
+          specs += [
+            (f'{tokens_name}_{i}', (n, d), ('memory_length', 'embed'), dt),
+            (f'{kv_name}_keys_{i}', (n, *kv), ('memory_length', *kv_axes), dt),
+            (f'{kv_name}_values_{i}', (n, *kv), ('memory_length', *kv_axes), dt),
+          ]
+    return tuple(specs)
+
+  def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
+    """Reads a prompt into the cache; logits [B, L, V] (valid at positions < lengths[b]).
+
+    Row b consumes `tokens[b, :lengths[b]]` (default: T5X's count of non-zero tokens after
+    position 0). Its complete windows run through the training path (`_window_step`) with memory
+    carried, starting from the `memory` collection (reset where `start_of_sequence`; None resets
+    every row); the rest of the prompt is read into the cache by `MelodiLayer.context_step`.
+    """
+    cfg = self.config
+    w, dtype = cfg.window_length, jnp.dtype(cfg.dtype)
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    batch, length = tokens.shape
+    lengths = decoding.prefill_lengths_of(tokens, lengths)
+    sos = jnp.ones((batch,), bool) if start_of_sequence is None else start_of_sequence
+    carry = self._start_segment(jnp.asarray(sos).astype(bool).reshape(batch), True, dtype)
+    n = length // w
+    outputs = []
+    if n:
+      x = jnp.take(self.embedding, tokens[:, : n * w], axis=0).astype(dtype)
+      windows = x.reshape(batch, n, w, -1).swapaxes(0, 1)  # [n, B, W, D]
+      complete = jnp.arange(1, n + 1)[:, None] * w <= lengths[None, :]  # [n, B]
+      scan = nn.scan(
+        _prefill_window_step,
+        variable_broadcast=['params', 'params_axes'],
+        split_rngs={'params': False, 'dropout': True},
+        length=n,
+      )
+      carry, y = scan(self, carry, (windows, complete))
+      outputs.append(y.swapaxes(0, 1).reshape(batch, n * w, -1))
+    state = self._state_from_carry(carry, lengths)
+    start = lengths // w * w  # the window holding the rest of the prompt
+    x = jnp.take(self.embedding, decoding.tokens_at(tokens, start, w), axis=0).astype(dtype)
+    y, state = self._context_pass(x, jnp.zeros_like(lengths), state)
+    self.decode_state.read(batch)
+    self.decode_state.write(state)
+    y = jnp.concatenate([*outputs, y[:, : length - n * w]], axis=1)
+    return tied_logits(self.final_norm(y), self.embedding, cfg)
+
+  def decode_step(self, tokens: Array) -> Array:
+    """Logits [B, 1, V] of the next token after `tokens: [B, 1]`; completes windows.
+
+    A call on an empty cache (T5X's cache-initialising call, any `[B, L]`) creates a zero cache
+    and returns zero logits.
+    """
+    cfg = self.config
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    batch, n = tokens.shape
+    if not self.decode_state.exists():
+      self.decode_state.read(batch)
+      return jnp.zeros((batch, n, cfg.vocab_size), jnp.float32)
+    if n != 1:
+      raise ValueError(
+        f'decode=True reads one token per call, got {n}; read a prompt with prefill=True.'
+      )
+    state = self.decode_state.read(batch)
+    x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, 1, D]
+    y, state = self._context_pass(x, state['index'] % cfg.window_length, state)
+    logits = tied_logits(self.final_norm(y), self.embedding, cfg)
+    state['index'] = state['index'] + 1
+    done = state['index'] % cfg.window_length == 0  # rows whose window is now complete
+    state = nn.cond(jnp.any(done), _end_window, lambda _, s, __: s, self, state, done)
+    self.decode_state.write(state)
+    return logits
+
+  def _state_from_carry(self, carry, index: Array) -> dict[str, Array]:
+    """Cache arrays from the training path's carry (context slots zero)."""
+    cfg = self.config
+    short, long, seen = carry
+    batch, dtype = index.shape[0], jnp.dtype(cfg.dtype)
+    state = {'index': index, 'windows_seen': seen}
+    for i in range(cfg.num_layers):
+      kv = (batch, cfg.window_length, cfg.num_heads, cfg.head_dim)
+      state[f'context_keys_{i}'] = state[f'context_values_{i}'] = jnp.zeros(kv, dtype)
+      state[f'context_outputs_{i}'] = jnp.zeros((batch, cfg.window_length, cfg.embed_dim), dtype)
+    for i, z in short.items():
+      state[f'short_memory_{i}'] = z
+      state[f'memory_keys_{i}'], state[f'memory_values_{i}'] = self.layers[i].project_kv(z, True)
+    for i, (fifo, k, v) in long.items():
+      state[f'long_memory_{i}'], state[f'long_keys_{i}'], state[f'long_values_{i}'] = fifo, k, v
+    return state
+
+  def _context_pass(self, x: Array, position: Array, state: dict[str, Array]):
+    """Context tokens `x: [B, N, D]` at window positions `position: [B]` through every layer."""
+    state = dict(state)
+    memory_valid, long_valid = _valid_memory(self.config, state['windows_seen'])
+    for i, layer in enumerate(self.layers):
+      ckv = (state[f'context_keys_{i}'], state[f'context_values_{i}'])
+      x, ckv = layer.context_step(
+        x, position, ckv, _kv(state, 'memory', i), _kv(state, 'long', i), memory_valid, long_valid
+      )
+      state[f'context_keys_{i}'], state[f'context_values_{i}'] = ckv
+      outputs = state[f'context_outputs_{i}']
+      state[f'context_outputs_{i}'] = decoding.write_rows(outputs, x, position)
+    return x, state
+
+  def _summary_pass(self, state: dict[str, Array]) -> dict[str, Array]:
+    """Summary tokens over the cached window, then the next memory (every row)."""
+    cfg = self.config
+    state = dict(state)
+    memory_valid, long_valid = _valid_memory(cfg, state['windows_seen'])
+    x0 = state['context_outputs_0']
+    u = jnp.broadcast_to(
+      self.summary_embeddings.astype(x0.dtype)[None], (x0.shape[0], cfg.summary_size, x0.shape[2])
+    )
+    for i, layer in enumerate(self.layers):
+      ckv = (state[f'context_keys_{i}'], state[f'context_values_{i}'])
+      u, z, delta = layer.summary_step(
+        state[f'context_outputs_{i}'],
+        u,
+        ckv,
+        _kv(state, 'memory', i),
+        _kv(state, 'long', i),
+        memory_valid,
+        long_valid,
+      )
+      if z is not None:
+        state[f'short_memory_{i}'] = z
+        state[f'memory_keys_{i}'], state[f'memory_values_{i}'] = layer.project_kv(z, True)
+      if delta is not None:  # FIFO: drop the oldest increment, append the new one
+        n = delta.shape[1]
+        new = (delta, *layer.project_kv(delta, True))
+        for name, value in zip(('long_memory', 'long_keys', 'long_values'), new):
+          old = state[f'{name}_{i}']
+          state[f'{name}_{i}'] = jnp.concatenate([old[:, n:], value.astype(old.dtype)], axis=1)
+    state['windows_seen'] = state['windows_seen'] + 1
+    return state
+
+
+def _kv(state: dict[str, Array], kind: str, layer: int):
+  """(keys, values) of `kind` ('memory' or 'long') for `layer` from a cache dict, or None."""
+  keys = state.get(f'{kind}_keys_{layer}')
+  return None if keys is None else (keys, state[f'{kind}_values_{layer}'])
+
+
+def _end_window(module: MelodiDecoder, state: dict[str, Array], done: Array):
+  """Runs the summary pass; keeps its result for the rows whose window is complete (`done`)."""
+  return decoding.select_rows(done, module._summary_pass(state), state)
+
+
+def _prefill_window_step(module: MelodiDecoder, carry, xs):
+  """`_window_step` over one prompt window; rows whose prompt ends inside it keep their memory."""
+  x, complete = xs
+  new_carry, y = _window_step(module, carry, x, deterministic=True)
+  return decoding.select_rows(complete, new_carry, carry), y
