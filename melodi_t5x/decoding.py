@@ -7,7 +7,7 @@ the next-token logits. Between calls the state lives in the Flax collection `cac
 has a leading batch axis, so T5X can repeat rows for several samples (`decoding.cache_map`).
 
 `DecodeCache` holds a decoder's named per-row arrays; `write_rows` writes a few tokens at a
-per-row position; `tokens_at` gathers a per-row slice of a token array.
+per-row position; `slice_rows` gathers a per-row slice.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class DecodeCache(nn.Module):
 
   def read(self, batch: int) -> dict[str, Array]:
     """Every array (created as zeros when the collection is mutable and they do not exist)."""
+    if not (self.exists() or self.is_mutable_collection(CACHE)):
+      raise ValueError(
+        "incremental decoding needs the 'cache' collection: apply with mutable=['cache'] (and "
+        "pass the cache returned by the prefill call as variables['cache'] afterwards)."
+      )
     out = {}
     for name, shape, axes, dtype in self.specs:
       full = (batch, *shape)
@@ -60,9 +65,9 @@ def write_rows(buffer: Array, new: Array, position: Array) -> Array:
   return jax.vmap(put)(buffer, new, position)
 
 
-def tokens_at(tokens: Array, start: Array, length: int) -> Array:
-  """`tokens[b, start[b] : start[b] + length]` for every row (zero past the end): [B, length]."""
-  padded = jnp.pad(tokens, ((0, 0), (0, length)))
+def slice_rows(x: Array, start: Array, length: int) -> Array:
+  """`x[b, start[b] : start[b] + length]` for every row (zero past the end): [B, length, ...]."""
+  padded = jnp.pad(x, ((0, 0), (0, length)) + ((0, 0),) * (x.ndim - 2))
   take = lambda t, s: jax.lax.dynamic_slice_in_dim(t, s, length, axis=0)
   return jax.vmap(take)(padded, start)
 

@@ -496,7 +496,7 @@ class MelodiDecoder(nn.Module):
       outputs.append(y.swapaxes(0, 1).reshape(batch, n * w, -1))
     state = self._state_from_carry(carry, lengths)
     start = lengths // w * w  # the window holding the rest of the prompt
-    x = jnp.take(self.embedding, decoding.tokens_at(tokens, start, w), axis=0).astype(dtype)
+    x = jnp.take(self.embedding, decoding.slice_rows(tokens, start, w), axis=0).astype(dtype)
     y, state = self._context_pass(x, jnp.zeros_like(lengths), state)
     self.decode_state.read(batch)
     self.decode_state.write(state)
