@@ -198,3 +198,16 @@ def test_decode_needs_a_mutable_cache_and_one_token_per_call():
     model.apply(
       {'params': params, **variables}, tokens, decode=True, enable_dropout=False, mutable=['cache']
     )
+
+
+def test_decoders_without_a_decoding_cache_refuse_clearly():
+  from melodi_t5x.architectures.memorizing import MemorizingDecoder
+  from melodi_t5x.config import MemorizingConfig
+
+  cfg = MemorizingConfig(**{f.name: getattr(XL, f.name) for f in dataclasses.fields(XL)})
+  cfg = dataclasses.replace(cfg, memory_layer_index=0, memory_size=16)
+  model = MemorizingDecoder(cfg)
+  tokens = _tokens(6, 2, 16)
+  variables = model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)
+  with pytest.raises(NotImplementedError, match='MemorizingDecoder has no incremental decoding'):
+    model.apply(variables, tokens, prefill=True, enable_dropout=False, mutable=['cache'])

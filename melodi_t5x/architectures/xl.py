@@ -194,6 +194,11 @@ class XLDecoder(nn.Module):
     reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
     """
     del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
+    if (decode or prefill) and type(self).after_layer is not XLDecoder.after_layer:
+      raise NotImplementedError(
+        f'{type(self).__name__} has no incremental decoding (its extra layers keep no decoding '
+        'cache); use teacher-forced scoring (decode=False).'
+      )
     if prefill:
       return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
     if decode:
@@ -208,8 +213,14 @@ class XLDecoder(nn.Module):
       if cfg.use_cache:
         self.cache_keys[str(i)].end_segment(jax.lax.stop_gradient(cache[0]))
         self.cache_values[str(i)].end_segment(jax.lax.stop_gradient(cache[1]))
+      x = self.after_layer(i, x, sos, deterministic)
     y = self.dropout(self.final_norm(x), deterministic=deterministic)
     return tied_logits(y, self.embedding, cfg)
+
+  def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
+    """Extra computation after XL layer `layer` (none here; see the Memorizing decoder)."""
+    del layer, sos, deterministic
+    return x
 
   def read_cache(self, layer: int, sos: Array, dtype) -> KV:
     """The XL cache of `layer` for this segment (zeros at a document start or without cache)."""
