@@ -204,8 +204,8 @@ def test_decoders_without_a_decoding_cache_refuse_clearly():
   from melodi_t5x.architectures.memorizing import MemorizingDecoder
   from melodi_t5x.config import MemorizingConfig
 
-  cfg = MemorizingConfig(**{f.name: getattr(XL, f.name) for f in dataclasses.fields(XL)})
-  cfg = dataclasses.replace(cfg, memory_layer_index=0, memory_size=16)
+  fields = {f.name: getattr(XL, f.name) for f in dataclasses.fields(XL)}
+  cfg = MemorizingConfig(**{**fields, 'memory_layer_index': 0, 'memory_size': 16})
   model = MemorizingDecoder(cfg)
   tokens = _tokens(6, 2, 16)
   variables = model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)
