@@ -25,6 +25,7 @@ from flax import linen as nn
 from flax.linen import partitioning
 
 from melodi_t5x import decoding, memory
+from melodi_t5x.architectures import melodi_decoding
 from melodi_t5x.config import MelodiConfig
 from melodi_t5x.layers import (
   RMSNorm,
@@ -358,7 +359,7 @@ class MelodiDecoder(nn.Module):
       for i in cfg.long_term_memory_layers
     }
     self.windows_seen = memory.CarriedState((), (), jnp.int32)
-    self.decode_state = decoding.DecodeCache(self._cache_specs())
+    self.decode_state = decoding.DecodeCache(melodi_decoding.cache_specs(cfg))
 
   def __call__(
     self,
@@ -435,177 +436,12 @@ class MelodiDecoder(nn.Module):
       state.end_segment(long[int(i)][0])
     self.windows_seen.end_segment(seen)
 
-  # -- incremental decoding ----------------------------------------------------------------------
-  #
-  # Cache (collection `cache`, every array [B, ...]): `index` (tokens read), `windows_seen`, and per
-  # layer the current window's context keys/values and outputs ([B, W, ...], valid before the
-  # window position index % W), the short-term memory z with its keys/values, and for long-term
-  # layers the FIFO with its keys/values. Memory changes only when a window completes.
-
-  def _cache_specs(self) -> tuple[decoding.Spec, ...]:
-    cfg = self.config
-    w, d, dt = cfg.window_length, cfg.embed_dim, cfg.dtype
-    kv, kv_axes = (cfg.num_heads, cfg.head_dim), ('heads', 'kv')
-    specs = [('index', (), (), 'int32'), ('windows_seen', (), (), 'int32')]
-    for i in range(cfg.num_layers):
-      specs += [
-        (f'context_keys_{i}', (w, *kv), ('length', *kv_axes), dt),
-        (f'context_values_{i}', (w, *kv), ('length', *kv_axes), dt),
-        (f'context_outputs_{i}', (w, d), ('length', 'embed'), dt),
-      ]
-      sizes = [('short_memory', 'memory', cfg.short_memory_size(i))]
-      if cfg.is_long_term_layer(i):
-        sizes.append(('long_memory', 'long', cfg.long_term_memory_tokens))
-      for tokens_name, kv_name, n in sizes:
-        if n:
-          specs += [
-            (f'{tokens_name}_{i}', (n, d), ('memory_length', 'embed'), dt),
-            (f'{kv_name}_keys_{i}', (n, *kv), ('memory_length', *kv_axes), dt),
-            (f'{kv_name}_values_{i}', (n, *kv), ('memory_length', *kv_axes), dt),
-          ]
-    return tuple(specs)
+  # -- incremental decoding (melodi_decoding.py) ------------------------------------------------
 
   def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
-    """Reads a prompt into the cache; logits [B, L, V] (valid at positions < lengths[b]).
-
-    Row b consumes `tokens[b, :lengths[b]]` (default: T5X's count of non-zero tokens after
-    position 0). Its complete windows run through the training path (`_window_step`) with memory
-    carried, starting from the `memory` collection (reset where `start_of_sequence`; None resets
-    every row); the rest of the prompt is read into the cache by `MelodiLayer.context_step`.
-    """
-    cfg = self.config
-    w, dtype = cfg.window_length, jnp.dtype(cfg.dtype)
-    tokens = jnp.asarray(tokens).astype(jnp.int32)
-    batch, length = tokens.shape
-    lengths = decoding.prefill_lengths_of(tokens, lengths)
-    sos = jnp.ones((batch,), bool) if start_of_sequence is None else start_of_sequence
-    carry = self._start_segment(jnp.asarray(sos).astype(bool).reshape(batch), True, dtype)
-    n = length // w
-    outputs = []
-    if n:
-      x = jnp.take(self.embedding, tokens[:, : n * w], axis=0).astype(dtype)
-      windows = x.reshape(batch, n, w, -1).swapaxes(0, 1)  # [n, B, W, D]
-      complete = jnp.arange(1, n + 1)[:, None] * w <= lengths[None, :]  # [n, B]
-      scan = nn.scan(
-        _prefill_window_step,
-        variable_broadcast=['params', 'params_axes'],
-        split_rngs={'params': False, 'dropout': True},
-        length=n,
-      )
-      carry, y = scan(self, carry, (windows, complete))
-      outputs.append(y.swapaxes(0, 1).reshape(batch, n * w, -1))
-    state = self._state_from_carry(carry, lengths)
-    start = lengths // w * w  # the window holding the rest of the prompt
-    x = jnp.take(self.embedding, decoding.slice_rows(tokens, start, w), axis=0).astype(dtype)
-    y, state = self._context_pass(x, jnp.zeros_like(lengths), state)
-    self.decode_state.read(batch)
-    self.decode_state.write(state)
-    y = jnp.concatenate([*outputs, y[:, : length - n * w]], axis=1)
-    return tied_logits(self.final_norm(y), self.embedding, cfg)
+    """Reads a prompt into the `cache` collection: `melodi_decoding.prefill`."""
+    return melodi_decoding.prefill(self, tokens, lengths, start_of_sequence)
 
   def decode_step(self, tokens: Array) -> Array:
-    """Logits [B, 1, V] of the next token after `tokens: [B, 1]`; completes windows.
-
-    A call on an empty cache (T5X's cache-initialising call, any `[B, L]`) creates a zero cache
-    and returns zero logits.
-    """
-    cfg = self.config
-    tokens = jnp.asarray(tokens).astype(jnp.int32)
-    batch, n = tokens.shape
-    if not self.decode_state.exists():
-      self.decode_state.read(batch)
-      return jnp.zeros((batch, n, cfg.vocab_size), jnp.float32)
-    if n != 1:
-      raise ValueError(
-        f'decode=True reads one token per call, got {n}; read a prompt with prefill=True.'
-      )
-    state = self.decode_state.read(batch)
-    x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, 1, D]
-    y, state = self._context_pass(x, state['index'] % cfg.window_length, state)
-    logits = tied_logits(self.final_norm(y), self.embedding, cfg)
-    state['index'] = state['index'] + 1
-    done = state['index'] % cfg.window_length == 0  # rows whose window is now complete
-    state = nn.cond(jnp.any(done), _end_window, lambda _, s, __: s, self, state, done)
-    self.decode_state.write(state)
-    return logits
-
-  def _state_from_carry(self, carry, index: Array) -> dict[str, Array]:
-    """Cache arrays from the training path's carry (context slots zero)."""
-    cfg = self.config
-    short, long, seen = carry
-    batch, dtype = index.shape[0], jnp.dtype(cfg.dtype)
-    state = {'index': index, 'windows_seen': seen}
-    for i in range(cfg.num_layers):
-      kv = (batch, cfg.window_length, cfg.num_heads, cfg.head_dim)
-      state[f'context_keys_{i}'] = state[f'context_values_{i}'] = jnp.zeros(kv, dtype)
-      state[f'context_outputs_{i}'] = jnp.zeros((batch, cfg.window_length, cfg.embed_dim), dtype)
-    for i, z in short.items():
-      state[f'short_memory_{i}'] = z
-      state[f'memory_keys_{i}'], state[f'memory_values_{i}'] = self.layers[i].project_kv(z, True)
-    for i, (fifo, k, v) in long.items():
-      state[f'long_memory_{i}'], state[f'long_keys_{i}'], state[f'long_values_{i}'] = fifo, k, v
-    return state
-
-  def _context_pass(self, x: Array, position: Array, state: dict[str, Array]):
-    """Context tokens `x: [B, N, D]` at window positions `position: [B]` through every layer."""
-    state = dict(state)
-    memory_valid, long_valid = _valid_memory(self.config, state['windows_seen'])
-    for i, layer in enumerate(self.layers):
-      ckv = (state[f'context_keys_{i}'], state[f'context_values_{i}'])
-      x, ckv = layer.context_step(
-        x, position, ckv, _kv(state, 'memory', i), _kv(state, 'long', i), memory_valid, long_valid
-      )
-      state[f'context_keys_{i}'], state[f'context_values_{i}'] = ckv
-      outputs = state[f'context_outputs_{i}']
-      state[f'context_outputs_{i}'] = decoding.write_rows(outputs, x, position)
-    return x, state
-
-  def _summary_pass(self, state: dict[str, Array]) -> dict[str, Array]:
-    """Summary tokens over the cached window, then the next memory (every row)."""
-    cfg = self.config
-    state = dict(state)
-    memory_valid, long_valid = _valid_memory(cfg, state['windows_seen'])
-    x0 = state['context_outputs_0']
-    u = jnp.broadcast_to(
-      self.summary_embeddings.astype(x0.dtype)[None], (x0.shape[0], cfg.summary_size, x0.shape[2])
-    )
-    for i, layer in enumerate(self.layers):
-      ckv = (state[f'context_keys_{i}'], state[f'context_values_{i}'])
-      u, z, delta = layer.summary_step(
-        state[f'context_outputs_{i}'],
-        u,
-        ckv,
-        _kv(state, 'memory', i),
-        _kv(state, 'long', i),
-        memory_valid,
-        long_valid,
-      )
-      if z is not None:
-        state[f'short_memory_{i}'] = z
-        state[f'memory_keys_{i}'], state[f'memory_values_{i}'] = layer.project_kv(z, True)
-      if delta is not None:  # FIFO: drop the oldest increment, append the new one
-        n = delta.shape[1]
-        new = (delta, *layer.project_kv(delta, True))
-        for name, value in zip(('long_memory', 'long_keys', 'long_values'), new):
-          old = state[f'{name}_{i}']
-          state[f'{name}_{i}'] = jnp.concatenate([old[:, n:], value.astype(old.dtype)], axis=1)
-    state['windows_seen'] = state['windows_seen'] + 1
-    return state
-
-
-def _kv(state: dict[str, Array], kind: str, layer: int):
-  """(keys, values) of `kind` ('memory' or 'long') for `layer` from a cache dict, or None."""
-  keys = state.get(f'{kind}_keys_{layer}')
-  return None if keys is None else (keys, state[f'{kind}_values_{layer}'])
-
-
-def _end_window(module: MelodiDecoder, state: dict[str, Array], done: Array):
-  """Runs the summary pass; keeps its result for the rows whose window is complete (`done`)."""
-  return decoding.select_rows(done, module._summary_pass(state), state)
-
-
-def _prefill_window_step(module: MelodiDecoder, carry, xs):
-  """`_window_step` over one prompt window; rows whose prompt ends inside it keep their memory."""
-  x, complete = xs
-  new_carry, y = _window_step(module, carry, x, deterministic=True)
-  return decoding.select_rows(complete, new_carry, carry), y
+    """Logits [B, 1, V] after one token per row: `melodi_decoding.decode_step`."""
+    return melodi_decoding.decode_step(self, tokens)
