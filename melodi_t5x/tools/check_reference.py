@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from melodi_t5x.architectures.brt import BRTDecoder
 from melodi_t5x.architectures.melodi import MelodiDecoder
 from melodi_t5x.architectures.xl import XLDecoder
-from melodi_t5x.config import MelodiConfig, XLConfig
+from melodi_t5x.config import BRTConfig, MelodiConfig, XLConfig
 
 FORWARD_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
@@ -85,6 +86,39 @@ XL_PARAM_RULES: list[tuple[str, str]] = [
 ]
 
 
+# Block-Recurrent Transformer (meliad `memory/transformer_layer.TransformerLayer` in a
+# `memory/decoder_stack.DecoderStack`): no `layer_stack`, the pre-attention norm inside `_kvq`, the
+# recurrent layer's token side under `tbase` and its state block under `recurrent_tbase`.
+_BRT = r'transformer(?P<i>\d+)/'
+BRT_PARAM_RULES: list[tuple[str, str]] = [
+  (r'embed/embedding', 'embedding'),
+  (r'final_layernorm/scale', 'final_norm/scale'),
+  (_BRT + r'relative_positions/rel_embedding', 'layers_{i}/relpos_bias'),
+  (_BRT + r'recurrent_initial_state', 'layers_{i}/initial_state'),
+  (
+    _BRT + r'recurrent_tbase/_kvq/position_embeddings',
+    'layers_{i}/state_block/position_embeddings',
+  ),
+  (_BRT + r'recurrent_tbase/post_attn_mlp/gate_bias', 'layers_{i}/state_block/gate_bias'),
+] + [
+  (_BRT + ref + rest, f'layers_{{i}}/{ours}' + target)
+  for ref, ours in (('tbase/', ''), ('recurrent_tbase/', 'state_block/'))
+  for rest, target in (
+    (r'_kvq/pre_attn_layernorm/scale', 'attn_norm/scale'),
+    (r'_kvq/queries_layer/kernel', 'query/kernel'),
+    (r'_kvq/queries2_layer/kernel', 'query2/kernel'),
+    (r'_kvq/keys_layer/kernel', 'key/kernel'),
+    (r'_kvq/values_layer/kernel', 'value/kernel'),
+    (r'_kvq/attention_scale', 'temperature'),
+    (r'attention_scale2', 'temperature2'),
+    (r'post_attn_mlp/output_layer/kernel', 'out/kernel'),
+    (r'pre_ffn_layernorm/scale', 'ffn_norm/scale'),
+    (r'ffn/hidden0/kernel', 'ffn_in/kernel'),
+    (r'ffn/output_layer/kernel', 'ffn_out/kernel'),
+  )
+]
+
+
 def _melodi_state(ref_key: str) -> tuple[str, ...] | None:
   match = re.fullmatch(
     r'state/layer_stack/melodi_layers_(\d+)/(short|long)_memory/previous_mems_train', ref_key
@@ -97,6 +131,14 @@ def _xl_state(ref_key: str) -> tuple[str, ...] | None:
     r'state/layer_stack/transformer(\d+)/kvi_cache/previous_(keys|values)_train', ref_key
   )
   return None if match is None else (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+
+
+def _brt_state(ref_key: str) -> tuple[str, ...] | None:
+  match = re.fullmatch(r'state/transformer(\d+)/previous_(keys|values)_train', ref_key)
+  if match is not None:
+    return (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+  match = re.fullmatch(r'state/transformer(\d+)/recurrent_state_train', ref_key)
+  return None if match is None else ('recurrent_state', 'value')
 
 
 def melodi_config_from_fixture(meta: dict) -> MelodiConfig:
@@ -122,6 +164,27 @@ def xl_config_from_fixture(meta: dict) -> XLConfig:
   if int(meta.get('xl_cache_length', meta['window_length'])) != int(meta['window_length']):
     raise ValueError('XL fixtures must cache exactly one window (xl_cache_length == window)')
   return XLConfig(**_base_sizes(meta))
+
+
+def brt_config_from_fixture(meta: dict) -> BRTConfig:
+  """Builds our Block-Recurrent Transformer config from a fixture's `config_json`."""
+  expected = {
+    'recurrent_gate_type': 'bias',
+    'recurrent_single_gate': False,
+    'recurrent_skip_ffn': True,
+    'feedback_recurrence': False,
+  }
+  for key, value in expected.items():
+    if meta.get(key, value) != value:
+      raise ValueError(
+        f'BRT fixture has {key}={meta[key]!r}; only "fixed:skip" ({value!r}) is built'
+      )
+  xl_config_from_fixture(meta)  # checks the XL cache length
+  return BRTConfig(
+    **_base_sizes(meta),
+    recurrent_layer_index=int(meta['recurrent_layer_index']),
+    num_states=int(meta['recurrent_num_states']),
+  )
 
 
 def _base_sizes(meta: dict) -> dict:
@@ -157,6 +220,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
   'melodi': Architecture(melodi_config_from_fixture, MelodiDecoder, PARAM_RULES, _melodi_state),
   'xl': Architecture(xl_config_from_fixture, XLDecoder, XL_PARAM_RULES, _xl_state),
+  'brt': Architecture(brt_config_from_fixture, BRTDecoder, BRT_PARAM_RULES, _brt_state),
 }
 
 
