@@ -178,13 +178,14 @@ class XLDecoder(nn.Module):
     x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
     for i in range(cfg.num_layers):
       x = self.run_layer(i, x, sos, deterministic)
+      x = self.after_layer(i, x, sos, deterministic)
     y = self.dropout(self.final_norm(x), deterministic=deterministic)
     return tied_logits(y, self.embedding, cfg)
 
-  # Hooks for decoders that put another layer kind into the stack (Block-Recurrent Transformer).
+  # Hooks for decoders built on this stack (Memorizing and Block-Recurrent Transformers).
 
   def make_layer(self, index: int) -> nn.Module:
-    """The (unbound) layer `index` of the stack."""
+    """The (unbound) layer `index` of the stack (see the Block-Recurrent decoder)."""
     del index
     return XLLayer(self.config)
 
@@ -192,6 +193,11 @@ class XLDecoder(nn.Module):
     """Applies layer `index` to `x: [B, T, D]` with its XL cache, and stores the new cache."""
     x, cache = self.layers[index](x, self.read_cache(index, sos, x.dtype), deterministic)
     self.write_cache(index, cache)
+    return x
+
+  def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
+    """Extra computation after XL layer `layer` (none here; see the Memorizing decoder)."""
+    del layer, sos, deterministic
     return x
 
   def write_cache(self, layer: int, cache: KV) -> None:
