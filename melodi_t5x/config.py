@@ -211,6 +211,9 @@ class MemorizingConfig(XLConfig):
   # 0 = dense attention over every memory slot (the reference); k > 0 = each query attends only
   # to its k highest-logit memory slots (exact top-k, the original kNN-style variant).
   memory_top_k: int = 0
+  # Queries of the memory layer processed at a time (bounds the [B, H, block, M + T] logits);
+  # 0 = one window. Must divide the segment length. Does not change any result.
+  memory_query_block: int = 0
   # The reference Memorizing Transformer's feed-forward layers have biases.
   ffn_bias: bool = True
 
@@ -224,6 +227,12 @@ class MemorizingConfig(XLConfig):
         f'memory_size to a multiple of {segment_length} (e.g. '
         f'{max(1, self.memory_size // segment_length) * segment_length}) or change the segment '
         'length.'
+      )
+    block = self.memory_query_block or self.window_length
+    if segment_length % block:
+      raise ValueError(
+        f'MemorizingConfig.memory_query_block={self.memory_query_block} does not divide the '
+        f'segment length {segment_length}; use a divisor of it (or 0 for one window).'
       )
     return windows
 
@@ -239,6 +248,11 @@ class MemorizingConfig(XLConfig):
       isinstance(self.memory_top_k, int) and 0 <= self.memory_top_k <= self.memory_size,
       'memory_top_k',
       f'must be in [0, memory_size={self.memory_size}] (0 = dense attention over the memory).',
+    )
+    self._need(
+      isinstance(self.memory_query_block, int) and self.memory_query_block >= 0,
+      'memory_query_block',
+      'must be a non-negative integer (0 = one window of queries at a time).',
     )
 
 
