@@ -158,7 +158,7 @@ class XLDecoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = embedding_param(self, cfg)
-    self.layers = [XLLayer(cfg) for _ in range(cfg.num_layers)]
+    self.layers = [self.make_layer(i) for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.use_cache:
@@ -208,19 +208,35 @@ class XLDecoder(nn.Module):
     deterministic = not enable_dropout
     x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
     x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
-    for i, layer in enumerate(self.layers):
-      x, cache = layer(x, self.read_cache(i, sos, x.dtype), deterministic)
-      if cfg.use_cache:
-        self.cache_keys[str(i)].end_segment(jax.lax.stop_gradient(cache[0]))
-        self.cache_values[str(i)].end_segment(jax.lax.stop_gradient(cache[1]))
+    for i in range(cfg.num_layers):
+      x = self.run_layer(i, x, sos, deterministic)
       x = self.after_layer(i, x, sos, deterministic)
     y = self.dropout(self.final_norm(x), deterministic=deterministic)
     return tied_logits(y, self.embedding, cfg)
+
+  # Hooks for decoders built on this stack (Memorizing and Block-Recurrent Transformers).
+
+  def make_layer(self, index: int) -> nn.Module:
+    """The (unbound) layer `index` of the stack (see the Block-Recurrent decoder)."""
+    del index
+    return XLLayer(self.config)
+
+  def run_layer(self, index: int, x: Array, sos: Array, deterministic: bool) -> Array:
+    """Applies layer `index` to `x: [B, T, D]` with its XL cache, and stores the new cache."""
+    x, cache = self.layers[index](x, self.read_cache(index, sos, x.dtype), deterministic)
+    self.write_cache(index, cache)
+    return x
 
   def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
     """Extra computation after XL layer `layer` (none here; see the Memorizing decoder)."""
     del layer, sos, deterministic
     return x
+
+  def write_cache(self, layer: int, cache: KV) -> None:
+    """Stores the last window's keys and values of `layer` (a constant for the next segment)."""
+    if self.config.use_cache:
+      self.cache_keys[str(layer)].end_segment(jax.lax.stop_gradient(cache[0]))
+      self.cache_values[str(layer)].end_segment(jax.lax.stop_gradient(cache[1]))
 
   def read_cache(self, layer: int, sos: Array, dtype) -> KV:
     """The XL cache of `layer` for this segment (zeros at a document start or without cache)."""
