@@ -200,14 +200,19 @@ def test_decode_needs_a_mutable_cache_and_one_token_per_call():
     )
 
 
-def test_decoders_without_a_decoding_cache_refuse_clearly():
+@pytest.mark.parametrize('kind', ['memorizing', 'brt'])
+def test_decoders_without_a_decoding_cache_refuse_clearly(kind):
+  from melodi_t5x.architectures.brt import BRTDecoder
   from melodi_t5x.architectures.memorizing import MemorizingDecoder
-  from melodi_t5x.config import MemorizingConfig
+  from melodi_t5x.config import BRTConfig, MemorizingConfig
 
   fields = {f.name: getattr(XL, f.name) for f in dataclasses.fields(XL)}
-  cfg = MemorizingConfig(**{**fields, 'memory_layer_index': 0, 'memory_size': 16})
-  model = MemorizingDecoder(cfg)
+  if kind == 'memorizing':
+    cls, cfg = MemorizingDecoder, MemorizingConfig(**fields, memory_layer_index=0, memory_size=16)
+  else:
+    cls, cfg = BRTDecoder, BRTConfig(**fields, recurrent_layer_index=1, num_states=4)
+  model = cls(cfg)
   tokens = _tokens(6, 2, 16)
   variables = model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)
-  with pytest.raises(NotImplementedError, match='MemorizingDecoder has no incremental decoding'):
+  with pytest.raises(NotImplementedError, match=f'{cls.__name__} has no incremental decoding'):
     model.apply(variables, tokens, prefill=True, enable_dropout=False, mutable=['cache'])

@@ -194,10 +194,13 @@ class XLDecoder(nn.Module):
     reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
     """
     del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    if (decode or prefill) and type(self).after_layer is not XLDecoder.after_layer:
+    hooks = ('make_layer', 'run_layer', 'after_layer')  # overridden by the other baselines
+    if (decode or prefill) and any(
+      getattr(type(self), h) is not getattr(XLDecoder, h) for h in hooks
+    ):
       raise NotImplementedError(
-        f'{type(self).__name__} has no incremental decoding (its extra layers keep no decoding '
-        'cache); use teacher-forced scoring (decode=False).'
+        f'{type(self).__name__} has no incremental decoding (only the plain XL stack keeps a '
+        'decoding cache); use teacher-forced scoring (decode=False).'
       )
     if prefill:
       return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
