@@ -274,3 +274,30 @@ class MemorizingConfig(XLConfig):
       'memory_query_block',
       'must be a non-negative integer (0 = one window of queries at a time).',
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BRTConfig(XLConfig):
+  """Block-Recurrent Transformer "fixed:skip" (meliad `base_memory.gin` + `recurrent/bias_skip`).
+
+  Every layer is an XL layer with its cache; layer `recurrent_layer_index` also carries a state of
+  `num_states` vectors, updated once per window with a fixed learned gate and no FFN.
+  """
+
+  # Layers in the stack, the recurrent one included (paper: 12).
+  num_layers: int = 12
+  # 0-based index of the recurrent layer (paper: 9, third from the top of 12).
+  recurrent_layer_index: int = 9
+  # N: vectors of width embed_dim in the recurrent state (paper: 512).
+  num_states: int = 512
+
+  def _check(self):
+    super()._check()
+    self._check_positive('num_states')
+    self._need(
+      isinstance(self.recurrent_layer_index, int)
+      and 0 <= self.recurrent_layer_index < self.num_layers,
+      'recurrent_layer_index',
+      f'must be a 0-based layer index in [0, num_layers={self.num_layers}); the paper uses '
+      'num_layers - 3 (third layer from the top).',
+    )
