@@ -73,7 +73,7 @@ def test_long_layers_family_end_to_end(tmp_path):
     assert (run / f'checkpoint_{STEPS}').is_dir()
     report = json.loads((run / 'eval' / f'text_corpus_step{STEPS}_carried.json').read_text())
     assert report['memory_mode'] == 'carried' and report['documents'] == 3
-    assert 1.0 < report['perplexity'] < 4096 and math.isfinite(report['perplexity'])
+    assert math.isfinite(report['perplexity']) and report['perplexity'] > 1.0
 
   table = json.loads((root / 'tables' / 'long_layers.json').read_text())
   assert [r['name'] for r in table['runs']] == ['one_l64', 'two_l32']
