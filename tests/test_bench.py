@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -30,3 +31,12 @@ def test_bench_rejects_bad_sizes_before_compiling():
     bench.config_from_args(bench.parse_args(TINY + ['--long-term-memory-size', '7']))
   with pytest.raises(ValueError, match='window_length'):
     bench.config_from_args(bench.parse_args(TINY + ['--segment-length', '30']))
+
+
+def test_bench_eval_step(tmp_path):
+  out = tmp_path / 'sub' / 'eval.json'
+  assert bench.main(TINY + ['--step', 'eval', '--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['step'] == 'eval' and result['tokens_per_sec'] > 0 and result['compile_sec'] > 0
+  # A freshly initialised model is close to uniform over the 64-token vocabulary.
+  assert abs(result['final_nll_per_token'] - math.log(64)) < 0.5

@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   add('--steps', type=int, default=5, help='timed steps after one warm-up step')
   add('--compile-windows', default='4,8,16', help="window counts to time compiles for; '' skips")
   add('--peak-tflops', type=float, default=None, help='device peak for MFU (else by device kind)')
-  add('--json', default=None, help='write the results to this JSON file')
+  add('--json', default=None, help='write the results to this JSON file (local or gs://)')
+  add('--step', default='train', choices=['train', 'eval'], help='time a train or an eval step')
   return p.parse_args(argv)
 
 
@@ -231,8 +232,80 @@ def run(args: argparse.Namespace) -> dict:
   return result
 
 
+def make_eval_step(model):
+  """(params, memory, batch) -> (memory, nll sum): a test-time step, jitted.
+
+  Forward only, no dropout, memory carried to the next segment, as in streaming evaluation
+  (`t5x_eval.MemoryTrainer`).
+  """
+
+  def step(params, mem, batch):
+    logits, new = model.apply(
+      {'params': params, 'memory': mem},
+      batch['inputs'],
+      batch['targets'],
+      start_of_sequence=batch['start_of_sequence'],
+      enable_dropout=False,
+      mutable=['memory'],
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch['targets']
+    )
+    return new['memory'], jnp.sum(losses * batch['weights'])
+
+  return jax.jit(step, donate_argnums=(1,))
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+  """Times `make_eval_step` (median over --steps after one warm-up step)."""
+  cfg = config_from_args(args)
+  model = MelodiDecoder(cfg)
+  length, bsz = args.segment_length, args.batch_size
+  tokens = jnp.ones((bsz, length), jnp.int32)
+  variables = jax.jit(lambda r: model.init(r, tokens, enable_dropout=False))(jax.random.PRNGKey(0))
+  params, mem = variables['params'], variables['memory']
+  batches = [_batch(cfg, bsz, length, i, i == 0) for i in range(2)]
+  start = time.perf_counter()
+  compiled = make_eval_step(model).lower(params, mem, batches[0]).compile()
+  compile_sec = time.perf_counter() - start
+  times = []
+  for i in range(args.steps + 1):  # step 0 warms up
+    t0 = time.perf_counter()
+    mem, nll = compiled(params, mem, batches[i > 0])
+    nll.block_until_ready()
+    if i:
+      times.append(time.perf_counter() - t0)
+  step_sec = statistics.median(times)
+  return {
+    'step': 'eval',
+    'device': jax.devices()[0].device_kind,
+    'config': {k: v for k, v in vars(args).items() if k != 'json'},
+    'params': sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
+    'tokens_per_sec': bsz * length / step_sec,
+    'step_sec_median': step_sec,
+    'compile_sec': compile_sec,
+    'final_nll_per_token': float(nll) / (bsz * length),
+  }
+
+
+def write_json(result: dict, path: str) -> None:
+  """Writes the results (local path or gs://)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1))
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.step == 'eval':
+    result = run_eval(args)
+    for key in ('step', 'device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
+      print(f'{key:18s} {result[key]}')
+    if args.json:
+      write_json(result, args.json)
+    return 0
   result = run(args)
   for key in ('device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
     print(f'{key:18s} {result[key]}')
@@ -242,8 +315,7 @@ def main(argv=None) -> int:
   for w, sec in result['compile_sec_by_windows'].items():
     print(f'compile {w:>3s} windows  {sec:.2f} s')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=1)
+    write_json(result, args.json)
   return 0
 
 

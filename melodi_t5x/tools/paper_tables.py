@@ -69,11 +69,17 @@ def experiment_config(exp: experiments.Experiment):
   import melodi_t5x.t5x_gin  # noqa: F401  # pylint: disable=g-import-not-at-top
   from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
 
+  del config_lib  # imported so that gin's dynamic registration finds the module
+  text = experiments.render(exp)
+  if 'from melodi_t5x import config\n' not in text:
+    text = text.replace(
+      'import melodi_t5x.t5x_gin\n', 'import melodi_t5x.t5x_gin\nfrom melodi_t5x import config\n'
+    )
+  text += f'\nEXPERIMENT_CONFIG = @config.{exp.model_spec.config_class}()\n'
   gin.clear_config(clear_constants=True)
   try:
-    gin.parse_config(experiments.render(exp), skip_unknown=True)
-    cls = getattr(config_lib, exp.model_spec.config_class)
-    return cls(**gin.get_bindings(cls, resolve_references=True))
+    gin.parse_config(text, skip_unknown=True)
+    return gin.query_parameter('%EXPERIMENT_CONFIG').scoped_configurable_fn()
   finally:
     gin.clear_config(clear_constants=True)
 
