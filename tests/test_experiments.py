@@ -24,6 +24,8 @@ def _need_model_file(exp):
   """Skips experiments whose model gin file (from the baselines issue) is not in the tree yet."""
   if not os.path.exists(os.path.join(REPO, exp.model_gin)):
     pytest.skip(f'{exp.model_gin} (baseline model file, issue 7) is not in this tree yet')
+
+
 SWEEP_SIZES = {
   'main': 18,
   'memory_tradeoff': 12,

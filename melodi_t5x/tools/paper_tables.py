@@ -63,23 +63,23 @@ def read_report(eval_dir: epath.Path, task: str, step: int, mode: str) -> tuple[
 
 
 def experiment_config(exp: experiments.Experiment):
-  """The model config of an experiment, built from its gin text (T5X not needed)."""
+  """The model config of an experiment, built from its gin text (T5X not needed).
+
+  The model files set `MODULE` to the decoder (`gin/models/common.gin`); the decoder object is
+  built (a Flax module definition: nothing is initialised) and its config returned.
+  """
   import gin  # pylint: disable=g-import-not-at-top
 
   import melodi_t5x.t5x_gin  # noqa: F401  # pylint: disable=g-import-not-at-top
-  from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  del config_lib  # imported so that gin's dynamic registration finds the module
-  text = experiments.render(exp)
-  if 'from melodi_t5x import config\n' not in text:
-    text = text.replace(
-      'import melodi_t5x.t5x_gin\n', 'import melodi_t5x.t5x_gin\nfrom melodi_t5x import config\n'
-    )
-  text += f'\nEXPERIMENT_CONFIG = @config.{exp.model_spec.config_class}()\n'
   gin.clear_config(clear_constants=True)
   try:
-    gin.parse_config(text, skip_unknown=True)
-    return gin.query_parameter('%EXPERIMENT_CONFIG').scoped_configurable_fn()
+    gin.parse_config(experiments.render(exp), skip_unknown=True)
+    try:
+      return gin.query_parameter('%MODULE').scoped_configurable_fn().config
+    except ValueError:  # model files without the MODULE macro (MELODI only)
+      ref = gin.query_parameter('melodi_t5x.melodi_model.MelodiDecoder.config')
+      return ref.scoped_configurable_fn()
   finally:
     gin.clear_config(clear_constants=True)
 
