@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,8 @@ from etils import epath
 from melodi_t5x import experiments
 
 MISSING = 'missing'
+# T5X configurables of the model files, skipped when parsing without T5X.
+T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MemoryDecoderModel']
 PLOT_X = {
   'memory_tradeoff': ('memory (M floats, paper convention)', 'memory', False),
   'coverage': ('long-term coverage (windows)', 'x', True),
@@ -73,15 +77,28 @@ def experiment_config(exp: experiments.Experiment):
   import melodi_t5x.t5x_gin  # noqa: F401  # pylint: disable=g-import-not-at-top
 
   gin.clear_config(clear_constants=True)
-  try:
-    gin.parse_config(experiments.render(exp), skip_unknown=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, f'{exp.name}.gin')
+    with open(path, 'w') as f:
+      f.write(experiments.render(exp))
     try:
-      return gin.query_parameter('%MODULE').scoped_configurable_fn().config
-    except ValueError:  # model files without the MODULE macro (MELODI only)
-      ref = gin.query_parameter('melodi_t5x.melodi_model.MelodiDecoder.config')
-      return ref.scoped_configurable_fn()
-  finally:
-    gin.clear_config(clear_constants=True)
+      # Only T5X's configurables may be unknown (skip_unknown=True would also hide ours).
+      gin.parse_config_files_and_bindings(
+        [path], [], skip_unknown=T5X_SELECTORS, finalize_config=False
+      )
+      return _decoder_config()
+    finally:
+      gin.clear_config(clear_constants=True)
+
+
+def _decoder_config():
+  import gin  # pylint: disable=g-import-not-at-top
+
+  try:
+    return gin.query_parameter('%MODULE').scoped_configurable_fn().config
+  except ValueError:  # model files without the MODULE macro (MELODI only)
+    ref = gin.query_parameter('melodi_t5x.melodi_model.MelodiDecoder.config')
+    return ref.scoped_configurable_fn()
 
 
 def memory_floats(exp: experiments.Experiment) -> tuple[float | None, int | None]:
