@@ -7,7 +7,10 @@ the T5X model object is built.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import gin
 import pytest
@@ -134,29 +137,50 @@ def test_tiny_sweeps_scale_the_grids():
   assert tiny['two_l32'].long_term_memory_increment_size == 2
 
 
-def test_full_gin_with_t5x():
-  pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
-  from melodi_t5x import t5x_model  # pylint: disable=g-import-not-at-top
+FULL_GIN_SCRIPT = r"""
+import importlib, json, os, sys
+import gin
+script = importlib.import_module(sys.argv[1])  # t5x.train or t5x.eval, as __main__ in T5X
+sys.modules['__main__'] = script
+from melodi_t5x import experiments, t5x_model  # noqa: F401 (registers the model class)
+from melodi_t5x.tools import paper_tables
+mode, extra = {
+  't5x.train': (experiments.TRAIN_MODE_GIN, ["MODEL_DIR = '/tmp/unused'"]),
+  't5x.eval': (
+    experiments.EVAL_MODE_GIN,
+    ["CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'", "EVAL_OUTPUT_DIR = '/tmp/unused'"],
+  ),
+}[sys.argv[1]]
+out = []
+for exp in experiments.all_committed():
+  if not os.path.exists(os.path.join(experiments.REPO_ROOT, exp.model_gin)):
+    continue
+  gin.clear_config(clear_constants=True)
+  gin.parse_config_files_and_bindings([mode, exp.path], extra, finalize_config=False)
+  # MODEL itself is not built: its vocabulary would read the task's SentencePiece file.
+  assert 'MemoryDecoderModel' in gin.query_parameter('%MODEL').selector, exp.path
+  cfg = paper_tables._decoder_config()
+  out.append([exp.path, gin.query_parameter('%MIXTURE_OR_TASK_NAME'),
+              gin.query_parameter('%TRAIN_STEPS'), type(cfg).__name__])
+print(json.dumps(out))
+"""
 
-  for exp in COMMITTED:
-    if not os.path.exists(os.path.join(REPO, exp.model_gin)):
-      continue  # a baseline model file not in this tree yet (see _need_model_file)
-    for mode, extra in (
-      (experiments.TRAIN_MODE_GIN, ["MODEL_DIR = '/tmp/unused'"]),
-      (
-        experiments.EVAL_MODE_GIN,
-        ["CHECKPOINT_PATH = '/tmp/unused/checkpoint_1'", "EVAL_OUTPUT_DIR = '/tmp/unused'"],
-      ),
-    ):
-      gin.clear_config(clear_constants=True)
-      try:
-        gin.parse_config_files_and_bindings(
-          [os.path.join(REPO, mode), os.path.join(REPO, exp.path)], extra, finalize_config=False
-        )
-        assert gin.query_parameter('%MIXTURE_OR_TASK_NAME') == exp.dataset
-        assert gin.query_parameter('%TRAIN_STEPS') == exp.train_steps
-        model = gin.query_parameter('%MODEL').scoped_configurable_fn()
-        assert isinstance(model, t5x_model.MemoryDecoderModel)
-        assert type(model.module.config).__name__ == exp.model_spec.config_class
-      finally:
-        gin.clear_config(clear_constants=True)
+
+@pytest.mark.parametrize('script', ['t5x.train', 't5x.eval'])
+def test_full_gin_with_t5x(script):
+  """Mode file + experiment parse completely, as in `python -m <script>`; the decoder builds."""
+  pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+    [sys.executable, '-c', FULL_GIN_SCRIPT, script],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  parsed = {path: rest for path, *rest in json.loads(proc.stdout.strip().splitlines()[-1])}
+  expected = [e for e in COMMITTED if os.path.exists(os.path.join(REPO, e.model_gin))]
+  assert len(parsed) == len(expected) > 0
+  for exp in expected:
+    assert parsed[exp.path] == [exp.dataset, exp.train_steps, exp.model_spec.config_class]
