@@ -193,3 +193,50 @@ class XLConfig(BaseConfig):
   use_cache: bool = True
   # The reference Transformer-XL's feed-forward layers have no biases.
   ffn_bias: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorizingConfig(XLConfig):
+  """Memorizing Transformer, dense attention over a FIFO memory of past keys and values.
+
+  meliad `base_memory2.gin` + `memory2/mem_densekv_64k.gin`: XL layers plus one extra memory layer.
+  """
+
+  # XL layers in the stack; the memory layer comes on top of these (paper: 12 + 1).
+  num_layers: int = 12
+  # The memory layer is inserted after XL layer `memory_layer_index` (0-based).
+  memory_layer_index: int = 6
+  # Key/value slots of the FIFO memory per batch row; a positive multiple of the segment length.
+  memory_size: int = 65536
+  # 0 = dense attention over every memory slot (the reference); k > 0 = each query attends only
+  # to its k highest-logit memory slots (exact top-k, the original kNN-style variant).
+  memory_top_k: int = 0
+  # The reference Memorizing Transformer's feed-forward layers have biases.
+  ffn_bias: bool = True
+
+  def num_windows(self, segment_length: int) -> int:
+    """Windows per segment; also checks that the memory holds whole segments."""
+    windows = super().num_windows(segment_length)
+    if self.memory_size % segment_length:
+      raise ValueError(
+        f'MemorizingConfig.memory_size={self.memory_size} is not a multiple of the segment '
+        f'length {segment_length}: the memory is written one whole segment at a time; set '
+        f'memory_size to a multiple of {segment_length} (e.g. '
+        f'{max(1, self.memory_size // segment_length) * segment_length}) or change the segment '
+        'length.'
+      )
+    return windows
+
+  def _check(self):
+    super()._check()
+    self._check_positive('memory_size')
+    self._need(
+      isinstance(self.memory_layer_index, int) and 0 <= self.memory_layer_index < self.num_layers,
+      'memory_layer_index',
+      f'must be in [0, num_layers={self.num_layers}): the memory layer goes after that XL layer.',
+    )
+    self._need(
+      isinstance(self.memory_top_k, int) and 0 <= self.memory_top_k <= self.memory_size,
+      'memory_top_k',
+      f'must be in [0, memory_size={self.memory_size}] (0 = dense attention over the memory).',
+    )

@@ -48,30 +48,48 @@ def l2_normalize(x: Array) -> Array:
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + EPS)
 
 
-def attend(
-  q: Array, k: Array, v: Array, temperature: Array, bias: Array | None, mask: Array | None
+def attention_logits(
+  q: Array, k: Array, temperature: Array, bias: Array | None, mask: Array | None
 ) -> Array:
-  """Cosine attention with a per-head temperature and an additive position bias.
+  """Cosine-attention logits |temperature| * (q.k + bias), masked keys at -1e6.
 
   Args:
-    q: [B, Nq, H, K] and k, v: [B, Nk, H, K]; q and k are L2-normalised per head.
-    temperature: [H]; logits are |temperature| * (q.k + bias).
+    q: [B, Nq, H, K] and k: [B, Nk, H, K], L2-normalised per head.
+    temperature: [H].
     bias: broadcastable to [B, H, Nq, Nk] (e.g. [H, Nq, Nk]), or None.
     mask: broadcastable to [B, H, Nq, Nk], True = visible, or None.
 
   Returns:
-    Attention probabilities [B, H, Nq, Nk] (float32). A row whose keys are all masked sums to 0.
+    Logits [B, H, Nq, Nk] (float32).
   """
-  del v  # The caller applies the probabilities (possibly after dropout).
   logits = jnp.einsum('bqhk,bnhk->bhqn', q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   logits = logits * jnp.abs(temperature.astype(jnp.float32))[:, None, None]
   if mask is not None:
     logits = jnp.where(mask, logits, MASKED)
+  return logits
+
+
+def safe_softmax(logits: Array) -> Array:
+  """Softmax over the last axis with an extra exp(-1000 - max) term in the normaliser.
+
+  Equals an ordinary softmax for a row with an unmasked key; a fully masked row sums to 0.
+  """
   top = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), FLOOR))
   weights = jnp.exp(logits - top)
   return weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(FLOOR - top))
+
+
+def attend(
+  q: Array, k: Array, v: Array, temperature: Array, bias: Array | None, mask: Array | None
+) -> Array:
+  """Attention probabilities [B, H, Nq, Nk] (float32) of `attention_logits` (same arguments).
+
+  A row whose keys are all masked sums to 0.
+  """
+  del v  # The caller applies the probabilities (possibly after dropout).
+  return safe_softmax(attention_logits(q, k, temperature, bias, mask))
 
 
 def apply_attention(probs: Array, v: Array) -> Array:

@@ -203,7 +203,7 @@ def main(argv=None) -> None:
 
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param, finalize_config=False)
   start = time.time()
   if args.finalize:
     result = finalize(args.task, args.split, args.out, args.num_workers)

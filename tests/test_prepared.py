@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 
 import gin
@@ -236,3 +237,43 @@ def test_workers_and_finalize_give_every_document(tmp_path):
     assert sorted(vocab.decode(t) for t in by_id.values()) == sorted(texts)
   finally:
     tasks.reset_config('text_corpus')
+
+
+def test_bench_stream_small(tmp_path):
+  from tasks import bench_stream
+
+  out = tmp_path / 'bench.json'
+  bench_stream.main(
+    [
+      '--num_docs=40',
+      '--min_tokens=100',
+      '--max_tokens=20000',
+      '--seconds=0.2',
+      '--repeats=1',
+      '--hosts=1',
+      '--batch_size=2',
+      '--chunk_length=512',
+      f'--json={out}',
+    ]
+  )
+  result = json.loads(out.read_text())
+  for key in ('tokens_per_sec', 'restore_sec_start', 'restore_sec_late', 'peak_rss_bytes'):
+    assert result[key] > 0, key
+  assert result['documents'] == 40
+  assert result['restore_late_step'] >= 0.8 * result['epoch_steps']
+
+
+def test_restore_refuses_changed_data(tmp_path):
+  write_synthetic(tmp_path / 'a', seed=0)
+  write_synthetic(tmp_path / 'b', seed=1)
+  it = PreparedStreamIterator(str(tmp_path / 'a'), batch_size=2, chunk_length=L)
+  for _ in range(5):
+    next(it)
+  other = PreparedStreamIterator(str(tmp_path / 'b'), batch_size=2, chunk_length=L)
+  with pytest.raises(ValueError, match='data_fingerprint'):
+    other.set_state(it.get_state())
+  state = it.get_state()
+  row = next(r for r in state['rows'] if r is not None)
+  row['checksum'] += 1
+  with pytest.raises(ValueError, match='the data changed'):
+    PreparedStreamIterator(str(tmp_path / 'a'), batch_size=2, chunk_length=L).set_state(state)

@@ -168,7 +168,8 @@ class XLDecoder(nn.Module):
     del prefill_lengths
     if decode or prefill:
       raise NotImplementedError(
-        'XLDecoder has no incremental decoding; use teacher-forced scoring (decode=False).'
+        f'{type(self).__name__} has no incremental decoding; use teacher-forced scoring '
+        '(decode=False).'
       )
     cfg = self.config
     tokens, sos = segment_inputs(cfg, decoder_input_tokens, decoder_segment_ids, start_of_sequence)
@@ -180,8 +181,14 @@ class XLDecoder(nn.Module):
       if cfg.use_cache:
         self.cache_keys[str(i)].end_segment(jax.lax.stop_gradient(cache[0]))
         self.cache_values[str(i)].end_segment(jax.lax.stop_gradient(cache[1]))
+      x = self.after_layer(i, x, sos, deterministic)
     y = self.dropout(self.final_norm(x), deterministic=deterministic)
     return tied_logits(y, self.embedding, cfg)
+
+  def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
+    """Extra computation after XL layer `layer` (none here; see the Memorizing decoder)."""
+    del layer, sos, deterministic
+    return x
 
   def read_cache(self, layer: int, sos: Array, dtype) -> KV:
     """The XL cache of `layer` for this segment (zeros at a document start or without cache)."""

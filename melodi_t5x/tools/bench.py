@@ -13,9 +13,12 @@ The same size flags serve every model; flags that do not apply to the chosen mod
 summary size for Transformer-XL) are accepted and ignored. `--num-layers` counts the ordinary
 layers, so a Memorizing Transformer has one layer more (its memory layer).
 Memory is carried from step to step (rows flagged as continuing their document after step 0), as
-in training. Reports the median tokens/s over the timed steps (after one warm-up step), the compile
-time, peak device memory, parameter count, model FLOPs utilisation when the device peak is known
-(or given with --peak-tflops), and the compile time for segments of 4, 8 and 16 windows.
+in training. The optimizer is training's (`training_optimizer`: T5X Adafactor as bound in
+gin/models/melodi_base.gin, momentum 0.9). Reports the median tokens/s over the timed steps (after
+one warm-up step), the compile time, peak device memory, parameter count, the analytic FLOPs of the
+step (`melodi_t5x.tools.flops`, by term) and the model FLOPs utilisation from them when the device
+peak is known (or given with --peak-tflops), and the compile time for segments of 4, 8 and 16
+windows.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from melodi_t5x import architectures
 from melodi_t5x import config as config_lib
 from melodi_t5x.config import MelodiConfig
 from melodi_t5x.memory import MEMORY
+from melodi_t5x.tools import flops as flops_lib
 
 # Dense bf16 peak of known accelerators, TFLOP/s (vendor figures).
 _PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v5': 197.0, 'TPU v6': 918.0}
@@ -120,6 +124,34 @@ def config_from_args(args: argparse.Namespace):
   return cfg
 
 
+def training_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
+  """T5X's Adafactor as bound in gin/models/melodi_base.gin, in optax.
+
+  `adafactor.Adafactor(decay_rate=0.8, beta1=0.9, step_offset=0)` with T5X's defaults: factored
+  second moments (dims >= 128), epsilon1 1e-30, updates scaled by max(RMS(param), 1e-3), update
+  RMS clipped to 1.0, momentum 0.9 in float32 (no debiasing), no weight decay. The learning rate
+  is a constant (training's warmup + cosine schedule does not change the cost of a step).
+  """
+  return optax.adafactor(
+    learning_rate=learning_rate,
+    min_dim_size_to_factor=128,
+    decay_rate=0.8,
+    decay_offset=0,
+    multiply_by_parameter_scale=True,
+    clipping_threshold=1.0,
+    momentum=0.9,
+    dtype_momentum=jnp.float32,
+    eps=1e-30,
+    factored=True,
+  )
+
+
+def analytic_flops(args: argparse.Namespace, cfg) -> dict[str, float]:
+  """Model FLOPs of one train step by term (see `melodi_t5x.tools.flops`), with 'total'."""
+  name = getattr(args, 'model', 'melodi')
+  return flops_lib.train_flops(name, cfg, args.batch_size, args.segment_length)
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation):
   """(params, opt_state, memory, batch, rng) -> (params, opt_state, memory, loss), jitted."""
 
@@ -186,9 +218,7 @@ def compile_seconds(model, optimizer, cfg, batch_size: int, length: int) -> floa
 def run(args: argparse.Namespace) -> dict:
   cfg = config_from_args(args)
   model = architectures.build_decoder(cfg)
-  optimizer = optax.adafactor(
-    learning_rate=0.01, decay_rate=0.8, multiply_by_parameter_scale=True, clipping_threshold=1.0
-  )
+  optimizer = training_optimizer()
   length, bsz = args.segment_length, args.batch_size
   params, opt_state, mem = jax.jit(_abstract_state(model, optimizer, bsz, length))(
     jax.random.PRNGKey(0)
@@ -200,9 +230,10 @@ def run(args: argparse.Namespace) -> dict:
   start = time.perf_counter()
   compiled = step.lower(params, opt_state, mem, batches[0], jax.random.PRNGKey(0)).compile()
   compile_sec = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  # Models without analytic FLOPs yet report no FLOPs and no MFU.
+  known = args.model in flops_lib.ANALYTIC_FLOPS
+  flop_terms = analytic_flops(args, cfg) if known else None
+  flops = flop_terms['total'] if known else None
 
   times = []
   for i in range(args.steps + 1):  # step 0 warms up
@@ -233,6 +264,8 @@ def run(args: argparse.Namespace) -> dict:
     'compile_sec': compile_sec,
     'peak_bytes': int(peak),
     'flops_per_step': flops,
+    'flops_per_token': flops / (bsz * length) if flops else None,
+    'flops_by_term': flop_terms,
     'mfu': flops / step_sec / (peak_tflops * 1e12) if flops and peak_tflops else None,
     'final_loss': float(loss),
   }
@@ -248,6 +281,8 @@ def main(argv=None) -> int:
   result = run(args)
   for key in ('model', 'device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
     print(f'{key:18s} {result[key]}')
+  per_token = result['flops_per_token']
+  print(f'{"flops_per_token":18s} {"n/a" if per_token is None else f"{per_token:.4g}"}')
   print(f'{"peak_bytes":18s} {result["peak_bytes"] / 2**20:.1f} MiB')
   print(f'{"mfu":18s} {result["mfu"]}')
   for w, sec in result['compile_sec_by_windows'].items():

@@ -1,0 +1,154 @@
+"""Analytic FLOPs of one train step, written out per architecture, and a matmul counter.
+
+Model FLOPs count the matrix multiplications the model performs (2 FLOPs per multiply-add), as
+in the usual "6 x parameters x tokens" rule: a train step is 3 forward passes (forward, and a
+backward pass of twice the forward's cost). Elementwise work (norms, softmax, gates) is not
+counted. Attention is counted as computed: the full query x key matrix of every window, masked
+entries included.
+
+Why not XLA's cost analysis: it counts the body of a `scan` once, so for MELODI (a scan over the
+windows of a segment) its FLOPs per token fall as the number of windows grows.
+
+`dot_flops(fn, *args)` counts the matmul FLOPs of a traced function from its jaxpr (scan bodies
+times their length); the tests check the analytic forward FLOPs against it.
+
+Notation: T segment length, W window, N = T / W windows, D embed dim, HK = heads x head dim,
+F MLP dim, V vocabulary rows, S summary tokens, M short-term memory, L long-term increment,
+Q long-term FIFO tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+
+from melodi_t5x.config import MelodiConfig, XLConfig
+
+# Forward + backward = 3 forward passes.
+TRAIN_FACTOR = 3
+
+
+def _layer_matmul_params(cfg) -> int:
+  """Matmul weights of one transformer block: Q, K, V, out (4 x D x HK) and the MLP (2 x D x F)."""
+  hk = cfg.num_heads * cfg.head_dim
+  return 4 * cfg.embed_dim * hk + 2 * cfg.embed_dim * cfg.mlp_dim
+
+
+def melodi_flops(cfg: MelodiConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of MELODI on `batch` rows of a `length`-token segment, by term.
+
+  Terms (each already x 3 for forward + backward):
+    dense: 6 x (block matmul weights of every layer + the tied output embedding V x D) x tokens.
+    summary_tokens: the S summary tokens of each window run through every layer's Q, K, V, out
+      and MLP like context tokens: 6 x layers x S x block weights, per window.
+    memory_keys: the M short-term memory tokens of a layer get keys and values: 6 x M x 2 x D x HK
+      per window and memory layer.
+    attention: per window and layer, queries [W+S] x keys [M+W+S]: 2 x 2 x (W+S)(M+W+S) HK
+      (logits and weighted values), x 3.
+    mixers: per window and memory layer, the summary and memory token mixers map W+S tokens to
+      S and M tokens: 2 x (W+S)(S+M) D, x 3.
+    long_term: per window and long-term layer, cross-attention of W+S queries to the Q FIFO
+      tokens (2 x 2 x (W+S) Q HK), the long mixer (W+S -> L tokens: 2 x (W+S) L D) and the keys
+      and values of the L new tokens (2 x 2 x L D HK); per segment, the keys and values of the
+      FIFO read from memory (2 x 2 x Q D HK). All x 3.
+  """
+  d, hk = cfg.embed_dim, cfg.num_heads * cfg.head_dim
+  w, s = cfg.window_length, cfg.summary_size
+  windows = cfg.num_windows(length) * batch
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2  # 2 FLOPs per multiply-add, x 3 for the train step
+  terms = dict.fromkeys(
+    ('dense', 'summary_tokens', 'memory_keys', 'attention', 'mixers', 'long_term'), 0.0
+  )
+  terms['dense'] = f * tokens * (cfg.num_layers * _layer_matmul_params(cfg) + cfg.vocab_size * d)
+  terms['summary_tokens'] = f * windows * cfg.num_layers * s * _layer_matmul_params(cfg)
+  q_fifo, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
+  for layer in range(cfg.num_layers):
+    m = cfg.short_memory_size(layer)
+    nq, nk = w + s, m + w + s
+    terms['memory_keys'] += f * windows * m * 2 * d * hk
+    terms['attention'] += f * windows * 2 * nq * nk * hk
+    if m:
+      terms['mixers'] += f * windows * nq * (s + m) * d
+    if cfg.is_long_term_layer(layer):
+      per_window = 2 * nq * q_fifo * hk + nq * inc * d + 2 * inc * d * hk
+      terms['long_term'] += f * (windows * per_window + batch * 2 * q_fifo * d * hk)
+  return terms
+
+
+def xl_flops(cfg: XLConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of Transformer-XL with a sliding window, by term.
+
+  Terms (x 3 for forward + backward):
+    dense: 6 x (block matmul weights of every layer + the tied output embedding V x D) x tokens.
+    attention: every token's query against the 2W keys of [previous window; window]:
+      2 x 2 x 2W x HK per token and layer, x 3.
+  """
+  d, hk = cfg.embed_dim, cfg.num_heads * cfg.head_dim
+  cfg.num_windows(length)
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2
+  return {
+    'dense': f * tokens * (cfg.num_layers * _layer_matmul_params(cfg) + cfg.vocab_size * d),
+    'attention': f * tokens * cfg.num_layers * 2 * (2 * cfg.window_length) * hk,
+  }
+
+
+# Analytic train-step FLOPs by architecture name (the bench's --model); each returns its terms.
+ANALYTIC_FLOPS: dict[str, Callable[..., dict[str, float]]] = {
+  'melodi': melodi_flops,
+  'xl': xl_flops,
+}
+
+
+def train_flops(name: str, cfg, batch: int, length: int) -> dict[str, float]:
+  """The terms of `ANALYTIC_FLOPS[name]` plus their sum under 'total'."""
+  if name not in ANALYTIC_FLOPS:
+    raise ValueError(
+      f'No analytic FLOPs for model {name!r}; known: {sorted(ANALYTIC_FLOPS)}. Add a function '
+      'writing out its matmuls to melodi_t5x.tools.flops.ANALYTIC_FLOPS.'
+    )
+  terms = ANALYTIC_FLOPS[name](cfg, batch, length)
+  return {**terms, 'total': float(sum(terms.values()))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting matmuls in a jaxpr (independent check of the formulas above).
+# ---------------------------------------------------------------------------------------------
+
+
+def _dot_general_flops(eqn) -> int:
+  lhs, rhs = (v.aval.shape for v in eqn.invars)
+  (_, rhs_contract), (_, rhs_batch) = eqn.params['dimension_numbers']
+  rhs_free = [n for i, n in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+  return 2 * math.prod(lhs) * math.prod(rhs_free)
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def jaxpr_dot_flops(jaxpr) -> int:
+  """Matmul FLOPs of a jaxpr: dot_general ops, sub-jaxprs included, scan bodies x length."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      total += _dot_general_flops(eqn)
+    elif name == 'while':
+      raise ValueError('jaxpr_dot_flops: a while loop has no static trip count.')
+    inner = sum(jaxpr_dot_flops(j) for j in _sub_jaxprs(eqn.params))
+    total += inner * (eqn.params['length'] if name == 'scan' else 1)
+  return total
+
+
+def dot_flops(fn: Callable, *args) -> int:
+  """Matmul FLOPs of `fn(*args)` as traced (args may be `jax.ShapeDtypeStruct`s)."""
+  return jaxpr_dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
