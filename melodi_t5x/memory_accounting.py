@@ -102,17 +102,16 @@ def _xl(cfg: config_lib.XLConfig) -> list[MemoryComponent]:
 
 
 def _memorizing(cfg) -> list[MemoryComponent]:
-  w, kv = cfg.window_length, _kv_width(cfg)
+  w, kv, layers = cfg.window_length, _kv_width(cfg), cfg.num_layers
   external = cfg.memory_size * kv
   return [
-    _xl_caches(cfg, cfg.num_layers),
     MemoryComponent(
-      'memory layer XL cache',
-      f'1 layer x {w} tokens x (keys + values)',
-      w * kv,
-      0,
-      note='the reference memory layer owns an XL cache it never reads or writes; the paper '
-      'counts it (13 caches), we do not allocate it',
+      'XL caches',
+      f'{layers + 1} layers ({layers} + the memory layer) x {w} tokens x (keys + values)',
+      (layers + 1) * w * kv,
+      layers * w * kv,
+      note=f'we allocate {layers}: the reference memory layer owns an XL cache it never reads or '
+      'writes, which the paper counts',
     ),
     MemoryComponent(
       'external memory',

@@ -161,7 +161,8 @@ class MemoryTrainer(trainer_lib.Trainer):
     if self._streaming_step is None:
       self._streaming_step = self._make_streaming_step()
     train_state = self.train_state
-    if not train_state.flax_mutables:
+    # A memory decoder may carry nothing (e.g. XLConfig.use_cache=False): it streams with no state.
+    if not train_state.flax_mutables and not isinstance(self._model, t5x_model.MemoryDecoderModel):
       raise ValueError(
         'The train state has no flax_mutables (memory); MemoryTrainer needs a model with carried '
         'memory: melodi_t5x.t5x_model.MemoryDecoderModel with a memory decoder module.'

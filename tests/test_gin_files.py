@@ -172,6 +172,7 @@ def test_gin_folders_and_gin_config_not_shadowed():
 QUICKSTART_MODULES = {
   None: ('MelodiDecoder', 'melodi_tiny.gin'),
   '@xl.XLDecoder()': ('XLDecoder', 'xl_tiny.gin'),
+  '@memorizing.MemorizingDecoder()': ('MemorizingDecoder', 'memorizing_tiny.gin'),
 }
 
 
