@@ -107,23 +107,25 @@ def test_loss_fn_carries_memory_with_unchanged_tree(name):
   tokens = np.random.RandomState(0).randint(1, V, (3, B, 2 * W + 1)).astype(np.int32)
 
   @jax.jit
-  def step(params, mutables, chunk, sos):
+  def step(params, mutables, chunk, index, sos):
     batch = {
       'decoder_input_tokens': chunk[:, :-1],
       'decoder_target_tokens': chunk[:, 1:],
       'decoder_loss_weights': jnp.ones(chunk[:, 1:].shape, jnp.float32),
       'start_of_sequence': sos,
+      'document_id': jnp.arange(B),  # row r streams document r: chunk 0, then chunk 1
+      'chunk_index': jnp.full((B,), index),
     }
     loss, (_, new) = model.loss_fn(params, batch, None, mutables)
     return loss, new
 
   params = variables['params']
-  _, after_first = step(params, mutables, tokens[0], jnp.ones(B, bool))
+  _, after_first = step(params, mutables, tokens[0], 0, jnp.ones(B, bool))
   assert jax.tree_util.tree_structure(after_first) == jax.tree_util.tree_structure(mutables)
   for new, old in zip(jax.tree_util.tree_leaves(after_first), jax.tree_util.tree_leaves(mutables)):
     assert new.shape == old.shape and new.dtype == old.dtype
-  carried, _ = step(params, after_first, tokens[1], jnp.zeros(B, bool))
-  reset, _ = step(params, after_first, tokens[1], jnp.ones(B, bool))
+  carried, _ = step(params, after_first, tokens[1], 1, jnp.zeros(B, bool))
+  reset, _ = step(params, after_first, tokens[1], 1, jnp.ones(B, bool))
   if name == 'xl_nocache':
     assert float(carried) == float(reset)  # nothing is carried
   else:
