@@ -154,6 +154,8 @@ class TransformerBlock(nn.Module):
 
   # Whether this layer owns a T5 relative-position table (overridden by layers without positions).
   has_relpos: ClassVar[bool] = True
+  # Whether this layer has the residual MLP (False for blocks that end after the attention output).
+  has_ffn: ClassVar[bool] = True
 
   def setup(self):
     self.setup_block()
@@ -178,9 +180,10 @@ class TransformerBlock(nn.Module):
         cfg.param_dtype,
       )
     self.out = Dense(cfg.embed_dim, ('joined_kv', 'embed'), cfg)
-    self.ffn_norm = RMSNorm(cfg)
-    self.ffn_in = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, use_bias=cfg.ffn_bias)
-    self.ffn_out = Dense(cfg.embed_dim, ('mlp', 'embed'), cfg, use_bias=cfg.ffn_bias)
+    if self.has_ffn:
+      self.ffn_norm = RMSNorm(cfg)
+      self.ffn_in = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, use_bias=cfg.ffn_bias)
+      self.ffn_out = Dense(cfg.embed_dim, ('mlp', 'embed'), cfg, use_bias=cfg.ffn_bias)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.attn_dropout = nn.Dropout(cfg.attention_dropout_rate)
 

@@ -2,7 +2,8 @@
 
 The reference is meliad `base_memory2.gin` + `memory2/mem_densekv_64k.gin`. Reads top-down: the
 joint memory attention of one block of queries, the memory layer, then the decoder. Notation:
-B batch rows, T segment length, W window, M memory slots, H heads, K head dim, D embed dim.
+B batch rows, T segment length, W window, Q queries per block, M memory slots, H heads, K head
+dim, D embed dim.
 
 The stack is the Transformer-XL stack (`xl.XLLayer`, each with its XL cache) plus one extra
 *memory layer* inserted after XL layer `memory_layer_index` (`num_layers` counts XL layers only).
@@ -35,10 +36,12 @@ logits plus the causal in-segment keys, the retrieval of the original Memorizing
 without approximate search. k = M equals dense attention.
 
 Memory efficiency: the logits over the memory are [B, H, T, M] for a whole segment (8.6 GB in fp32
-per row at M=65536, T=4096, H=8). The queries are instead processed one window at a time
-(`lax.map` over the T/W windows, each block under `jax.checkpoint` so that the backward pass
-recomputes it instead of storing every window's probabilities): the peak is one window's
-[B, H, W, M + T] logits and probabilities (1.1 GB each in fp32 per row at W=512).
+per row at M=65536, T=4096, H=8). The queries are instead processed in blocks of
+`memory_query_block` (default: one window W): `lax.map` over the blocks, each under
+`jax.checkpoint` so that the backward pass recomputes a block instead of storing every block's
+probabilities. The peak is then a few arrays of one block's [B, H, Q, M + T] (measured on CPU: the
+temporaries of a train step's gradient are about 5x one block's fp32 logits). At the paper size
+one block of Q = W = 512 queries is 1.1 GB of logits per row; Q = 128 makes it 0.29 GB.
 """
 
 from __future__ import annotations
@@ -126,12 +129,12 @@ class MemoryLayer(TransformerBlock):
     return self.residual_mlp(x, o, deterministic), (k, v)
 
   def memory_attention(self, q: Array, k: Array, v: Array, slots: KV, deterministic: bool):
-    """Joint attention output [B, T, H, K], one window of queries at a time (see module doc)."""
+    """Joint attention output [B, T, H, K], one block of queries at a time (see module doc)."""
     cfg = self.config
-    length, w = q.shape[1], cfg.window_length
+    length, w = q.shape[1], cfg.memory_query_block or cfg.window_length
     n = length // w
     positions = np.arange(length)
-    visible = positions[None, None, :] < positions.reshape(n, w)[:, :, None]  # [N, W, T]
+    visible = positions[None, None, :] < positions.reshape(n, w)[:, :, None]  # [N, Q, T]
     rate = cfg.attention_dropout_rate
     rngs = None
     if not deterministic and rate > 0:
@@ -139,7 +142,7 @@ class MemoryLayer(TransformerBlock):
     temperature = self.temperature
 
     def block(inputs):
-      qw, vis, rng = inputs  # [B, W, H, K], [W, T], key or None
+      qw, vis, rng = inputs  # [B, Q, H, K], [Q, T], key or None
       probs, mem_values, _ = joint_memory_attention(
         qw, k, v, slots, temperature, vis, cfg.memory_top_k
       )
@@ -148,7 +151,7 @@ class MemoryLayer(TransformerBlock):
         probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
       return weigh_values(probs, mem_values, v)
 
-    qs = windowed(q, w).swapaxes(0, 1)  # [N, B, W, H, K]
+    qs = windowed(q, w).swapaxes(0, 1)  # [N, B, Q, H, K]
     o = jax.lax.map(jax.checkpoint(block, prevent_cse=False), (qs, visible, rngs))
     return o.swapaxes(0, 1).reshape(q.shape)
 

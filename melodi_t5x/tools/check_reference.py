@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from melodi_t5x.architectures.brt import BRTDecoder
 from melodi_t5x.architectures.melodi import MelodiDecoder
 from melodi_t5x.architectures.memorizing import MemorizingDecoder
 from melodi_t5x.architectures.xl import XLDecoder
-from melodi_t5x.config import MelodiConfig, MemorizingConfig, XLConfig
+from melodi_t5x.config import BRTConfig, MelodiConfig, MemorizingConfig, XLConfig
 
 FORWARD_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
@@ -115,6 +116,39 @@ MEMORIZING_PARAM_RULES: list[tuple[str, str]] = [
 ]
 
 
+# Block-Recurrent Transformer (meliad `memory/transformer_layer.TransformerLayer` in a
+# `memory/decoder_stack.DecoderStack`): no `layer_stack`, the pre-attention norm inside `_kvq`, the
+# recurrent layer's token side under `tbase` and its state block under `recurrent_tbase`.
+_BRT = r'transformer(?P<i>\d+)/'
+BRT_PARAM_RULES: list[tuple[str, str]] = [
+  (r'embed/embedding', 'embedding'),
+  (r'final_layernorm/scale', 'final_norm/scale'),
+  (_BRT + r'relative_positions/rel_embedding', 'layers_{i}/relpos_bias'),
+  (_BRT + r'recurrent_initial_state', 'layers_{i}/initial_state'),
+  (
+    _BRT + r'recurrent_tbase/_kvq/position_embeddings',
+    'layers_{i}/state_block/position_embeddings',
+  ),
+  (_BRT + r'recurrent_tbase/post_attn_mlp/gate_bias', 'layers_{i}/state_block/gate_bias'),
+] + [
+  (_BRT + ref + rest, f'layers_{{i}}/{ours}' + target)
+  for ref, ours in (('tbase/', ''), ('recurrent_tbase/', 'state_block/'))
+  for rest, target in (
+    (r'_kvq/pre_attn_layernorm/scale', 'attn_norm/scale'),
+    (r'_kvq/queries_layer/kernel', 'query/kernel'),
+    (r'_kvq/queries2_layer/kernel', 'query2/kernel'),
+    (r'_kvq/keys_layer/kernel', 'key/kernel'),
+    (r'_kvq/values_layer/kernel', 'value/kernel'),
+    (r'_kvq/attention_scale', 'temperature'),
+    (r'attention_scale2', 'temperature2'),
+    (r'post_attn_mlp/output_layer/kernel', 'out/kernel'),
+    (r'pre_ffn_layernorm/scale', 'ffn_norm/scale'),
+    (r'ffn/hidden0/kernel', 'ffn_in/kernel'),
+    (r'ffn/output_layer/kernel', 'ffn_out/kernel'),
+  )
+]
+
+
 def _melodi_state(ref_key: str) -> tuple[str, ...] | None:
   match = re.fullmatch(
     r'state/layer_stack/melodi_layers_(\d+)/(short|long)_memory/previous_mems_train', ref_key
@@ -169,6 +203,14 @@ def _memorizing_state_pairs(ours: dict, states: dict[str, np.ndarray]) -> dict[s
   return pairs
 
 
+def _brt_state(ref_key: str) -> tuple[str, ...] | None:
+  match = re.fullmatch(r'state/transformer(\d+)/previous_(keys|values)_train', ref_key)
+  if match is not None:
+    return (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+  match = re.fullmatch(r'state/transformer(\d+)/recurrent_state_train', ref_key)
+  return None if match is None else ('recurrent_state', 'value')
+
+
 def melodi_config_from_fixture(meta: dict) -> MelodiConfig:
   """Builds our MELODI config from a fixture's `config_json`."""
   layers = tuple(int(i) for i in meta.get('long_term_memory_layer_indices') or ())
@@ -203,6 +245,27 @@ def memorizing_config_from_fixture(meta: dict) -> MemorizingConfig:
     **{f.name: getattr(xl, f.name) for f in dataclasses.fields(XLConfig) if f.name != 'ffn_bias'},
     memory_layer_index=int(meta['memory_layer_index']),
     memory_size=int(meta['memory_size']),
+  )
+
+
+def brt_config_from_fixture(meta: dict) -> BRTConfig:
+  """Builds our Block-Recurrent Transformer config from a fixture's `config_json`."""
+  expected = {
+    'recurrent_gate_type': 'bias',
+    'recurrent_single_gate': False,
+    'recurrent_skip_ffn': True,
+    'feedback_recurrence': False,
+  }
+  for key, value in expected.items():
+    if meta.get(key, value) != value:
+      raise ValueError(
+        f'BRT fixture has {key}={meta[key]!r}; only "fixed:skip" ({value!r}) is built'
+      )
+  xl_config_from_fixture(meta)  # checks the XL cache length
+  return BRTConfig(
+    **_base_sizes(meta),
+    recurrent_layer_index=int(meta['recurrent_layer_index']),
+    num_states=int(meta['recurrent_num_states']),
   )
 
 
@@ -261,6 +324,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     _xl_state,
     _memorizing_state_pairs,
   ),
+  'brt': Architecture(brt_config_from_fixture, BRTDecoder, BRT_PARAM_RULES, _brt_state),
 }
 
 
