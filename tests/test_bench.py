@@ -35,9 +35,6 @@ def test_bench_rejects_bad_sizes_before_compiling():
 
 @pytest.mark.parametrize('model', ['xl', 'memorizing', 'brt'])
 def test_bench_runs_every_baseline(model, tmp_path):
-  name = {'xl': 'XLConfig', 'memorizing': 'MemorizingConfig', 'brt': 'BRTConfig'}[model]
-  if not hasattr(config_lib, name):
-    pytest.skip(f'{name} is not merged yet')
   out = tmp_path / 'bench.json'
   flags = ['--model', model, '--memory-size', '64', '--num-states', '4', '--compile-windows', '']
   assert bench.main(TINY + flags + ['--json', str(out)]) == 0
@@ -54,9 +51,7 @@ def test_bench_flags_of_other_models_are_ignored():
   ).use_cache
   # Paper layer counts when --num-layers is not given; relative layer indices follow them.
   assert bench.config_from_args(bench.parse_args(['--model', 'xl'])).num_layers == 13
-  if hasattr(config_lib, 'MemorizingConfig'):
-    cfg = bench.config_from_args(bench.parse_args(['--model', 'memorizing']))
-    assert (cfg.num_layers, cfg.memory_layer_index, cfg.memory_size) == (12, 6, 65536)
-  if hasattr(config_lib, 'BRTConfig'):
-    cfg = bench.config_from_args(bench.parse_args(['--model', 'brt']))
-    assert (cfg.num_layers, cfg.recurrent_layer_index, cfg.num_states) == (12, 9, 512)
+  cfg = bench.config_from_args(bench.parse_args(['--model', 'memorizing']))
+  assert (cfg.num_layers, cfg.memory_layer_index, cfg.memory_size) == (12, 6, 65536)
+  cfg = bench.config_from_args(bench.parse_args(['--model', 'brt']))
+  assert (cfg.num_layers, cfg.recurrent_layer_index, cfg.num_states) == (12, 9, 512)

@@ -83,18 +83,10 @@ BASELINES = {
   'brt.gin': ('BRTDecoder', 'Block-Recurrent', {}),
 }
 PAPER_MODELS = {m.name: m for m in memory_accounting.PAPER_MODELS}
-NEEDS = {'memorizing.gin': 'MemorizingConfig', 'brt.gin': 'BRTConfig'}
-
-
-def _skip_if_not_merged(gin_file: str):
-  name = NEEDS.get(gin_file.replace('_tiny', ''))
-  if name and not hasattr(config_lib, name):
-    pytest.skip(f'{name} is not merged yet')
 
 
 @pytest.mark.parametrize('gin_file', sorted(BASELINES))
 def test_baseline_model_files_build_the_paper_models(gin_file, tmp_path, monkeypatch):
-  _skip_if_not_merged(gin_file)
   decoder, paper_name, changes = BASELINES[gin_file]
   module = _model_module(gin_file, tmp_path, monkeypatch)
   assert type(module).__name__ == decoder
@@ -109,7 +101,6 @@ def test_baseline_model_files_build_the_paper_models(gin_file, tmp_path, monkeyp
 
 @pytest.mark.parametrize('name', ['xl', 'memorizing', 'brt'])
 def test_tiny_baseline_files_match_the_tiny_melodi_sizes(name, tmp_path, monkeypatch):
-  _skip_if_not_merged(f'{name}.gin')
   tiny = _model_config(f'{name}_tiny.gin', tmp_path, monkeypatch)
   paper = _model_config(f'{name}.gin', tmp_path, monkeypatch)
   melodi = _model_config('melodi_tiny.gin', tmp_path, monkeypatch)
@@ -173,6 +164,7 @@ QUICKSTART_MODULES = {
   None: ('MelodiDecoder', 'melodi_tiny.gin'),
   '@xl.XLDecoder()': ('XLDecoder', 'xl_tiny.gin'),
   '@memorizing.MemorizingDecoder()': ('MemorizingDecoder', 'memorizing_tiny.gin'),
+  '@brt.BRTDecoder()': ('BRTDecoder', 'brt_tiny.gin'),
 }
 
 

@@ -26,10 +26,6 @@ PAPER = {
 }
 
 
-def _available(models):
-  return [m for m in models if hasattr(config_lib, m.config_class)]
-
-
 @pytest.fixture(scope='module')
 def table():
   """The tool's rows at the paper size (abstract init of every paper model, batch 2)."""
@@ -72,7 +68,7 @@ def _expected_allocation(cfg, paper_floats: int) -> int:
 
 
 def test_paper_size_allocation_against_paper_view(table):
-  for model in _available(acc.PAPER_MODELS):
+  for model in acc.PAPER_MODELS:
     row = table[model.name]
     cfg = model.config()
     floats = row['allocated_elements'].get('float32', 0)
@@ -99,10 +95,8 @@ def _tiny_configs():
   yield config_lib.XLConfig(**TINY)
   yield config_lib.XLConfig(**{**TINY, 'num_heads': 3, 'head_dim': 4})
   yield config_lib.XLConfig(**TINY, use_cache=False)
-  if hasattr(config_lib, 'MemorizingConfig'):
-    yield config_lib.MemorizingConfig(**TINY, memory_layer_index=1, memory_size=16)
-  if hasattr(config_lib, 'BRTConfig'):
-    yield config_lib.BRTConfig(**TINY, recurrent_layer_index=1, num_states=3)
+  yield config_lib.MemorizingConfig(**TINY, memory_layer_index=1, memory_size=16)
+  yield config_lib.BRTConfig(**TINY, recurrent_layer_index=1, num_states=3)
 
 
 @pytest.mark.parametrize('cfg', list(_tiny_configs()), ids=lambda c: type(c).__name__)

@@ -45,10 +45,8 @@ def _configs():
   )
   yield 'xl', config_lib.XLConfig(**SIZES)
   yield 'xl_nocache', config_lib.XLConfig(**SIZES, use_cache=False)
-  if hasattr(config_lib, 'MemorizingConfig'):
-    yield 'memorizing', config_lib.MemorizingConfig(**SIZES, memory_layer_index=0, memory_size=64)
-  if hasattr(config_lib, 'BRTConfig'):
-    yield 'brt', config_lib.BRTConfig(**SIZES, recurrent_layer_index=0, num_states=4)
+  yield 'memorizing', config_lib.MemorizingConfig(**SIZES, memory_layer_index=0, memory_size=64)
+  yield 'brt', config_lib.BRTConfig(**SIZES, recurrent_layer_index=0, num_states=4)
 
 
 CONFIGS = dict(_configs())

@@ -6,9 +6,10 @@ Usage:
 
 Defaults are the paper's sizes (d=1024, 8x128 heads, MLP 4096, vocab 32128, segment 4096 = 8
 windows of 512, bfloat16 compute): MELODI S128+L64 (13 layers, long-term FIFO of 8192 tokens at
-layer 6), Transformer-XL (13 layers; `--no-cache` gives the memory-free lower bound), the Memorizing
-Transformer (12 ordinary layers plus the memory layer after layer num_layers // 2, 65536 slots,
-dense) and the Block-Recurrent Transformer (12 layers, recurrent layer num_layers - 3, 512 states).
+layer 6), Transformer-XL (13 layers; `--no-cache` gives the memory-free lower bound), the
+Memorizing Transformer (12 ordinary layers plus the memory layer after layer num_layers // 2,
+65536 slots, dense) and the Block-Recurrent Transformer (12 layers, recurrent layer
+max(0, num_layers - 3), 512 states).
 The same size flags serve every model; flags that do not apply to the chosen model (e.g. the
 summary size for Transformer-XL) are accepted and ignored. `--num-layers` counts the ordinary
 layers, so a Memorizing Transformer has one layer more (its memory layer).
@@ -64,7 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   add('--memory-size', type=int, default=65536, help='memorizing: key/value slots per row')
   add('--memory-top-k', type=int, default=0, help='memorizing: 0 = dense, k > 0 = exact top-k')
   add('--memory-layer-index', type=int, default=None, help='memorizing: default num_layers // 2')
-  add('--recurrent-layer-index', type=int, default=None, help='brt: default num_layers - 3')
+  add(
+    '--recurrent-layer-index',
+    type=int,
+    default=None,
+    help='brt: default num_layers - 3 (0 if negative)',
+  )
   add('--num-states', type=int, default=512, help='brt: recurrent state vectors')
   add('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   add('--batch-size', type=int, default=1)
@@ -118,7 +124,7 @@ def config_from_args(args: argparse.Namespace):
       memory_top_k=args.memory_top_k,
     )
   else:
-    index = layers - 3 if args.recurrent_layer_index is None else args.recurrent_layer_index
+    index = max(0, layers - 3) if args.recurrent_layer_index is None else args.recurrent_layer_index
     cfg = config_lib.BRTConfig(**base, recurrent_layer_index=index, num_states=args.num_states)
   cfg.num_windows(args.segment_length)  # validate before compiling anything
   return cfg

@@ -28,8 +28,6 @@ def rows(batch_size: int = 1, dtype: str = 'float32') -> list[dict]:
   """One dict per paper model: components, exact floats, printed value, bytes, parameters."""
   out = []
   for model in acc.PAPER_MODELS:
-    if not hasattr(acc.config_lib, model.config_class):  # not merged yet
-      continue
     cfg = model.config(dtype=dtype)
     variables = acc.abstract_variables(cfg, batch_size)
     allocated = acc.allocated_memory(cfg, batch_size, variables=variables)
