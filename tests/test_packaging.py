@@ -37,7 +37,10 @@ if sys.argv[2] == 't5x':
 else:
   gin.add_config_file_search_path(root)
   gin.parse_config_files_and_bindings(
-    ['gin/models/melodi_tiny.gin'], ["MIXTURE_OR_TASK_NAME = 'local_books'"], skip_unknown=True
+    ['gin/models/melodi_tiny.gin'],
+    ["MIXTURE_OR_TASK_NAME = 'local_books'"],
+    skip_unknown=['adafactor.Adafactor', 't5x_model.MemoryDecoderModel'],
+    finalize_config=False,
   )
   steps = None
 import melodi_t5x
