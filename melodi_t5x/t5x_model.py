@@ -30,6 +30,7 @@ reset because they did not continue their memory's document, summed over steps).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ from t5x import losses, models
 from t5x import metrics as metrics_lib
 
 from melodi_t5x import t5x_data
+from tasks import vocab as vocab_lib
 
 MEMORY = 'memory'
 INTERMEDIATES = 'intermediates'
@@ -106,8 +108,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
 
   The module (e.g. `melodi_t5x.model.MelodiDecoder`) must accept a `start_of_sequence: [B]`
   keyword and keep its memory in the `memory` collection with leading batch axis. Construct it as
-  a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). Incremental decoding is
-  not supported: memory decoders are evaluated by teacher-forced scoring.
+  a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). `predict_batch_with_aux`
+  samples continuations with the module's incremental decoding (`prefill` / `decode`).
 
   `MelodiModel` is the same class under its former name (gin files may use either).
 
@@ -135,7 +137,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     misaligned_rows: str = 'reset',
     allow_stateless_scoring: bool = False,
   ):
-    """Arguments as for `t5x.models.DecoderOnlyModel` (decode_fn is unused), plus the two above."""
+    """Arguments as for `t5x.models.DecoderOnlyModel`, plus the two above."""
     if misaligned_rows not in MISALIGNED_MODES:
       raise ValueError(
         f'MemoryDecoderModel.misaligned_rows={misaligned_rows!r}: use one of {MISALIGNED_MODES}.'
@@ -147,6 +149,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
         'MemoryDecoderModel.inputs_bidirectional_attention=True: memory decoders are causal LMs; '
         'leave inputs_bidirectional_attention False.'
       )
+    if vocabulary is not None:
+      vocab_lib.check_embedding_fits(vocabulary.vocab_size, getattr(module, 'config', None))
     kwargs = {} if decode_fn is None else {'decode_fn': decode_fn}
     super().__init__(
       module=module,
@@ -414,11 +418,77 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       return scores, {'token_scores': token_scores}
     return scores
 
-  def predict_batch_with_aux(self, *args, **kwargs):
-    raise NotImplementedError(
-      'MemoryDecoderModel does not decode: there is no incremental-decoding cache. Evaluate with '
-      'teacher-forced scoring (t5x_eval.MemoryTrainer, or infer mode="score").'
+  # -- generation ------------------------------------------------------------------------------
+
+  def predict_batch_with_aux(
+    self,
+    params: PyTree,
+    batch: Mapping[str, Array],
+    rng: Array | None = None,
+    *,
+    return_all_decodes: bool = False,
+    num_decodes: int = 1,
+    decoder_params: Mapping[str, Any] | None = None,
+    memory: PyTree | None = None,
+  ):
+    """Continues each row's prompt with `decode_fn` (T5X's `DecoderOnlyModel` convention).
+
+    The prompt of row b is `decoder_input_tokens[b]` where `decoder_causal_attention[b]` is 1
+    (T5X's prefix-LM features; `decoder_input_tokens[:, 0]` is the first input, for our tasks the
+    start-of-document token). The module reads it with `prefill=True` (complete windows through
+    the training path, the rest into the `cache` collection), then `decode_fn` (default
+    `t5x.decoding.temperature_sample`) calls it with `decode=True` one token at a time;
+    `decoder_params` go to `decode_fn` (e.g. `{'temperature': 0.0}` is greedy, `'topk'`).
+
+    `memory` (the `memory` collection, e.g. from streaming the start of a long document through
+    `apply_with_memory`) is continued for rows whose `batch['start_of_sequence']` is False;
+    without it, or without that feature, every row starts from empty memory. The checkpoint's
+    training memory is never used.
+
+    Returns:
+      The continuations `[B, L]` (or `[B, num_decodes, L]` with `return_all_decodes`), prompt
+      removed and left-aligned, and `{'scores': log-probabilities of the samples}`.
+    """
+    if 'decoder_causal_attention' not in batch:
+      raise ValueError(
+        'predict_batch_with_aux needs decoder_causal_attention (1 on the prompt): use a feature '
+        "converter for 'inputs' + 'targets' tasks, e.g. MemoryDecoderModel.feature_converter_cls "
+        '= @t5x_generate.PromptFeatureConverter (see gin/infer.gin).'
+      )
+    prompt = batch['decoder_input_tokens'] * batch['decoder_causal_attention']
+    lengths = jnp.sum(prompt[:, 1:] != 0, axis=-1).astype(jnp.int32)  # T5X's prefill lengths
+    variables = {'params': params}
+    sos = batch.get('start_of_sequence')
+    if memory is not None and sos is not None:
+      variables[MEMORY] = {k: v for k, v in memory.items() if k != POSITION}
+    _, prefilled = self.module.apply(
+      variables,
+      prompt,
+      prefill=True,
+      prefill_lengths=lengths,
+      start_of_sequence=sos if MEMORY in variables else None,
+      enable_dropout=False,
+      mutable=['cache'],
     )
+    decoder_params = dict(decoder_params or {})
+    if rng is not None:
+      if decoder_params.get('decode_rng') is not None:
+        raise ValueError('Give the decoding rng either as `rng` or as decoder_params, not both.')
+      decoder_params['decode_rng'] = rng
+    decoder_params.setdefault('eos_id', self.output_vocabulary.eos_id or 1)
+    decodes, scores = self._decode_fn(
+      inputs=prompt,
+      cache=prefilled['cache'],
+      tokens_to_logits=functools.partial(
+        self._compute_logits_from_slice, params=params, max_decode_length=prompt.shape[1]
+      ),
+      num_decodes=num_decodes,
+      initial_index=lengths,
+      **decoder_params,
+    )
+    if not return_all_decodes:  # the most likely sample (decodes are sorted by score)
+      decodes, scores = decodes[:, -1], scores[:, -1]
+    return models.remove_prefix(decodes, lengths), {'scores': scores}
 
 
 def _raise_if_misaligned(misaligned, document, chunk, memory_document) -> None:
