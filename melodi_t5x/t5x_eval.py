@@ -95,10 +95,19 @@ def padding_batch(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _gin_bindings(configurable, resolve: bool) -> dict[str, Any]:
+  """The gin bindings of `configurable` ({} if it is not registered with gin).
+
+  With `resolve`, references are evaluated (e.g. `@t5x_schedule.warmup_cosine()`); an error
+  raised while evaluating one (such as the schedule's own validation) propagates, so it is never
+  mistaken for "no binding".
+  """
   try:
-    return dict(gin.get_bindings(configurable, resolve_references=resolve))
+    unresolved = dict(gin.get_bindings(configurable, resolve_references=False))
   except (ValueError, KeyError, TypeError):  # not registered with gin: no bindings
     return {}
+  if not resolve or not unresolved:
+    return unresolved
+  return dict(gin.get_bindings(configurable, resolve_references=True))
 
 
 def forward_trainer_bindings(cls, given: dict[str, Any]) -> dict[str, Any]:
