@@ -23,6 +23,7 @@ def test_bench_writes_json(tmp_path):
   assert result['tokens_per_sec'] > 0 and result['compile_sec'] > 0 and result['peak_bytes'] > 0
   assert result['params'] > 0 and set(result['compile_sec_by_windows']) == {'1', '2'}
   assert result['final_loss'] > 0
+  assert result['flops_per_token'] > 0 and result['xla_memory']['peak_estimate'] > 0
 
 
 def test_bench_rejects_bad_sizes_before_compiling():
@@ -30,3 +31,15 @@ def test_bench_rejects_bad_sizes_before_compiling():
     bench.config_from_args(bench.parse_args(TINY + ['--long-term-memory-size', '7']))
   with pytest.raises(ValueError, match='window_length'):
     bench.config_from_args(bench.parse_args(TINY + ['--segment-length', '30']))
+
+
+def test_remat_sweep_reports_memory_for_every_setting(tmp_path, capsys):
+  out = tmp_path / 'sweep.json'
+  assert bench.main(TINY + ['--steps', '0', '--remat-sweep', '--json', str(out)]) == 0
+  result = json.loads(out.read_text())['remat']
+  assert set(result) == {'none', 'window', 'layer'}
+  for entry in result.values():
+    memory = entry['memory']
+    assert memory['temp'] > 0 and memory['peak_estimate'] >= memory['argument'] > 0
+    assert 'step_sec_median' not in entry  # --steps 0: compile only
+  assert 'peak estimate GiB' in capsys.readouterr().out

@@ -32,6 +32,7 @@ from melodi_t5x.layers import (
   RMSNorm,
   TransformerBlock,
   embedding_param,
+  layer_class,
   segment_inputs,
   t5_bucket,
   tied_logits,
@@ -137,7 +138,8 @@ class XLDecoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = embedding_param(self, cfg)
-    self.layers = [XLLayer(cfg) for _ in range(cfg.num_layers)]
+    layer = layer_class(XLLayer, cfg, deterministic_argnum=3, in_scan=False)
+    self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.use_cache:

@@ -52,6 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   add('--long-term-memory-layer', type=int, nargs='*', default=[6], help='none: short-term only')
   add('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   add('--batch-size', type=int, default=1)
+  add('--remat', default='none', choices=list(MelodiConfig.REMAT_MODES), help='rematerialisation')
+  add(
+    '--remat-sweep',
+    action='store_true',
+    help='instead: per remat setting, XLA memory estimate (compile only) and, with --steps > 0, '
+    'the median step time',
+  )
   add('--steps', type=int, default=5, help='timed steps after one warm-up step')
   add('--compile-windows', default='4,8,16', help="window counts to time compiles for; '' skips")
   add('--peak-tflops', type=float, default=None, help='device peak for MFU (else by device kind)')
@@ -77,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> MelodiConfig:
     long_term_memory_increment_size=increment,
     long_term_memory_windows=windows,
     dtype=args.dtype,
+    remat=args.remat,
   )
   cfg.num_windows(args.segment_length)  # validate before compiling anything
   return cfg
@@ -162,15 +170,47 @@ def _peak_tflops(args) -> float | None:
   return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
 
 
-def compile_seconds(model, optimizer, cfg: MelodiConfig, batch_size: int, length: int) -> float:
-  """Time to lower and compile the train step for a segment of `length` tokens."""
+def compile_train_step(model, optimizer, cfg: MelodiConfig, batch_size: int, length: int):
+  """Compiles the train step on abstract inputs (nothing of the model's size is allocated).
+
+  Returns:
+    (compiled step, compile seconds, jitted `init(rng) -> (params, opt_state, memory)`).
+  """
   init = jax.jit(_abstract_state(model, optimizer, batch_size, length))
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   batch = jax.eval_shape(lambda: _batch(cfg, batch_size, length, 0, True))
   step = make_train_step(model, optimizer)
   start = time.perf_counter()
-  step.lower(*state, batch, jax.random.PRNGKey(0)).compile()
-  return time.perf_counter() - start
+  compiled = step.lower(*state, batch, jax.random.PRNGKey(0)).compile()
+  return compiled, time.perf_counter() - start, init
+
+
+def time_train_steps(compiled, init, cfg: MelodiConfig, batch_size: int, length: int, steps: int):
+  """Median seconds of `steps` train steps after one warm-up step, and the last loss."""
+  params, opt_state, mem = init(jax.random.PRNGKey(0))
+  batches = [_batch(cfg, batch_size, length, i, i == 0) for i in range(2)]
+  times = []
+  for i in range(steps + 1):  # step 0 warms up
+    t0 = time.perf_counter()
+    params, opt_state, mem, loss = compiled(
+      params, opt_state, mem, batches[i > 0], jax.random.PRNGKey(i)
+    )
+    loss.block_until_ready()
+    if i:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times), float(loss)
+
+
+def xla_memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled step; `peak_estimate` = arguments + outputs - aliased
+  (donated) + temporaries, the bytes live at the step's peak as XLA plans it."""
+  an = compiled.memory_analysis()
+  out = {
+    k: int(getattr(an, f'{k}_size_in_bytes', 0) or 0)
+    for k in ('argument', 'output', 'alias', 'temp')
+  }
+  out['peak_estimate'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -178,37 +218,17 @@ def run(args: argparse.Namespace) -> dict:
   model = MelodiDecoder(cfg)
   optimizer = training_optimizer()
   length, bsz = args.segment_length, args.batch_size
-  params, opt_state, mem = jax.jit(_abstract_state(model, optimizer, bsz, length))(
-    jax.random.PRNGKey(0)
-  )
+  compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
+  params = jax.eval_shape(init, jax.random.PRNGKey(0))[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  step = make_train_step(model, optimizer)
-  batches = [_batch(cfg, bsz, length, i, i == 0) for i in range(2)]
-
-  start = time.perf_counter()
-  compiled = step.lower(params, opt_state, mem, batches[0], jax.random.PRNGKey(0)).compile()
-  compile_sec = time.perf_counter() - start
   flop_terms = analytic_flops(args, cfg)
   flops = flop_terms['total']
+  step_sec, loss = time_train_steps(compiled, init, cfg, bsz, length, args.steps)
 
-  times = []
-  for i in range(args.steps + 1):  # step 0 warms up
-    rng = jax.random.PRNGKey(i)
-    t0 = time.perf_counter()
-    params, opt_state, mem, loss = compiled(params, opt_state, mem, batches[i > 0], rng)
-    loss.block_until_ready()
-    if i:
-      times.append(time.perf_counter() - t0)
-  step_sec = statistics.median(times)
-
+  memory = xla_memory(compiled)
   stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get('peak_bytes_in_use')
-  if peak is None:  # CPU: XLA's own estimate of the step's live buffers
-    mem_an = compiled.memory_analysis()
-    peak = sum(
-      getattr(mem_an, f, 0)
-      for f in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes')
-    )
+  # On CPU (no device statistics): XLA's own estimate of the step's live buffers.
+  peak = stats.get('peak_bytes_in_use', memory['peak_estimate'])
   peak_tflops = _peak_tflops(args)
   result = {
     'device': jax.devices()[0].device_kind,
@@ -218,21 +238,67 @@ def run(args: argparse.Namespace) -> dict:
     'step_sec_median': step_sec,
     'compile_sec': compile_sec,
     'peak_bytes': int(peak),
+    'xla_memory': memory,
     'flops_per_step': flops,
     'flops_per_token': flops / (bsz * length),
     'flops_by_term': flop_terms,
     'mfu': flops / step_sec / (peak_tflops * 1e12) if peak_tflops else None,
-    'final_loss': float(loss),
+    'final_loss': loss,
   }
   windows = [int(w) for w in args.compile_windows.split(',') if w.strip()]
   result['compile_sec_by_windows'] = {
-    str(w): compile_seconds(model, optimizer, cfg, bsz, w * cfg.window_length) for w in windows
+    str(w): compile_train_step(model, optimizer, cfg, bsz, w * cfg.window_length)[1]
+    for w in windows
   }
   return result
 
 
+# -- rematerialisation sweep ---------------------------------------------------------------------
+
+
+def remat_sweep(args: argparse.Namespace) -> dict[str, dict]:
+  """For every `remat` setting: XLA's memory estimate and, if `args.steps` > 0, step timing.
+
+  The memory estimate needs only a compile on abstract inputs, so it works at the paper size on
+  any host; timing runs `args.steps` steps after one warm-up step on real arrays.
+  """
+  results = {}
+  length, bsz = args.segment_length, args.batch_size
+  for mode in MelodiConfig.REMAT_MODES:
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), 'remat': mode}))
+    model, optimizer = MelodiDecoder(cfg), training_optimizer()
+    compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
+    entry = {'compile_sec': compile_sec, 'memory': xla_memory(compiled)}
+    if args.steps > 0:
+      step_sec, loss = time_train_steps(compiled, init, cfg, bsz, length, args.steps)
+      entry.update(step_sec_median=step_sec, tokens_per_sec=bsz * length / step_sec)
+      entry['final_loss'] = loss
+    results[mode] = entry
+  return results
+
+
+def print_remat_sweep(results: dict[str, dict]) -> None:
+  print('remat    temp GiB   peak estimate GiB   step sec   tokens/s   compile sec')
+  for mode, r in results.items():
+    gib = {k: v / 2**30 for k, v in r['memory'].items()}
+    step = f'{r["step_sec_median"]:8.3f}' if 'step_sec_median' in r else '       -'
+    tps = f'{r["tokens_per_sec"]:9.1f}' if 'tokens_per_sec' in r else '        -'
+    print(
+      f'{mode:7s} {gib["temp"]:9.3f} {gib["peak_estimate"]:19.3f}   {step}  {tps}'
+      f'   {r["compile_sec"]:8.1f}'
+    )
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.remat_sweep:
+    result = {'device': jax.devices()[0].device_kind, 'config': vars(args)}
+    result['remat'] = remat_sweep(args)
+    print_remat_sweep(result['remat'])
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(result, f, indent=1)
+    return 0
   result = run(args)
   for key in ('device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
     print(f'{key:18s} {result[key]}')
