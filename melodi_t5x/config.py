@@ -32,7 +32,7 @@ class BaseConfig:
   # Biases in the two feed-forward dense layers (meliad's MELODI and Memorizing Transformer have
   # them; its Transformer-XL and Block-Recurrent Transformer do not).
   ffn_bias: bool = True
-  # Rows of the (tied) token embedding; token ids are taken modulo this.
+  # Rows of the (tied) token embedding; at least the task vocabulary's size (ids are not wrapped).
   vocab_size: int = 32128
   # Context window W: a segment is processed as segment_length // W windows, in order.
   window_length: int = 512
@@ -224,3 +224,91 @@ class XLConfig(BaseConfig):
     " There is no 'window': a layer attends over all windows of the segment in one batched"
     " attention, not in a loop over windows; use 'layer'."
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorizingConfig(XLConfig):
+  """Memorizing Transformer, dense attention over a FIFO memory of past keys and values.
+
+  meliad `base_memory2.gin` + `memory2/mem_densekv_64k.gin`: XL layers plus one extra memory layer.
+  """
+
+  # XL layers in the stack; the memory layer comes on top of these (paper: 12 + 1).
+  num_layers: int = 12
+  # The memory layer is inserted after XL layer `memory_layer_index` (0-based).
+  memory_layer_index: int = 6
+  # Key/value slots of the FIFO memory per batch row; a positive multiple of the segment length.
+  memory_size: int = 65536
+  # 0 = dense attention over every memory slot (the reference); k > 0 = each query attends only
+  # to its k highest-logit memory slots (exact top-k, the original kNN-style variant).
+  memory_top_k: int = 0
+  # Queries of the memory layer processed at a time (bounds the [B, H, block, M + T] logits);
+  # 0 = one window. Must divide the segment length. Does not change any result.
+  memory_query_block: int = 0
+  # The reference Memorizing Transformer's feed-forward layers have biases.
+  ffn_bias: bool = True
+
+  def num_windows(self, segment_length: int) -> int:
+    """Windows per segment; also checks that the memory holds whole segments."""
+    windows = super().num_windows(segment_length)
+    if self.memory_size % segment_length:
+      raise ValueError(
+        f'MemorizingConfig.memory_size={self.memory_size} is not a multiple of the segment '
+        f'length {segment_length}: the memory is written one whole segment at a time; set '
+        f'memory_size to a multiple of {segment_length} (e.g. '
+        f'{max(1, self.memory_size // segment_length) * segment_length}) or change the segment '
+        'length.'
+      )
+    block = self.memory_query_block or self.window_length
+    if segment_length % block:
+      raise ValueError(
+        f'MemorizingConfig.memory_query_block={self.memory_query_block} does not divide the '
+        f'segment length {segment_length}; use a divisor of it (or 0 for one window).'
+      )
+    return windows
+
+  def _check(self):
+    super()._check()
+    self._check_positive('memory_size')
+    self._need(
+      isinstance(self.memory_layer_index, int) and 0 <= self.memory_layer_index < self.num_layers,
+      'memory_layer_index',
+      f'must be in [0, num_layers={self.num_layers}): the memory layer goes after that XL layer.',
+    )
+    self._need(
+      isinstance(self.memory_top_k, int) and 0 <= self.memory_top_k <= self.memory_size,
+      'memory_top_k',
+      f'must be in [0, memory_size={self.memory_size}] (0 = dense attention over the memory).',
+    )
+    self._need(
+      isinstance(self.memory_query_block, int) and self.memory_query_block >= 0,
+      'memory_query_block',
+      'must be a non-negative integer (0 = one window of queries at a time).',
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BRTConfig(XLConfig):
+  """Block-Recurrent Transformer "fixed:skip" (meliad `base_memory.gin` + `recurrent/bias_skip`).
+
+  Every layer is an XL layer with its cache; layer `recurrent_layer_index` also carries a state of
+  `num_states` vectors, updated once per window with a fixed learned gate and no FFN.
+  """
+
+  # Layers in the stack, the recurrent one included (paper: 12).
+  num_layers: int = 12
+  # 0-based index of the recurrent layer (paper: 9, third from the top of 12).
+  recurrent_layer_index: int = 9
+  # N: vectors of width embed_dim in the recurrent state (paper: 512).
+  num_states: int = 512
+
+  def _check(self):
+    super()._check()
+    self._check_positive('num_states')
+    self._need(
+      isinstance(self.recurrent_layer_index, int)
+      and 0 <= self.recurrent_layer_index < self.num_layers,
+      'recurrent_layer_index',
+      f'must be a 0-based layer index in [0, num_layers={self.num_layers}); the paper uses '
+      'num_layers - 3 (third layer from the top).',
+    )

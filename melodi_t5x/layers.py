@@ -48,30 +48,48 @@ def l2_normalize(x: Array) -> Array:
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + EPS)
 
 
-def attend(
-  q: Array, k: Array, v: Array, temperature: Array, bias: Array | None, mask: Array | None
+def attention_logits(
+  q: Array, k: Array, temperature: Array, bias: Array | None, mask: Array | None
 ) -> Array:
-  """Cosine attention with a per-head temperature and an additive position bias.
+  """Cosine-attention logits |temperature| * (q.k + bias), masked keys at -1e6.
 
   Args:
-    q: [B, Nq, H, K] and k, v: [B, Nk, H, K]; q and k are L2-normalised per head.
-    temperature: [H]; logits are |temperature| * (q.k + bias).
+    q: [B, Nq, H, K] and k: [B, Nk, H, K], L2-normalised per head.
+    temperature: [H].
     bias: broadcastable to [B, H, Nq, Nk] (e.g. [H, Nq, Nk]), or None.
     mask: broadcastable to [B, H, Nq, Nk], True = visible, or None.
 
   Returns:
-    Attention probabilities [B, H, Nq, Nk] (float32). A row whose keys are all masked sums to 0.
+    Logits [B, H, Nq, Nk] (float32).
   """
-  del v  # The caller applies the probabilities (possibly after dropout).
   logits = jnp.einsum('bqhk,bnhk->bhqn', q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   logits = logits * jnp.abs(temperature.astype(jnp.float32))[:, None, None]
   if mask is not None:
     logits = jnp.where(mask, logits, MASKED)
+  return logits
+
+
+def safe_softmax(logits: Array) -> Array:
+  """Softmax over the last axis with an extra exp(-1000 - max) term in the normaliser.
+
+  Equals an ordinary softmax for a row with an unmasked key; a fully masked row sums to 0.
+  """
   top = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), FLOOR))
   weights = jnp.exp(logits - top)
   return weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(FLOOR - top))
+
+
+def attend(
+  q: Array, k: Array, v: Array, temperature: Array, bias: Array | None, mask: Array | None
+) -> Array:
+  """Attention probabilities [B, H, Nq, Nk] (float32) of `attention_logits` (same arguments).
+
+  A row whose keys are all masked sums to 0.
+  """
+  del v  # The caller applies the probabilities (possibly after dropout).
+  return safe_softmax(attention_logits(q, k, temperature, bias, mask))
 
 
 def apply_attention(probs: Array, v: Array) -> Array:
@@ -136,6 +154,8 @@ class TransformerBlock(nn.Module):
 
   # Whether this layer owns a T5 relative-position table (overridden by layers without positions).
   has_relpos: ClassVar[bool] = True
+  # Whether this layer has the residual MLP (False for blocks that end after the attention output).
+  has_ffn: ClassVar[bool] = True
 
   def setup(self):
     self.setup_block()
@@ -160,9 +180,10 @@ class TransformerBlock(nn.Module):
         cfg.param_dtype,
       )
     self.out = Dense(cfg.embed_dim, ('joined_kv', 'embed'), cfg)
-    self.ffn_norm = RMSNorm(cfg)
-    self.ffn_in = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, use_bias=cfg.ffn_bias)
-    self.ffn_out = Dense(cfg.embed_dim, ('mlp', 'embed'), cfg, use_bias=cfg.ffn_bias)
+    if self.has_ffn:
+      self.ffn_norm = RMSNorm(cfg)
+      self.ffn_in = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, use_bias=cfg.ffn_bias)
+      self.ffn_out = Dense(cfg.embed_dim, ('mlp', 'embed'), cfg, use_bias=cfg.ffn_bias)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.attn_dropout = nn.Dropout(cfg.attention_dropout_rate)
 
@@ -244,7 +265,9 @@ def segment_inputs(
       'memory decoders do not support packed examples (decoder_segment_ids given): each batch '
       'row must stream one document; set pack=False in the dataset config.'
     )
-  tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32) % config.vocab_size
+  # No modulo: ids are checked on the host (tasks.streaming.check_token_ids) and the T5X model
+  # refuses a vocabulary larger than the embedding, so an id >= vocab_size is a pipeline bug.
+  tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32)
   batch, length = tokens.shape
   config.num_windows(length)  # validates the segment length
   if start_of_sequence is None:

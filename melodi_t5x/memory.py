@@ -20,7 +20,7 @@ MEMORY = 'memory'
 
 
 class CarriedState(nn.Module):
-  """One array `[B, *shape]` of carried state, zero at a document start."""
+  """One array `[B, *shape]` of carried state, zero (or a given value) at a document start."""
 
   shape: tuple[int, ...]
   axes: tuple[str, ...]
@@ -29,10 +29,19 @@ class CarriedState(nn.Module):
   def _exists(self) -> bool:
     return self.has_variable(MEMORY, 'value')
 
-  def start_segment(self, start_of_sequence: jax.Array) -> jax.Array:
-    """Returns the stored state with the rows flagged in `start_of_sequence: [B]` zeroed."""
+  def start_segment(
+    self, start_of_sequence: jax.Array, initial: jax.Array | None = None
+  ) -> jax.Array:
+    """Returns the stored state with the rows flagged in `start_of_sequence: [B]` reset.
+
+    Reset rows get `initial: [*shape]` (e.g. a learned initial state, which then receives the
+    gradient of those rows), or zeros when `initial` is None.
+    """
     batch = start_of_sequence.shape[0]
     full_shape = (batch, *self.shape)
+    fresh = jnp.zeros(full_shape, self.dtype)
+    if initial is not None:
+      fresh = jnp.broadcast_to(initial.astype(self.dtype), full_shape)
     if self.is_mutable_collection(MEMORY) or self._exists():
       var = partitioning.variable_with_axes(
         MEMORY, 'value', jnp.zeros, full_shape, self.dtype, axes=('batch', *self.axes)
@@ -45,9 +54,9 @@ class CarriedState(nn.Module):
           f"'{MEMORY}' collection / flax_mutables) when the batch size changes."
         )
     else:  # Stateless call (e.g. scoring): every row starts fresh.
-      value = jnp.zeros(full_shape, self.dtype)
+      return fresh
     keep = jnp.logical_not(start_of_sequence).reshape((batch,) + (1,) * len(self.shape))
-    return jnp.where(keep, value, jnp.zeros_like(value))
+    return jnp.where(keep, value, fresh)
 
   def end_segment(self, value: jax.Array) -> None:
     """Stores `value` for the next segment (only in a mutable, non-init apply)."""

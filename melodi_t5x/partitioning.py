@@ -13,6 +13,10 @@ without T5X; the two builder functions import T5X lazily and are meant for gin:
 
   partitioning.PjitPartitioner.logical_axis_rules = @melodi_partitioning.logical_axis_rules()
   adafactor.Adafactor.logical_factor_rules = @melodi_partitioning.logical_factor_rules()
+
+`HostMeshPartitioner` (a `PjitPartitioner` with a data-parallel mesh over the devices of every
+process, for CPU hosts) is available as `partitioning.HostMeshPartitioner` once T5X is installed
+(`gin/runs/cpu_data_parallel_*.gin`).
 """
 
 from __future__ import annotations
@@ -78,3 +82,47 @@ def logical_factor_rules():
   for name, dim in MELODI_FACTOR_RULES:
     rules[name] = adafactor.factor_name_to_factordim(dim)
   return frozen_dict.freeze(rules)
+
+
+def host_mesh_partitioner_cls():
+  """`HostMeshPartitioner` (defined lazily: it subclasses T5X's `PjitPartitioner`)."""
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from t5x import partitioning as t5x_partitioning  # pylint: disable=g-import-not-at-top
+
+  class HostMeshPartitioner(t5x_partitioning.PjitPartitioner):
+    """`PjitPartitioner` whose mesh is every device in process order: `data` x `model`.
+
+    T5X's default mesh on CPU puts all devices on `model` (no data parallelism), and its
+    `ici_mesh_shape` needs TPU topology attributes. This mesh takes `jax.devices()` sorted by
+    (process, id) and reshapes them to `(devices / num_partitions, num_partitions)` on
+    `('data', 'model')`, so host 0's rows come first in the global batch. Use it for CPU hosts
+    (tests, a data-parallel run on several machines); on TPU use T5X's `PjitPartitioner`.
+    """
+
+    @property
+    def mesh(self) -> Mesh:
+      if getattr(self, '_host_mesh', None) is None:
+        import jax  # pylint: disable=g-import-not-at-top
+        import numpy as np  # pylint: disable=g-import-not-at-top
+
+        parts = self._num_partitions or 1
+        devices = sorted(jax.devices(self._backend), key=lambda d: (d.process_index, d.id))
+        if len(devices) % parts:
+          raise ValueError(
+            f'HostMeshPartitioner.num_partitions={parts} does not divide the {len(devices)} '
+            'devices.'
+          )
+        grid = np.asarray(devices, dtype=object).reshape(len(devices) // parts, parts)
+        self._host_mesh = Mesh(grid, ('data', 'model'))
+      return self._host_mesh
+
+  return HostMeshPartitioner
+
+
+def __getattr__(name: str):
+  # `HostMeshPartitioner` needs T5X; define it on first use so this module imports without it.
+  if name == 'HostMeshPartitioner':
+    cls = host_mesh_partitioner_cls()
+    globals()[name] = cls
+    return cls
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

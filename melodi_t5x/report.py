@@ -140,6 +140,47 @@ class PerplexityAccumulator:
   def document_tokens(self) -> dict[int, int]:
     return dict(self._doc_tokens)
 
+  def get_state(self) -> dict[str, Any]:
+    """All totals as a JSON-able dict (to combine the accumulators of several hosts)."""
+    return {
+      'bucket_edges': list(self.bucket_edges),
+      'nll_sum': self.nll_sum,
+      'tokens': self.tokens,
+      'correct': self.correct,
+      'batches': self.batches,
+      'bucket_nll': self._bucket_nll.tolist(),
+      'bucket_tokens': self._bucket_tokens.tolist(),
+      'documents': [[d, self._doc_tokens[d], self._doc_nll[d]] for d in self._doc_tokens],
+      'chunks': sorted(self._seen_chunks),
+    }
+
+  def merge_state(self, state: Mapping[str, Any]) -> None:
+    """Adds the totals of another accumulator (`get_state`), e.g. another host's documents.
+
+    Raises:
+      ValueError: if the bucket edges differ or a chunk was scored by both.
+    """
+    if list(state['bucket_edges']) != list(self.bucket_edges):
+      raise ValueError(f'bucket edges differ: {state["bucket_edges"]} vs {self.bucket_edges}.')
+    chunks = {(int(d), int(c)) for d, c in state['chunks']}
+    twice = chunks & self._seen_chunks
+    if twice:
+      d, c = sorted(twice)[0]
+      raise ValueError(
+        f'chunk {c} of document {d} was scored on two hosts ({len(twice)} chunks in all): '
+        'document ids must be unique across hosts.'
+      )
+    self._seen_chunks |= chunks
+    self.nll_sum += float(state['nll_sum'])
+    self.tokens += int(state['tokens'])
+    self.correct += int(state['correct'])
+    self.batches = max(self.batches, int(state['batches']))
+    self._bucket_nll += np.asarray(state['bucket_nll'], np.float64)
+    self._bucket_tokens += np.asarray(state['bucket_tokens'], np.int64)
+    for d, n, nll in state['documents']:
+      self._doc_tokens[int(d)] = self._doc_tokens.get(int(d), 0) + int(n)
+      self._doc_nll[int(d)] = self._doc_nll.get(int(d), 0.0) + float(nll)
+
   def summary(self, **extra: Any) -> dict[str, Any]:
     """The report dictionary (JSON-serialisable); `extra` keys are added at the top level."""
     buckets = []

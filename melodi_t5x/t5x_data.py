@@ -17,23 +17,36 @@ Imports neither T5X nor the tasks package at module level.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import seqio
 import tensorflow as tf
+from absl import logging
 from clu.data import dataset_iterator as clu_dataset_iterator
+from etils import epath
 
-# Features a memory model's train/eval step uses (others, e.g. document_id, stay on the host).
+# Features of a memory model's train step. `document_id` (folded to int32 on the host) and
+# `chunk_index` let the model check that each row continues the document of its memory.
 MODEL_KEYS = (
   'decoder_input_tokens',
   'decoder_target_tokens',
   'decoder_loss_weights',
   'start_of_sequence',
+  'document_id',
+  'chunk_index',
 )
-# Host-side bookkeeping features of the streamed batches (evaluation only).
-EVAL_KEYS = MODEL_KEYS + ('document_id', 'chunk_index', 'row_valid')
+# Eval batches also carry `row_valid` (False on padding rows at the end of a finite split).
+EVAL_KEYS = MODEL_KEYS + ('row_valid',)
+
+
+def document_key(document_id: np.ndarray) -> np.ndarray:
+  """int32 key of int64 document ids for the device (-1 stays -1; others map into [0, 2^31))."""
+  ids = np.asarray(document_id, np.int64)
+  return np.where(ids < 0, -1, ids % np.int64(2**31 - 1)).astype(np.int32)
 
 
 class StreamingFeatureConverter(seqio.FeatureConverter):
@@ -57,13 +70,42 @@ class StreamingFeatureConverter(seqio.FeatureConverter):
   }
   PACKING_FEATURE_DTYPES = {}
 
-  def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False, **kwargs):
+  def __init__(
+    self,
+    pack: bool = False,
+    use_custom_packing_ops: bool = False,
+    allow_independent_examples: bool = False,
+    **kwargs,
+  ):
+    """Args as for `seqio.FeatureConverter`, plus `allow_independent_examples` (see `__call__`)."""
+    self._allow_independent_examples = bool(allow_independent_examples)
     if pack:
       raise ValueError(
         'StreamingFeatureConverter: pack=True is not supported; each batch row streams one '
         'document. Set utils.DatasetConfig.pack = False.'
       )
     super().__init__(pack=False, use_custom_packing_ops=use_custom_packing_ops, **kwargs)
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    """Refuses seqio datasets unless opted in: they are not document streams.
+
+    T5X reaches this converter only through seqio pipelines (`utils.get_dataset`, seqio's
+    inference evaluator, `t5x.infer`), which shuffle and batch chunks as independent examples, so
+    memory would be carried across unrelated documents. The document stream
+    (`t5x_data.get_dataset` / `get_eval_datasets`) never calls it. `allow_independent_examples`
+    (set by `MemoryDecoderModel.allow_stateless_scoring = True`) lets stateless scoring through.
+    """
+    if not self._allow_independent_examples:
+      raise ValueError(
+        'StreamingFeatureConverter got a seqio dataset of independent chunks (from '
+        "T5X's utils.get_dataset, seqio's inference evaluator or t5x.infer): its batches are not "
+        "document streams, so rows would carry other documents' memory. Train and evaluate with "
+        'train_script.train.get_dataset_fn = @t5x_data.get_dataset and '
+        'train_eval_get_dataset_fn = @t5x_data.get_eval_datasets (gin/runs/melodi_pretrain.gin). '
+        'To score independent examples with fresh memory (t5x.infer mode=score), set '
+        'MemoryDecoderModel.allow_stateless_scoring = True.'
+      )
+    return super().__call__(ds, task_feature_lengths)
 
   def _convert_features(
     self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
@@ -101,21 +143,57 @@ class StreamingFeatureConverter(seqio.FeatureConverter):
 # -- adapters over the streaming batcher -----------------------------------------------------------
 
 
-class KeySelectingIterator(clu_dataset_iterator.DatasetIterator):
-  """Passes through a `DatasetIterator`, keeping only `keys` of each batch (state untouched)."""
+_CHECKPOINT_STEP = re.compile(r'checkpoint_(\d+)')
 
-  def __init__(self, inner: clu_dataset_iterator.DatasetIterator, keys: tuple[str, ...]):
+
+def _checkpoint_step(filename) -> int | None:
+  """The step N of the `checkpoint_N` directory a T5X dataset-state file lives in, or None."""
+  found = _CHECKPOINT_STEP.findall(str(filename))
+  return int(found[-1]) if found else None
+
+
+class KeySelectingIterator(clu_dataset_iterator.DatasetIterator):
+  """Passes through a `DatasetIterator`, keeping only `keys` of each batch.
+
+  With `fold_document_id`, `document_id` becomes its int32 key (`document_key`) for the device
+  (training; eval keeps the original ids on the host for the report). Saving aligns the
+  position with the train state: `t5x.train` peeks the first batch (to warm up the pipeline)
+  before it saves `checkpoint_0`, so the stream is one batch ahead of the state there. The state
+  file's `checkpoint_N` directory says how many batches the train state has consumed since the
+  start or the restore; when the stream has produced one more, the position before that batch is
+  saved. A resumed run therefore continues with exactly the batch after the checkpoint's step.
+  """
+
+  def __init__(
+    self,
+    inner: clu_dataset_iterator.DatasetIterator,
+    keys: tuple[str, ...],
+    fold_document_id: bool = True,
+  ):
     self._inner = inner
+    self._fold = fold_document_id
     spec = dict(inner.element_spec)
     missing = [k for k in ('decoder_input_tokens', 'decoder_target_tokens') if k not in spec]
     if missing:
       raise ValueError(f'the streaming batcher yields no {missing}; its keys are {sorted(spec)}.')
     self._keys = tuple(k for k in keys if k in spec)
     self._spec = {k: spec[k] for k in self._keys}
+    if self._fold and 'document_id' in self._spec:
+      old = self._spec['document_id']
+      self._spec['document_id'] = clu_dataset_iterator.ArraySpec(np.int32, tuple(old.shape))
+    self._start_step = 0
+    self._produced = 0
+    self._first_state = None
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._produced == 0 and hasattr(self._inner, 'get_state'):
+      self._first_state = self._inner.get_state()
     batch = next(self._inner)
-    return {k: batch[k] for k in self._keys}
+    self._produced += 1
+    out = {k: batch[k] for k in self._keys}
+    if self._fold and 'document_id' in out:
+      out['document_id'] = document_key(out['document_id'])
+    return out
 
   @property
   def element_spec(self):
@@ -123,12 +201,30 @@ class KeySelectingIterator(clu_dataset_iterator.DatasetIterator):
 
   def reset(self):
     self._inner.reset()
+    self._produced, self._first_state = 0, None
 
   def save(self, filename):
+    step = _checkpoint_step(filename)
+    consumed = None if step is None else step - self._start_step
+    if consumed == 0 and self._produced == 1 and self._first_state is not None:
+      # checkpoint_0 (or a checkpoint right after a restore) with the peeked batch outstanding.
+      epath.Path(filename).write_text(json.dumps(self._first_state))
+      return
+    if consumed is not None and consumed != self._produced:
+      logging.warning(
+        'Saving the stream position at step %d: %d batches produced since step %d; the saved '
+        'position may not match the train state.',
+        step,
+        self._produced,
+        self._start_step,
+      )
     self._inner.save(filename)
 
   def restore(self, filename):
     self._inner.restore(filename)
+    step = _checkpoint_step(filename)
+    self._start_step = step or 0
+    self._produced, self._first_state = 0, None
 
   def get_state(self):
     return self._inner.get_state()
@@ -179,13 +275,89 @@ def _check_cfg(cfg, num_shards: int) -> None:
     )
 
 
-def make_stream(cfg, shard_id: int, num_shards: int, *, finite: bool):
-  """The document stream for a T5X `DatasetConfig` (one host's rows).
+class RowConcatIterator(clu_dataset_iterator.DatasetIterator):
+  """Several endless document streams side by side: their batches concatenated along rows.
 
-  Reads the prepared split when `tasks.PreparedDataConfig.root` is set
-  (`tasks.prepared_stream.PreparedStreamIterator`: this host's rows only, restore by seeking),
-  otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`).
+  State: `{'streams': [state of each stream]}` (JSON in `save`).
   """
+
+  def __init__(self, streams: Sequence[clu_dataset_iterator.DatasetIterator]):
+    self._streams = list(streams)
+    specs = [dict(s.element_spec) for s in self._streams]
+    self._spec = {
+      k: clu_dataset_iterator.ArraySpec(
+        v.dtype, (sum(sp[k].shape[0] for sp in specs), *v.shape[1:])
+      )
+      for k, v in specs[0].items()
+    }
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(s) for s in self._streams]
+    return {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
+
+  @property
+  def element_spec(self):
+    return self._spec
+
+  def reset(self):
+    for s in self._streams:
+      s.reset()
+
+  def get_state(self):
+    return {'streams': [s.get_state() for s in self._streams]}
+
+  def set_state(self, state):
+    if len(state['streams']) != len(self._streams):
+      raise ValueError(
+        f'The saved stream position has {len(state["streams"])} stream shards, this run has '
+        f'{len(self._streams)}: resume with the same t5x_data.get_dataset.stream_shards.'
+      )
+    for s, st in zip(self._streams, state['streams']):
+      s.set_state(st)
+
+  def save(self, filename):
+    epath.Path(filename).write_text(json.dumps(self.get_state()))
+
+  def restore(self, filename):
+    self.set_state(json.loads(epath.Path(filename).read_text()))
+
+
+def make_stream(
+  cfg, shard_id: int, num_shards: int, *, finite: bool, stream_shards: int | None = None
+):
+  """The document stream of a T5X `DatasetConfig` for one host's rows.
+
+  Args:
+    cfg: T5X `utils.DatasetConfig`.
+    shard_id: this host's data shard (T5X's `data_layout.shard_id`).
+    num_shards: number of data shards (hosts that read different data).
+    finite: one pass over the split (evaluation) instead of endless epochs.
+    stream_shards: None: one stream per host. An integer S (a multiple of `num_shards` dividing
+      the batch size): the documents are split into S streams of `batch_size / S` rows, and a
+      host reads its S / num_shards of them side by side. The global batch is then the same for
+      any number of hosts that divides S (e.g. a one-process run reproduces a two-host run).
+
+  Returns:
+    The prepared split when `tasks.PreparedDataConfig.root` is set
+    (`tasks.prepared_stream.PreparedStreamIterator`: this host's rows only, restore by seeking),
+    otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`); or a
+    `RowConcatIterator` of such streams.
+  """
+  if stream_shards is not None:
+    if finite:
+      raise ValueError('stream_shards applies to the endless training stream only.')
+    if stream_shards % num_shards or cfg.batch_size % stream_shards:
+      raise ValueError(
+        f't5x_data.get_dataset.stream_shards={stream_shards} must be a multiple of the '
+        f'{num_shards} data shards (hosts) and divide batch_size={cfg.batch_size}.'
+      )
+    per_host = stream_shards // num_shards
+    return RowConcatIterator(
+      [
+        make_stream(cfg, shard_id * per_host + k, stream_shards, finite=False)
+        for k in range(per_host)
+      ]
+    )
   _check_cfg(cfg, num_shards)
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top  (registers the tasks)
   from tasks import prepared_stream  # pylint: disable=g-import-not-at-top
@@ -215,6 +387,7 @@ def get_dataset(
   feature_converter_cls=None,
   num_epochs: int | None = None,
   continue_from_last_checkpoint: bool = True,
+  stream_shards: int | None = None,
 ) -> clu_dataset_iterator.DatasetIterator:
   """`train_script.train.get_dataset_fn`: an endless document stream, checkpointable.
 
@@ -225,6 +398,8 @@ def get_dataset(
     feature_converter_cls: ignored (the batcher emits model features itself).
     num_epochs: must be None: the stream is endless (a new document order each epoch).
     continue_from_last_checkpoint: ignored; T5X restores the position from the checkpoint.
+    stream_shards: see `make_stream`; set it (e.g. to the largest host count) to make the global
+      batch independent of the number of hosts.
 
   Returns:
     A `clu` `DatasetIterator` of model-feature batches with `save`/`restore`.
@@ -235,7 +410,7 @@ def get_dataset(
       f'num_epochs={num_epochs}: the training document stream is endless (it re-reads the '
       'documents in a new order each epoch); bound training with TRAIN_STEPS instead.'
     )
-  stream = make_stream(cfg, shard_id, num_shards, finite=False)
+  stream = make_stream(cfg, shard_id, num_shards, finite=False, stream_shards=stream_shards)
   return KeySelectingIterator(stream, MODEL_KEYS)
 
 
@@ -269,7 +444,9 @@ def get_eval_datasets(
     task_cfg = _replace(cfg, mixture_or_task_name=name)
 
     def make(task_cfg=task_cfg):
-      it = KeySelectingIterator(make_stream(task_cfg, shard_id, num_shards, finite=True), EVAL_KEYS)
+      it = KeySelectingIterator(
+        make_stream(task_cfg, shard_id, num_shards, finite=True), EVAL_KEYS, fold_document_id=False
+      )
       return it if eval_steps is None else _Take(it, eval_steps)
 
     info = {

@@ -19,30 +19,41 @@ shapes it needs to restore the checkpoint and runs no seqio metrics.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import clu.metrics
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
 from absl import logging
+from jax.experimental import multihost_utils
 from t5x import metrics as metrics_lib
+from t5x import partitioning as t5x_partitioning
 from t5x import trainer as trainer_lib
 
-from melodi_t5x import report, t5x_model
+from melodi_t5x import report, t5x_data, t5x_model
 
-# Batch keys sent to the device; the others (document_id, chunk_index) stay on the host.
+# Batch keys sent to the device (`document_id` as its int32 key; the original id stays on the host
+# for the report).
 DEVICE_KEYS = (
   'decoder_input_tokens',
   'decoder_target_tokens',
   'decoder_loss_weights',
   'start_of_sequence',
+  'document_id',
+  'chunk_index',
   'row_valid',
 )
+# `trainer.Trainer` arguments that `t5x.train` leaves to gin; MemoryTrainer forwards their
+# `trainer.Trainer` bindings (T5X's pretrain.gin sets two of them).
+FORWARDED_TRAINER_ARGS = ('learning_rate_fn', 'num_microbatches', 'weight_metrics_computer')
+_UNSET = object()
 
 
 def device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -59,15 +70,73 @@ def device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   if 'decoder_loss_weights' in out:
     out['decoder_loss_weights'] = out['decoder_loss_weights'].astype(np.float32)
   out['start_of_sequence'] = out['start_of_sequence'].astype(bool)
+  if 'document_id' in out:
+    out['document_id'] = t5x_data.document_key(out['document_id'])
+  if 'chunk_index' in out:
+    out['chunk_index'] = out['chunk_index'].astype(np.int32)
   if 'row_valid' in out:
     out['row_valid'] = out['row_valid'].astype(bool)
   return out
 
 
-class MemoryTrainer(trainer_lib.Trainer):
-  """`t5x.trainer.Trainer` whose `eval` carries model memory across the batches of a stream.
+def padding_batch(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """An all-padding eval batch shaped like `spec` (a host with no data left feeds these)."""
+  out = {k: np.zeros(v.shape, v.dtype) for k, v in spec.items()}
+  if 'start_of_sequence' in out:
+    out['start_of_sequence'][:] = True
+  for key in ('document_id', 'chunk_index'):
+    if key in out:
+      out[key][:] = -1
+  out['row_valid'] = np.zeros(out['decoder_target_tokens'].shape[:1], bool)
+  return out
 
-  Training is unchanged (`Trainer.train`). `eval` expects, per eval name, a re-iterable dataset
+
+def _gin_bindings(configurable, resolve: bool) -> dict[str, Any]:
+  try:
+    return dict(gin.get_bindings(configurable, resolve_references=resolve))
+  except (ValueError, KeyError, TypeError):  # not registered with gin: no bindings
+    return {}
+
+
+def forward_trainer_bindings(cls, given: dict[str, Any]) -> dict[str, Any]:
+  """Fills `given` (FORWARDED_TRAINER_ARGS left `_UNSET`) from the `trainer.Trainer` bindings.
+
+  `t5x.train` calls `trainer_cls(model=..., ...)` without these arguments, so with
+  `trainer_cls = @t5x_eval.MemoryTrainer` the bindings of `trainer.Trainer` would otherwise be
+  ignored.
+
+  Raises:
+    ValueError: if `trainer.Trainer` and `cls` bind the same argument to different values, or
+      `trainer.Trainer` binds an argument that `t5x.train` passes itself.
+  """
+  base = _gin_bindings(trainer_lib.Trainer, resolve=False)
+  own = _gin_bindings(cls, resolve=False)
+  stray = sorted(set(base) - set(FORWARDED_TRAINER_ARGS))
+  if stray:
+    raise ValueError(
+      f'trainer.Trainer bindings {stray} have no effect with trainer_cls = {cls.__name__}; remove '
+      'them (t5x.train passes these arguments itself).'
+    )
+  for name in FORWARDED_TRAINER_ARGS:
+    if name in base and name in own and repr(base[name]) != repr(own[name]):
+      raise ValueError(
+        f'trainer.Trainer.{name} = {base[name]!r} and {cls.__name__}.{name} = {own[name]!r} '
+        f'disagree; bind only trainer.Trainer.{name} ({cls.__name__} takes it from there).'
+      )
+  resolved = _gin_bindings(trainer_lib.Trainer, resolve=True) if base else {}
+  out = dict(given)
+  for name in FORWARDED_TRAINER_ARGS:
+    if out[name] is _UNSET:
+      out[name] = resolved.get(name)
+  return out
+
+
+class MemoryTrainer(trainer_lib.Trainer):
+  """`t5x.trainer.Trainer` for memory models: T5X training, streaming evaluation with memory.
+
+  Training is T5X's (`Trainer.train`); `learning_rate_fn`, `num_microbatches` and
+  `weight_metrics_computer` are taken from the `trainer.Trainer` gin bindings when not given
+  (`forward_trainer_bindings`). `eval` expects, per eval name, a re-iterable dataset
   (or an iterator) of streamed batches: row r of batch t+1 continues the document of row r of
   batch t, with `start_of_sequence`, `document_id`, `chunk_index` and optionally `row_valid`.
   """
@@ -81,9 +150,9 @@ class MemoryTrainer(trainer_lib.Trainer):
     summary_dir: str | None,
     train_state_axes: Any,
     rng: jax.Array,
-    learning_rate_fn: Any = None,
-    num_microbatches: int | None = None,
-    weight_metrics_computer: Any = None,
+    learning_rate_fn: Any = _UNSET,
+    num_microbatches: Any = _UNSET,
+    weight_metrics_computer: Any = _UNSET,
     report_dir: str | None = None,
     bucket_edges: Sequence[int] | None = None,
   ):
@@ -104,6 +173,17 @@ class MemoryTrainer(trainer_lib.Trainer):
       bucket_edges: token offsets of the position-in-document buckets; default chunk 0, 1, 2-3,
         4-7, ... of the eval segment length.
     """
+    forwarded = forward_trainer_bindings(
+      type(self),
+      {
+        'learning_rate_fn': learning_rate_fn,
+        'num_microbatches': num_microbatches,
+        'weight_metrics_computer': weight_metrics_computer,
+      },
+    )
+    learning_rate_fn = forwarded['learning_rate_fn']
+    num_microbatches = forwarded['num_microbatches']
+    weight_metrics_computer = forwarded['weight_metrics_computer']
     if num_microbatches not in (None, 1):
       raise ValueError(
         f'trainer.Trainer.num_microbatches={num_microbatches}: memory models carry per-row '
@@ -150,6 +230,18 @@ class MemoryTrainer(trainer_lib.Trainer):
       donate_argnums=(1,),
     )
 
+  def _zero_memory(self, flax_mutables: Any, global_batch: int) -> Any:
+    """Zero memory for `global_batch` rows, created sharded like the train state's memory."""
+    shapes = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((global_batch, *x.shape[1:]), x.dtype), flax_mutables
+    )
+    make = self._partitioner.partition(
+      lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+      in_axis_resources=(),
+      out_axis_resources=self._train_state_axes.flax_mutables,
+    )
+    return make()
+
   def compile_eval(self, batches: Mapping[str, Any]) -> None:
     """No ahead-of-time compilation: the streaming step compiles on its first batch."""
     del batches
@@ -158,8 +250,6 @@ class MemoryTrainer(trainer_lib.Trainer):
 
   def eval(self, batch_iters: Mapping[str, Iterable[Mapping[str, Any]]]) -> Mapping[str, Any]:
     """Streams each eval dataset once with carried memory; returns the metric values by name."""
-    if self._streaming_step is None:
-      self._streaming_step = self._make_streaming_step()
     train_state = self.train_state
     if not train_state.flax_mutables:
       raise ValueError(
@@ -174,11 +264,16 @@ class MemoryTrainer(trainer_lib.Trainer):
       mm.start_duration_timer(block_on=train_state)
       tick = time.time()
       acc, num_batches = self.stream(train_state.params, train_state.flax_mutables, dataset)
-      extra = {'task': name, 'checkpoint_step': step_num, 'seconds': time.time() - tick}
+      extra = {
+        'task': name,
+        'checkpoint_step': step_num,
+        'seconds': time.time() - tick,
+        'hosts': jax.process_count(),
+      }
       summary = acc.summary(**extra, **getattr(dataset, 'report_info', {}))
       self.last_reports[name] = summary
       logging.info(
-        'Streaming eval %s: perplexity %s over %d tokens, %d documents.',
+        'Streaming eval %s: perplexity %s over %d tokens, %d documents (all hosts).',
         name,
         summary['perplexity'],
         summary['tokens'],
@@ -194,12 +289,36 @@ class MemoryTrainer(trainer_lib.Trainer):
   def stream(
     self, params: Any, flax_mutables: Any, dataset: Iterable[Mapping[str, Any]]
   ) -> tuple[report.PerplexityAccumulator, int]:
-    """Runs one pass over `dataset` from zero memory; returns the accumulator and batch count."""
+    """One pass over `dataset` from zero memory, on every host; returns all hosts' totals.
+
+    Each host streams its own documents. All hosts run the same number of steps: while any host
+    has a batch left, the others feed padding batches (`row_valid` False). Host-local batches
+    become global arrays as in T5X's `Trainer.eval`; per-token results come back as this host's
+    rows. At the end the hosts' accumulators are combined, so every host returns the totals of
+    every document of the split.
+
+    Returns:
+      The combined accumulator and the number of steps.
+    """
     if self._streaming_step is None:
       self._streaming_step = self._make_streaming_step()
+    num_hosts = jax.process_count()
+    mesh, data_spec = self._partitioner.mesh, self._partitioner.data_partition_spec
     iterator = _fresh_iterator(dataset)
+    spec = getattr(iterator, 'element_spec', None) or getattr(dataset, 'element_spec', None)
     acc, memory, num_batches = None, None, 0
-    for batch in iterator:
+    while True:
+      batch = next(iterator, None)
+      if num_hosts > 1:
+        live = multihost_utils.process_allgather(np.asarray(batch is not None, np.int32))
+        if not np.any(live):
+          break
+        if batch is None:
+          if spec is None:
+            raise ValueError('an eval dataset without element_spec cannot be padded across hosts.')
+          batch = padding_batch(spec)
+      elif batch is None:
+        break
       host = {k: np.asarray(v) for k, v in batch.items()}
       for key in ('document_id', 'chunk_index'):
         if key not in host:
@@ -213,9 +332,13 @@ class MemoryTrainer(trainer_lib.Trainer):
         acc = report.PerplexityAccumulator(
           self._bucket_edges or report.default_bucket_edges(length)
         )
-        memory = t5x_model.zeros_memory_like(flax_mutables, batch_size)
+        memory = self._zero_memory(flax_mutables, batch_size * num_hosts)
+      if num_hosts > 1:
+        dev = t5x_partitioning.host_local_array_to_global_array(dev, mesh, data_spec)
       out, memory = self._streaming_step(params, memory, dev)
-      out = jax.device_get(out)
+      if num_hosts > 1:
+        out = multihost_utils.global_array_to_host_local_array(out, mesh, data_spec)
+      out = jax.tree_util.tree_map(np.asarray, out)
       acc.add(
         out['nll'],
         out['weights'],
@@ -227,6 +350,8 @@ class MemoryTrainer(trainer_lib.Trainer):
       num_batches += 1
     if acc is None:
       raise ValueError('the eval dataset produced no batches; check its split and task name.')
+    if num_hosts > 1:
+      acc = _combine_across_hosts(acc)
     return acc, num_batches
 
   @staticmethod
@@ -244,6 +369,19 @@ class MemoryTrainer(trainer_lib.Trainer):
 
 # Former name, kept so existing gin files and imports keep working.
 StreamingPerplexityEvaluator = MemoryTrainer
+
+
+def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.PerplexityAccumulator:
+  """The sum of every host's accumulator (each host streamed different documents)."""
+  blob = np.frombuffer(json.dumps(acc.get_state()).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray(blob.size, np.int64)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  combined = report.PerplexityAccumulator(acc.bucket_edges)
+  for host in range(len(sizes)):
+    combined.merge_state(json.loads(blobs[host, : int(sizes[host])].tobytes()))
+  return combined
 
 
 def _fresh_iterator(dataset: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:

@@ -13,14 +13,24 @@ module resets the rows whose `start_of_sequence` flag is set (a document starts 
 and the memory written at the end of the chunk becomes the next step's memory. Row r of step t+1
 must continue the document of row r of step t; `melodi_t5x.t5x_data` builds such batches.
 
+Memory follows its document: `get_initial_variables` adds a leaf `stream_position` to the memory
+collection (`document: [B]` and `next_chunk: [B]` int32, the document key and the next chunk index
+of each row's state). A row that is not a document start (`start_of_sequence`) and whose
+`document_id` / `chunk_index` do not continue that position is misaligned: it is reset (memory
+zeroed, as at a document start) and counted in `memory/misaligned_rows`, or, with
+`misaligned_rows='error'`, the step fails with an error naming the rows. The batch must therefore
+carry `document_id` and `chunk_index` (the document stream of `melodi_t5x.t5x_data` does).
+
 Metrics: T5X's base metrics (`loss_per_nonpadding_target_token`, `accuracy`, `cross_ent_loss`,
 ...), plus `cross_ent_loss_per_nonpadding_target_token` (NLL without z-loss), `perplexity`
 (exp of it), `memory/long_term_gate` (mean sigmoid gate of the long-term layers) and
-`memory/reset_fraction` (fraction of rows starting a document).
+`memory/reset_fraction` (fraction of rows starting a document), `memory/misaligned_rows` (rows
+reset because they did not continue their memory's document, summed over steps).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,12 +38,21 @@ import clu.metrics
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.linen import partitioning as flax_partitioning
 from t5x import losses, models
+from t5x import metrics as metrics_lib
 
 from melodi_t5x import t5x_data
+from tasks import vocab as vocab_lib
 
 MEMORY = 'memory'
 INTERMEDIATES = 'intermediates'
+# Leaf of the memory collection added by `MemoryDecoderModel`: which document and chunk each row's
+# state belongs to. Handled here, never passed to the module.
+POSITION = 'stream_position'
+MISALIGNED_ROWS = 'memory/misaligned_rows'
+MISALIGNED_MODES = ('reset', 'error')
 
 Array = jax.Array
 PyTree = Any
@@ -89,10 +108,17 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
 
   The module (e.g. `melodi_t5x.model.MelodiDecoder`) must accept a `start_of_sequence: [B]`
   keyword and keep its memory in the `memory` collection with leading batch axis. Construct it as
-  a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). Incremental decoding is
-  not supported: memory decoders are evaluated by teacher-forced scoring.
+  a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). `predict_batch_with_aux`
+  samples continuations with the module's incremental decoding (`prefill` / `decode`).
 
   `MelodiModel` is the same class under its former name (gin files may use either).
+
+  Beyond `DecoderOnlyModel`'s arguments:
+    misaligned_rows: 'reset' (default): a row that does not continue its memory's document is
+      reset and counted in `memory/misaligned_rows`; 'error': the step fails instead.
+    allow_stateless_scoring: False (default): `score_batch` (seqio / `t5x.infer` scoring) and
+      `eval_fn` (T5X's default eval step) raise, because they cannot carry memory across chunks;
+      True: they score every row with fresh (zero) memory, each chunk on its own.
   """
 
   FEATURE_CONVERTER_CLS = t5x_data.StreamingFeatureConverter
@@ -108,13 +134,23 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     loss_normalizing_factor=None,
+    misaligned_rows: str = 'reset',
+    allow_stateless_scoring: bool = False,
   ):
-    """Arguments as for `t5x.models.DecoderOnlyModel` (decode_fn is unused: no decoding)."""
+    """Arguments as for `t5x.models.DecoderOnlyModel`, plus the two above."""
+    if misaligned_rows not in MISALIGNED_MODES:
+      raise ValueError(
+        f'MemoryDecoderModel.misaligned_rows={misaligned_rows!r}: use one of {MISALIGNED_MODES}.'
+      )
+    self._misaligned_rows = misaligned_rows
+    self._allow_stateless_scoring = bool(allow_stateless_scoring)
     if inputs_bidirectional_attention:
       raise ValueError(
         'MemoryDecoderModel.inputs_bidirectional_attention=True: memory decoders are causal LMs; '
         'leave inputs_bidirectional_attention False.'
       )
+    if vocabulary is not None:
+      vocab_lib.check_embedding_fits(vocabulary.vocab_size, getattr(module, 'config', None))
     kwargs = {} if decode_fn is None else {'decode_fn': decode_fn}
     super().__init__(
       module=module,
@@ -126,6 +162,27 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       loss_normalizing_factor=loss_normalizing_factor,
       **kwargs,
     )
+    if self._allow_stateless_scoring:
+      converter = self.FEATURE_CONVERTER_CLS
+      self.FEATURE_CONVERTER_CLS = lambda *a, **k: converter(  # pylint: disable=invalid-name
+        *a, **{'allow_independent_examples': True, **k}
+      )
+
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
+    """The module's variables plus the `stream_position` leaf of the memory collection."""
+    variables = flax.core.unfreeze(super().get_initial_variables(rng, input_shapes, input_types))
+    if MEMORY in variables:
+      batch = input_shapes['decoder_input_tokens'][0]
+      variables[MEMORY][POSITION] = {
+        'document': jnp.zeros((batch,), jnp.int32),
+        'next_chunk': jnp.zeros((batch,), jnp.int32),
+      }
+      axes = flax_partitioning.AxisMetadata(names=('batch',))
+      variables.setdefault(MEMORY + '_axes', {})[POSITION] = {
+        'document_axes': axes,
+        'next_chunk_axes': axes,
+      }
+    return flax.core.freeze(variables)
 
   # -- forward ---------------------------------------------------------------------------------
 
@@ -171,6 +228,12 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       input; None if the input was None); the sown intermediates.
     """
     incoming = dict(flax_mutables or {})
+    position = None
+    if MEMORY in incoming and POSITION in incoming[MEMORY]:
+      memory = dict(incoming[MEMORY])
+      position = memory.pop(POSITION)
+      incoming[MEMORY] = type(incoming[MEMORY])(memory) if memory else memory
+      batch, misaligned, new_position = self._follow_documents(batch, position)
     logits, updated = self._compute_logits(
       params,
       batch,
@@ -179,7 +242,9 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       other_variables=incoming,
     )
     updated = dict(updated)
-    intermediates = updated.pop(INTERMEDIATES, {})
+    intermediates = dict(updated.pop(INTERMEDIATES, {}))
+    if position is not None:
+      intermediates[MISALIGNED_ROWS] = misaligned
     if flax_mutables is None:
       return logits, None, intermediates
     new = dict(incoming)
@@ -193,9 +258,44 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       if isinstance(incoming[MEMORY], flax.core.FrozenDict):
         memory = flax.core.freeze(memory)
       new[MEMORY] = memory
+    if position is not None:
+      memory = flax.core.unfreeze(new[MEMORY])
+      memory[POSITION] = new_position
+      new[MEMORY] = type(flax_mutables[MEMORY])(memory)
     if isinstance(flax_mutables, flax.core.FrozenDict):
       new = flax.core.freeze(new)
     return logits, new, intermediates
+
+  def _follow_documents(self, batch: Mapping[str, Array], position: Mapping[str, Array]):
+    """Checks that each row continues its memory's document; resets the rows that do not.
+
+    Returns:
+      the batch with `start_of_sequence` set on misaligned rows, the number of misaligned rows
+      (float32 scalar) and the new `stream_position` (document key and next chunk of each row).
+    """
+    missing = [k for k in ('document_id', 'chunk_index', 'start_of_sequence') if k not in batch]
+    if missing:
+      raise ValueError(
+        f'The batch has no {missing}: memory cannot be checked against the documents of its rows. '
+        'Batches must come from the document stream: train_script.train.get_dataset_fn = '
+        '@t5x_data.get_dataset and train_eval_get_dataset_fn = @t5x_data.get_eval_datasets '
+        "(T5X's utils.get_dataset shuffles chunks, so rows would carry unrelated documents' "
+        'memory).'
+      )
+    document = batch['document_id'].astype(jnp.int32)
+    chunk = batch['chunk_index'].astype(jnp.int32)
+    sos = batch['start_of_sequence'].astype(bool)
+    valid = batch['row_valid'].astype(bool) if 'row_valid' in batch else jnp.ones_like(sos)
+    continues = (document == position['document']) & (chunk == position['next_chunk'])
+    misaligned = valid & ~sos & ~continues
+    if self._misaligned_rows == 'error':
+      jax.debug.callback(_raise_if_misaligned, misaligned, document, chunk, position['document'])
+    batch = {**batch, 'start_of_sequence': sos | misaligned}
+    new_position = {
+      'document': jnp.where(valid, document, 0).astype(position['document'].dtype),
+      'next_chunk': jnp.where(valid, chunk + 1, 0).astype(position['next_chunk'].dtype),
+    }
+    return batch, jnp.sum(misaligned.astype(jnp.float32)), new_position
 
   # -- loss and metrics ------------------------------------------------------------------------
 
@@ -220,9 +320,33 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     return loss, (metrics, new_mutables)
 
   def eval_fn(self, params: PyTree, batch: Mapping[str, Array], flax_mutables: PyTree = None):
-    """Loss and metrics of one batch (memory read, not carried: see `t5x_eval` for streaming)."""
+    """T5X's default eval step: refused unless `allow_stateless_scoring` (then fresh memory).
+
+    T5X's `Trainer.eval` feeds every eval batch the training rows' memory and drops the update;
+    `t5x_eval.MemoryTrainer` streams eval documents with carried memory instead.
+    """
+    self._check_stateless('eval_fn (trainer.Trainer.eval, the default train-eval step)')
+    batch = dict(batch)
+    batch['start_of_sequence'] = jnp.ones(batch['decoder_input_tokens'].shape[:1], bool)
+    if flax_mutables is not None:
+      flax_mutables = jax.tree_util.tree_map(jnp.zeros_like, flax_mutables)
+      if MEMORY in flax_mutables and POSITION in flax_mutables[MEMORY]:
+        memory = dict(flax_mutables[MEMORY])
+        del memory[POSITION]
+        flax_mutables = {**flax_mutables, MEMORY: memory}
     loss, aux = self.loss_fn(params, batch, None, flax_mutables)
     return loss, (aux[0] if flax_mutables is not None else aux)
+
+  def _check_stateless(self, what: str) -> None:
+    if not self._allow_stateless_scoring:
+      raise ValueError(
+        f'MemoryDecoderModel.{what} cannot carry memory from one chunk of a document to the next: '
+        'it would score each chunk without the memory of the chunks before it (or with the '
+        "training rows' memory). For perplexity with carried memory use t5x_eval.MemoryTrainer "
+        '(trainer_cls in t5x.train, training_evaluator_cls in t5x.eval; see gin/runs/). To score '
+        'every row on its own with fresh memory anyway, set '
+        'MemoryDecoderModel.allow_stateless_scoring = True.'
+      )
 
   def _loss_and_metrics(self, logits: Array, batch: Mapping[str, Array], intermediates):
     targets = batch['decoder_target_tokens']
@@ -264,6 +388,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       out['memory/reset_fraction'] = clu.metrics.Average(
         total=jnp.sum(sos.astype(jnp.float32)), count=jnp.asarray(sos.shape[0], jnp.float32)
       )
+    if MISALIGNED_ROWS in intermediates:
+      out[MISALIGNED_ROWS] = metrics_lib.Sum(total=intermediates[MISALIGNED_ROWS])
     return out
 
   # -- scoring (stateless) ---------------------------------------------------------------------
@@ -277,11 +403,12 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
   ):
     """Sum of target log-likelihoods per row, each row scored with fresh memory.
 
-    `flax_mutables` is accepted (T5X passes the checkpoint's memory) and ignored: rows of a seqio
-    score batch are independent examples. Document-level perplexity with carried memory is
-    `t5x_eval.MemoryTrainer`.
+    Refused unless `allow_stateless_scoring=True`: seqio / `t5x.infer` score batches are
+    independent examples, so memory cannot be carried. `flax_mutables` (the checkpoint's memory)
+    is ignored. Document-level perplexity with carried memory is `t5x_eval.MemoryTrainer`.
     """
     del flax_mutables
+    self._check_stateless('score_batch (seqio / t5x.infer scoring)')
     batch = dict(batch)
     batch['start_of_sequence'] = jnp.ones(batch['decoder_input_tokens'].shape[:1], bool)
     logits = self._compute_logits(params, batch)
@@ -291,10 +418,93 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       return scores, {'token_scores': token_scores}
     return scores
 
-  def predict_batch_with_aux(self, *args, **kwargs):
-    raise NotImplementedError(
-      'MemoryDecoderModel does not decode: there is no incremental-decoding cache. Evaluate with '
-      'teacher-forced scoring (t5x_eval.MemoryTrainer, or infer mode="score").'
+  # -- generation ------------------------------------------------------------------------------
+
+  def predict_batch_with_aux(
+    self,
+    params: PyTree,
+    batch: Mapping[str, Array],
+    rng: Array | None = None,
+    *,
+    return_all_decodes: bool = False,
+    num_decodes: int = 1,
+    decoder_params: Mapping[str, Any] | None = None,
+    memory: PyTree | None = None,
+  ):
+    """Continues each row's prompt with `decode_fn` (T5X's `DecoderOnlyModel` convention).
+
+    The prompt of row b is `decoder_input_tokens[b]` where `decoder_causal_attention[b]` is 1
+    (T5X's prefix-LM features; `decoder_input_tokens[:, 0]` is the first input, for our tasks the
+    start-of-document token). The module reads it with `prefill=True` (complete windows through
+    the training path, the rest into the `cache` collection), then `decode_fn` (default
+    `t5x.decoding.temperature_sample`) calls it with `decode=True` one token at a time;
+    `decoder_params` go to `decode_fn` (e.g. `{'temperature': 0.0}` is greedy, `'topk'`).
+
+    `memory` (the `memory` collection, e.g. from streaming the start of a long document through
+    `apply_with_memory`) is continued for rows whose `batch['start_of_sequence']` is False;
+    without it, or without that feature, every row starts from empty memory. The checkpoint's
+    training memory is never used.
+
+    Returns:
+      The continuations `[B, L]` (or `[B, num_decodes, L]` with `return_all_decodes`), prompt
+      removed and left-aligned, and `{'scores': log-probabilities of the samples}`.
+    """
+    if 'decoder_causal_attention' not in batch:
+      raise ValueError(
+        'predict_batch_with_aux needs decoder_causal_attention (1 on the prompt): use a feature '
+        "converter for 'inputs' + 'targets' tasks, e.g. MemoryDecoderModel.feature_converter_cls "
+        '= @t5x_generate.PromptFeatureConverter (see gin/infer.gin).'
+      )
+    prompt = batch['decoder_input_tokens'] * batch['decoder_causal_attention']
+    lengths = jnp.sum(prompt[:, 1:] != 0, axis=-1).astype(jnp.int32)  # T5X's prefill lengths
+    variables = {'params': params}
+    sos = batch.get('start_of_sequence')
+    if memory is not None and sos is not None:
+      variables[MEMORY] = {k: v for k, v in memory.items() if k != POSITION}
+    _, prefilled = self.module.apply(
+      variables,
+      prompt,
+      prefill=True,
+      prefill_lengths=lengths,
+      start_of_sequence=sos if MEMORY in variables else None,
+      enable_dropout=False,
+      mutable=['cache'],
+    )
+    decoder_params = dict(decoder_params or {})
+    if rng is not None:
+      if decoder_params.get('decode_rng') is not None:
+        raise ValueError('Give the decoding rng either as `rng` or as decoder_params, not both.')
+      decoder_params['decode_rng'] = rng
+    decoder_params.setdefault('eos_id', self.output_vocabulary.eos_id or 1)
+    decodes, scores = self._decode_fn(
+      inputs=prompt,
+      cache=prefilled['cache'],
+      tokens_to_logits=functools.partial(
+        self._compute_logits_from_slice, params=params, max_decode_length=prompt.shape[1]
+      ),
+      num_decodes=num_decodes,
+      initial_index=lengths,
+      **decoder_params,
+    )
+    if not return_all_decodes:  # the most likely sample (decodes are sorted by score)
+      decodes, scores = decodes[:, -1], scores[:, -1]
+    return models.remove_prefix(decodes, lengths), {'scores': scores}
+
+
+def _raise_if_misaligned(misaligned, document, chunk, memory_document) -> None:
+  """Host callback of `misaligned_rows='error'`: raises if any row broke its document."""
+  rows = np.flatnonzero(np.asarray(misaligned))
+  if rows.size:
+    detail = ', '.join(
+      f'row {r}: document {int(document[r])} chunk {int(chunk[r])} after memory of document '
+      f'{int(memory_document[r])}'
+      for r in rows[:4]
+    )
+    raise ValueError(
+      f'{rows.size} batch rows do not continue the document of their memory ({detail}). Feed '
+      'batches from the document stream (t5x_data.get_dataset), or set '
+      "MemoryDecoderModel.misaligned_rows = 'reset' to reset such rows and count them in "
+      'memory/misaligned_rows.'
     )
 
 

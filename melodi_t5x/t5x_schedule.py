@@ -34,6 +34,15 @@ def warmup_cosine(
     raise ValueError(f'warmup_steps={warmup_steps} must be >= 0.')
   if decay_steps <= 0:
     raise ValueError(f'decay_steps={decay_steps} must be positive (e.g. %TRAIN_STEPS).')
+  if warmup_steps and decay_steps <= warmup_steps:
+    raise ValueError(
+      f't5x_schedule.warmup_cosine: decay_steps={decay_steps} <= warmup_steps={warmup_steps}: the '
+      'cosine would end before warmup does, so the peak learning rate is never reached. Set '
+      'decay_steps > warmup_steps (decay_steps is the step where the cosine ends, e.g. '
+      '%TRAIN_STEPS) or lower warmup_steps.'
+    )
+  if base_learning_rate <= 0:
+    raise ValueError(f'base_learning_rate={base_learning_rate} must be positive.')
   if not 0 <= final_learning_rate <= base_learning_rate:
     raise ValueError(
       f'need 0 <= final_learning_rate ({final_learning_rate}) <= base_learning_rate '

@@ -110,7 +110,7 @@ def prepare(
   writer = prepared_lib.ShardWriter(
     out, vocab_size, prefix=f'{part}/tokens', shard_tokens=shard_tokens
   )
-  prepared_lib._makedirs(os.path.join(out, part))  # pylint: disable=protected-access
+  prepared_lib.makedirs(os.path.join(out, part))
   try:
     for doc_id, tokens in task_documents(task_name, split, worker, num_workers):
       writer.add(doc_id, tokens)
@@ -118,9 +118,9 @@ def prepare(
     writer.close()
   records = np.asarray(writer.records, prepared_lib.INDEX_DTYPE)
   summary = {'shards': writer.shards, 'num_documents': len(records), 'info': info}
-  with prepared_lib._open(os.path.join(out, part, 'index.npy'), 'wb') as f:  # pylint: disable=protected-access
+  with prepared_lib.open_file(os.path.join(out, part, 'index.npy'), 'wb') as f:
     np.save(f, records, allow_pickle=False)
-  with prepared_lib._open(os.path.join(out, part, 'done.json'), 'w') as f:  # pylint: disable=protected-access
+  with prepared_lib.open_file(os.path.join(out, part, 'done.json'), 'w') as f:
     f.write(json.dumps(summary))
   return summary
 
@@ -136,14 +136,14 @@ def finalize(task_name: str, split: str, out_root: str, num_workers: int) -> dic
   for w in range(num_workers):
     part = os.path.join(out, WORKER_DIR.format(w, num_workers))
     done = os.path.join(part, 'done.json')
-    if not prepared_lib._exists(done):  # pylint: disable=protected-access
+    if not prepared_lib.exists(done):
       raise FileNotFoundError(
         f'Worker {w} of {num_workers} has not finished ({done} is missing): run it with '
         f'--worker={w} --num_workers={num_workers}.'
       )
-    with prepared_lib._open(done, 'r') as f:  # pylint: disable=protected-access
+    with prepared_lib.open_file(done, 'r') as f:
       summary = json.loads(f.read())
-    with prepared_lib._open(os.path.join(part, 'index.npy'), 'rb') as f:  # pylint: disable=protected-access
+    with prepared_lib.open_file(os.path.join(part, 'index.npy'), 'rb') as f:
       records = np.load(f, allow_pickle=False)
     records = records.copy()
     records['shard'] += len(shards)

@@ -63,7 +63,7 @@ def _join(*parts: str) -> str:
   return os.path.join(*[str(p) for p in parts])
 
 
-def _open(path: str, mode: str):
+def open_file(path: str, mode: str):
   if _is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -71,7 +71,7 @@ def _open(path: str, mode: str):
   return open(path, mode)  # noqa: SIM115
 
 
-def _exists(path: str) -> bool:
+def exists(path: str) -> bool:
   if _is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -79,7 +79,7 @@ def _exists(path: str) -> bool:
   return os.path.exists(path)
 
 
-def _makedirs(path: str) -> None:
+def makedirs(path: str) -> None:
   if _is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -95,9 +95,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def file_checksum(path: str | None) -> int | None:
   """CRC32 of a file's bytes (the vocabulary model), None when there is no file."""
-  if not path or not _exists(path):
+  if not path or not exists(path):
     return None
-  with _open(path, 'rb') as f:
+  with open_file(path, 'rb') as f:
     return zlib.crc32(f.read())
 
 
@@ -125,7 +125,7 @@ class ShardWriter:
     self.records: list[tuple[int, int, int, int, int]] = []
     self._file = None
     self._offset = 0
-    _makedirs(self._dir)
+    makedirs(self._dir)
 
   def add(self, document_id: int, tokens: np.ndarray) -> bool:
     """Appends one document; returns False (and writes nothing) for an empty one."""
@@ -153,7 +153,7 @@ class ShardWriter:
     self.close()
     name = f'{self._prefix}-{len(self.shards):05d}.bin'
     self.shards.append(name)
-    self._file = _open(_join(self._dir, name), 'wb')
+    self._file = open_file(_join(self._dir, name), 'wb')
     self._offset = 0
 
   def close(self) -> None:
@@ -171,7 +171,7 @@ def write_index_and_meta(
 ) -> dict[str, Any]:
   """Writes `index.npy` then `meta.json` (last: it marks the split complete); returns the meta."""
   records = np.asarray(records, INDEX_DTYPE)
-  with _open(_join(out_dir, INDEX_FILE), 'wb') as f:
+  with open_file(_join(out_dir, INDEX_FILE), 'wb') as f:
     np.save(f, records, allow_pickle=False)
   meta = {
     'format_version': FORMAT_VERSION,
@@ -183,7 +183,7 @@ def write_index_and_meta(
     'fingerprint': zlib.crc32(records.tobytes()),
     **info,
   }
-  with _open(_join(out_dir, META_FILE), 'w') as f:
+  with open_file(_join(out_dir, META_FILE), 'w') as f:
     f.write(json.dumps(meta, indent=2, sort_keys=True) + '\n')
   return meta
 
@@ -216,7 +216,8 @@ def chunk_at(
 
   `read(start, stop)` returns the document's tokens [start, stop). Same layout as
   `tasks.preprocessors.chunk_tokens`: targets 0-padded; inputs shifted right by one (the previous
-  chunk's last token, or `start_id` for chunk 0), 0 where targets is 0.
+  chunk's last token, or `start_id` for chunk 0), 0 on padding. The real tokens are the first
+  min(L, length - chunk * L) positions; callers mark them by position, never by id.
   """
   lo = chunk * chunk_length
   hi = min(lo + chunk_length, length)
@@ -234,7 +235,7 @@ def chunk_at(
     seg = seg[1:]
   targets[:n] = seg
   inputs[1:n] = seg[: n - 1]
-  inputs[targets == 0] = 0
+  inputs[n:] = 0
   return targets, inputs
 
 
@@ -249,19 +250,19 @@ class PreparedSplit:
   def __init__(self, path: str):
     self.path = str(path)
     meta_path = _join(self.path, META_FILE)
-    if not _exists(meta_path):
+    if not exists(meta_path):
       raise FileNotFoundError(
         f'No prepared split at {self.path!r} (no {META_FILE}; an interrupted preparation leaves '
         'none). Write it with `python -m tasks.prepare --task=TASK --split=SPLIT --out=ROOT`.'
       )
-    with _open(meta_path, 'r') as f:
+    with open_file(meta_path, 'r') as f:
       self.meta = json.loads(f.read())
     if self.meta.get('format_version') != FORMAT_VERSION:
       raise ValueError(
         f'Prepared split {self.path!r} has format version {self.meta.get("format_version")}, this '
         f'code reads {FORMAT_VERSION}: prepare it again.'
       )
-    with _open(_join(self.path, INDEX_FILE), 'rb') as f:
+    with open_file(_join(self.path, INDEX_FILE), 'rb') as f:
       self.index = np.load(f, allow_pickle=False)
     if self.index.dtype != INDEX_DTYPE or len(self.index) != self.meta['num_documents']:
       raise ValueError(f'Prepared split {self.path!r}: index does not match {META_FILE}.')
@@ -285,7 +286,7 @@ class PreparedSplit:
     f = self._files.get(shard)
     if f is None:
       path = _join(self.path, self.meta['shards'][shard])
-      f = _open(path, 'rb')
+      f = open_file(path, 'rb')
       self._files[shard] = f
     return f
 

@@ -198,7 +198,7 @@ def test_stateless_apply_starts_fresh_and_bad_inputs_raise():
     model.apply(variables, tokens, tokens, decoder_segment_ids=jnp.ones_like(tokens))
   with pytest.raises(ValueError, match='batch size changes'):
     model.apply(variables, tokens[:1], tokens[:1], enable_dropout=False, mutable=['memory'])
-  with pytest.raises(NotImplementedError):
+  with pytest.raises(ValueError, match="mutable=\\['cache'\\]"):
     model.apply(variables, tokens, tokens, decode=True)
 
 

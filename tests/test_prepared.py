@@ -261,3 +261,19 @@ def test_bench_stream_small(tmp_path):
     assert result[key] > 0, key
   assert result['documents'] == 40
   assert result['restore_late_step'] >= 0.8 * result['epoch_steps']
+
+
+def test_restore_refuses_changed_data(tmp_path):
+  write_synthetic(tmp_path / 'a', seed=0)
+  write_synthetic(tmp_path / 'b', seed=1)
+  it = PreparedStreamIterator(str(tmp_path / 'a'), batch_size=2, chunk_length=L)
+  for _ in range(5):
+    next(it)
+  other = PreparedStreamIterator(str(tmp_path / 'b'), batch_size=2, chunk_length=L)
+  with pytest.raises(ValueError, match='data_fingerprint'):
+    other.set_state(it.get_state())
+  state = it.get_state()
+  row = next(r for r in state['rows'] if r is not None)
+  row['checksum'] += 1
+  with pytest.raises(ValueError, match='the data changed'):
+    PreparedStreamIterator(str(tmp_path / 'a'), batch_size=2, chunk_length=L).set_state(state)

@@ -59,3 +59,41 @@ def test_config_from_fixture_reads_sizes_and_rejects_bad_fifo():
 def test_parity_on_transformer_xl_fixture(capsys):
   assert check_reference.main([str(FIXTURE.parent / 'xl_tiny_a.npz')]) == 0
   assert 'PARITY OK' in capsys.readouterr().out
+
+
+_MEMORIZING = FIXTURE.parent / 'memorizing_tiny_a.npz'
+
+
+def test_parity_on_memorizing_fixture(tmp_path, capsys):
+  out = tmp_path / 'errors.json'
+  assert check_reference.main([str(_MEMORIZING), '--json', str(out)]) == 0
+  assert 'PARITY OK' in capsys.readouterr().out
+  errors = json.loads(out.read_text())
+  # 3 segments x (logits, token losses, loss, 6 XL caches, memory keys and values) and
+  # 3 x 49 gradients; the side layer's unused XL cache is only checked to be zero.
+  assert len(errors['forward']) == 33 and len(errors['gradient']) == 147
+  assert not any('side_layer/kvi_cache' in name for name in errors['forward'])
+
+
+def test_memorizing_parity_fails_when_the_memory_layer_is_mapped_wrongly(capsys):
+  side = 'layer_stack/side_layer/tbase/_kvq/'
+  swap = [side + 'keys_layer/kernel', side + 'values_layer/kernel']
+  assert check_reference.main([str(_MEMORIZING), '--swap', *swap]) == 1
+  assert 'PARITY FAIL' in capsys.readouterr().out
+
+
+def test_parity_on_block_recurrent_fixture(tmp_path, capsys):
+  out = tmp_path / 'errors.json'
+  assert check_reference.main([str(FIXTURE.parent / 'brt_tiny_a.npz'), '--json', str(out)]) == 0
+  assert 'PARITY OK' in capsys.readouterr().out
+  errors = json.loads(out.read_text())
+  # 3 segments x (logits, token losses, loss, 4 x 2 XL caches, the recurrent state) and
+  # 3 x 55 gradients.
+  assert len(errors['forward']) == 36 and len(errors['gradient']) == 165
+
+
+def test_block_recurrent_parity_fails_with_state_queries_swapped(capsys):
+  rec = 'transformer1/recurrent_tbase/_kvq/'
+  swap = [rec + 'queries_layer/kernel', rec + 'queries2_layer/kernel']
+  assert check_reference.main([str(FIXTURE.parent / 'brt_tiny_a.npz'), '--swap', *swap]) == 1
+  assert 'PARITY FAIL' in capsys.readouterr().out

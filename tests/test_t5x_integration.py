@@ -5,8 +5,8 @@ One tiny MELODI (2 layers, d=32, windows of 8, 32-token segments) is trained on 
 targets shifted by one, so the first target of every window repeats a token from the previous
 window: only memory can predict it. Checks: the loss decreases; carried memory lowers the
 loss of a document's next chunk compared with reset memory; kill -9 after a checkpoint and resume
-reproduces the uninterrupted run bit for bit; `t5x.eval`'s streaming perplexity equals a direct
-per-document computation with the model and counts every token once.
+reproduces the uninterrupted run bit for bit (also from checkpoint_0); `t5x.eval`'s streaming
+perplexity equals a direct per-document computation with the model and counts every token once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,6 +320,23 @@ def test_kill_and_resume_matches_uninterrupted_run(work):
     jax.tree_util.tree_leaves((params_a, memory_a)), jax.tree_util.tree_leaves((params_b, memory_b))
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_from_checkpoint_0_matches_uninterrupted_run(work):
+  # t5x.train peeks the first batch before saving checkpoint_0; the saved stream position must
+  # still be the one before that batch, so resuming from checkpoint_0 replays step 1 exactly.
+  steps = 10
+  model_dir = work / 'run_c'
+  model_dir.mkdir()
+  shutil.copytree(work / 'run_a' / 'checkpoint_0', model_dir / 'checkpoint_0')
+  bindings = [('MODEL_DIR', str(model_dir)), ('TRAIN_STEPS', steps)]
+  _t5x(work, 'train', [work / 'model.gin', work / 'train.gin'], bindings, work / 'train_c.log')
+  log = open(work / 'train_c.log').read()
+  assert 'Restoring dataset iterator' in log or 'checkpoint_0' in log
+  resumed = _train_losses(work / 'train_c.log')
+  uninterrupted = _train_losses(work / 'train_a.log')
+  assert sorted(resumed) == list(range(1, steps + 1))
+  assert resumed == {s: uninterrupted[s] for s in range(1, steps + 1)}
 
 
 def test_eval_perplexity_equals_direct_streaming(work):

@@ -24,7 +24,8 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
 
-from melodi_t5x import memory
+from melodi_t5x import decoding, memory
+from melodi_t5x.architectures import melodi_decoding
 from melodi_t5x.config import MelodiConfig
 from melodi_t5x.layers import (
   RMSNorm,
@@ -180,25 +181,128 @@ class MelodiLayer(TransformerBlock):
       )
       mask = mask & key_ok[:, None, None, :]
     o = self.attention(q, k, v, self.position_bias(bucket), mask, deterministic)  # [B, W+S, H, K]
-
-    if self.is_long:
-      cmask = None if long_valid is None else long_valid[:, None, None, :]
-      o_long = self.attention(q, *long_kv, None, cmask, deterministic)
-      g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
-      o = g * o + (1.0 - g) * o_long
+    o = self.with_long_term(q, o, long_kv, long_valid, deterministic)
 
     y = self.residual_mlp(xu, o, deterministic)
     x_out, u_out = y[:, :w], y[:, w:]
+    return (x_out, *self.mix_window(x_out, u_out))
 
+  def with_long_term(self, q, o, long_kv, long_valid, deterministic: bool) -> Array:
+    """Long-term layers: gates self-attention `o` with cross-attention of `q` to the FIFO."""
+    if not self.is_long:
+      return o
+    cmask = None if long_valid is None else long_valid[:, None, None, :]
+    o_long = self.attention(q, *long_kv, None, cmask, deterministic)
+    g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
+    return g * o + (1.0 - g) * o_long
+
+  def mix_window(self, x_out: Array, u_out: Array):
+    """Token mixers over a window's outputs: (next summary tokens, next z or None, delta)."""
     delta = self.long_mixer(x_out, u_out) if self.is_long else None
-    if not m:
-      return x_out, u_out, None, delta
-    return x_out, self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+    if not self.memory_size:
+      return u_out, None, delta
+    return self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
+
+  # -- incremental decoding: the window's context tokens one call at a time, then its summary --
+
+  def _memory_mask(self, mask: Array, memory_valid: Array | None) -> Array:
+    """Hides the memory keys (the first M) of rows whose memory is empty (`mask_empty_memory`)."""
+    if memory_valid is None or not self.memory_size:
+      return mask
+    n = mask.shape[-1] - self.memory_size
+    ok = jnp.concatenate(
+      [
+        jnp.broadcast_to(memory_valid[:, None], (memory_valid.shape[0], self.memory_size)),
+        jnp.ones((memory_valid.shape[0], n), bool),
+      ],
+      axis=1,
+    )
+    return mask & ok[:, None, None, :]
+
+  def _with_memory(self, kv: tuple[Array, Array], memory_kv) -> tuple[Array, Array]:
+    """Prepends the memory keys/values [B, M, H, K] (if any) to `kv`."""
+    if not self.memory_size:
+      return kv
+    return tuple(jnp.concatenate([m.astype(c.dtype), c], axis=1) for m, c in zip(memory_kv, kv))
+
+  def context_step(self, x, position, context_kv, memory_kv, long_kv, memory_valid, long_valid):
+    """Context tokens `x: [B, N, D]` at window positions `position[b] + 0..N-1`.
+
+    Each attends to the memory and to the window's context tokens before it, exactly as in
+    `__call__` (context tokens never see the summary tokens), so the window can be read a few
+    tokens at a time.
+
+    Args:
+      x: [B, N, D] inputs of this layer; position: [B] window position of x[:, 0].
+      context_kv: keys and values [B, W, H, K] of the window's context tokens so far (slots at or
+        after `position` are ignored and overwritten).
+      memory_kv: keys and values [B, M, H, K] of the short-term memory (None without memory).
+      long_kv: keys and values [B, Q, H, K] of the long-term FIFO (long-term layers).
+      memory_valid, long_valid: as in `__call__` (None unless masking empty memory).
+
+    Returns:
+      y: [B, N, D] outputs; the updated context keys and values.
+    """
+    cfg = self.config
+    w, m = cfg.window_length, self.memory_size
+    a = self.normed_input(x, True)
+    q = self.queries(a)
+    context_kv = tuple(
+      decoding.write_rows(c, new, position) for c, new in zip(context_kv, self.keys_values(a))
+    )
+    bucket, visible = window_geometry(
+      w, cfg.summary_size, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    rows = position[:, None] + jnp.arange(x.shape[1])  # [B, N] query positions in the window
+    bucket = jnp.take(jnp.asarray(bucket[:w, : m + w]), rows, axis=0)  # [B, N, M+W]
+    mask = jnp.take(jnp.asarray(visible[:w, : m + w]), rows, axis=0)[:, None]
+    bias = jnp.moveaxis(self.relpos_bias[:, bucket], 0, 1)  # [B, H, N, M+W]
+    k, v = self._with_memory(context_kv, memory_kv)
+    o = self.attention(q, k, v, bias, self._memory_mask(mask, memory_valid), True)
+    o = self.with_long_term(q, o, long_kv, long_valid, True)
+    return self.residual_mlp(x, o, True), context_kv
+
+  def summary_step(self, x_out, u, context_kv, memory_kv, long_kv, memory_valid, long_valid):
+    """The summary tokens `u: [B, S, D]` of a complete window, then the token mixers.
+
+    Args:
+      x_out: [B, W, D] this layer's outputs for the window's context tokens.
+      u: [B, S, D] summary tokens entering this layer.
+      context_kv: keys and values [B, W, H, K] of the window's context tokens.
+      memory_kv, long_kv, memory_valid, long_valid: as in `context_step`.
+
+    Returns:
+      As `__call__` without x: the next layer's summary tokens, z for the next window (or None),
+      the long-term increment (or None).
+    """
+    cfg = self.config
+    w, s, m = cfg.window_length, u.shape[1], self.memory_size
+    a = self.normed_input(u, True)
+    q = self.queries(a)
+    ku, vu = self.keys_values(a)
+    k, v = self._with_memory(
+      tuple(jnp.concatenate([c, n], axis=1) for c, n in zip(context_kv, (ku, vu))), memory_kv
+    )
+    bucket, visible = window_geometry(
+      w, s, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    mask = self._memory_mask(jnp.asarray(visible[w:])[None, None], memory_valid)
+    o = self.attention(q, k, v, self.position_bias(bucket[w:]), mask, True)
+    o = self.with_long_term(q, o, long_kv, long_valid, True)
+    return self.mix_window(x_out, self.residual_mlp(u, o, True))
 
 
 # ---------------------------------------------------------------------------------------------
 # The decoder.
 # ---------------------------------------------------------------------------------------------
+
+
+def _valid_memory(cfg: MelodiConfig, seen: Array) -> tuple[Array | None, Array | None]:
+  """(memory_valid [B], long_valid [B, Q]) from windows seen, or Nones without masking."""
+  if not cfg.mask_empty_memory:
+    return None, None
+  q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
+  return seen > 0, jnp.arange(q)[None, :] >= q - inc * seen[:, None]
 
 
 def _window_step(module: MelodiDecoder, carry, x: Array, deterministic: bool):
@@ -210,11 +314,7 @@ def _window_step(module: MelodiDecoder, carry, x: Array, deterministic: bool):
   u = jnp.broadcast_to(
     module.summary_embeddings.astype(x.dtype)[None], (batch, cfg.summary_size, cfg.embed_dim)
   )
-  memory_valid = long_valid = None
-  if cfg.mask_empty_memory:
-    memory_valid = seen > 0
-    q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
-    long_valid = jnp.arange(q)[None, :] >= q - inc * seen[:, None]
+  memory_valid, long_valid = _valid_memory(cfg, seen)
   for i, layer in enumerate(module.layers):
     kv = long[i][1:] if i in long else None
     x, u, z, delta = layer(x, u, short.get(i), kv, memory_valid, long_valid, deterministic)
@@ -261,6 +361,7 @@ class MelodiDecoder(nn.Module):
       for i in cfg.long_term_memory_layers
     }
     self.windows_seen = memory.CarriedState((), (), jnp.int32)
+    self.decode_state = decoding.DecodeCache(melodi_decoding.cache_specs(cfg))
 
   def __call__(
     self,
@@ -283,12 +384,15 @@ class MelodiDecoder(nn.Module):
     reset); None resets every row. Memory is read from and, when the `memory` collection is
     mutable, written to the `memory` collection. Targets, positions and causal-attention flags
     are accepted for T5X compatibility; MELODI's attention pattern is fixed by the windows.
+
+    Incremental decoding (T5X's convention, state in the `cache` collection): `prefill=True`
+    reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
     """
     del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    if decode or prefill:
-      raise NotImplementedError(
-        'MELODI has no incremental decoding yet; use teacher-forced scoring (decode=False).'
-      )
+    if prefill:
+      return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
+    if decode:
+      return self.decode_step(decoder_input_tokens)
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     tokens, sos = segment_inputs(cfg, decoder_input_tokens, decoder_segment_ids, start_of_sequence)
@@ -337,3 +441,13 @@ class MelodiDecoder(nn.Module):
     for i, state in self.long_memory.items():
       state.end_segment(long[int(i)][0])
     self.windows_seen.end_segment(seen)
+
+  # -- incremental decoding (melodi_decoding.py) ------------------------------------------------
+
+  def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
+    """Reads a prompt into the `cache` collection: `melodi_decoding.prefill`."""
+    return melodi_decoding.prefill(self, tokens, lengths, start_of_sequence)
+
+  def decode_step(self, tokens: Array) -> Array:
+    """Logits [B, 1, V] after one token per row: `melodi_decoding.decode_step`."""
+    return melodi_decoding.decode_step(self, tokens)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
 
-from melodi_t5x import memory
+from melodi_t5x import decoding, memory
 from melodi_t5x.config import XLConfig
 from melodi_t5x.layers import (
   RMSNorm,
@@ -112,11 +112,32 @@ class XLLayer(TransformerBlock):
 
   def __call__(self, x: Array, cache: KV, deterministic: bool) -> tuple[Array, KV]:
     """x: [B, T, D]; cache: ([B, W, H, K], [B, W, H, K]) -> (y: [B, T, D], new cache)."""
+    y, (k, v) = self.forward(x, cache, deterministic)
+    w = self.config.window_length
+    return y, (k[:, -w:], v[:, -w:])
+
+  def forward(self, x: Array, cache: KV, deterministic: bool) -> tuple[Array, KV]:
+    """As `__call__`, but returns the keys and values [B, T, H, K] of every token."""
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
     o = self.sliding_attention(q, k, v, cache, deterministic)
-    w = self.config.window_length
-    return self.residual_mlp(x, o, deterministic), (k[:, -w:], v[:, -w:])
+    return self.residual_mlp(x, o, deterministic), (k, v)
+
+  def decode_step(self, x: Array, cache: KV) -> tuple[Array, KV]:
+    """One token `x: [B, 1, D]` after the W tokens whose keys/values are `cache` (oldest first).
+
+    Returns y: [B, 1, D] and the cache shifted by one (oldest dropped, this token appended).
+    """
+    cfg = self.config
+    w = cfg.window_length
+    a = self.normed_input(x, True)
+    q, kv = self.queries(a), self.keys_values(a)
+    bucket = t5_bucket(
+      w - np.arange(w), cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    o = self.attention(q, *cache, self.position_bias(bucket[None]), None, True)
+    cache = tuple(jnp.concatenate([c[:, 1:], n.astype(c.dtype)], axis=1) for c, n in zip(cache, kv))
+    return self.residual_mlp(x, o, True), cache
 
 
 def xl_cache_state(config) -> memory.CarriedState:
@@ -138,13 +159,17 @@ class XLDecoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = embedding_param(self, cfg)
-    layer = layer_class(XLLayer, cfg, deterministic_argnum=3, in_scan=False)
-    self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
+    self.layers = [self.make_layer(i) for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.use_cache:
       self.cache_keys = {str(i): xl_cache_state(cfg) for i in range(cfg.num_layers)}
       self.cache_values = {str(i): xl_cache_state(cfg) for i in range(cfg.num_layers)}
+    kv = ((cfg.window_length, cfg.num_heads, cfg.head_dim), ('length', 'heads', 'kv'), cfg.dtype)
+    self.decode_state = decoding.DecodeCache(
+      (('index', (), (), 'int32'),)
+      + tuple((f'{name}_{i}', *kv) for i in range(cfg.num_layers) for name in ('keys', 'values'))
+    )
 
   def __call__(
     self,
@@ -165,25 +190,61 @@ class XLDecoder(nn.Module):
 
     `start_of_sequence: [B]` marks rows whose document starts here (their caches are zeroed);
     None resets every row. Caches are written back when the `memory` collection is mutable.
+
+    Incremental decoding (T5X's convention, state in the `cache` collection): `prefill=True`
+    reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
     """
     del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    del prefill_lengths
-    if decode or prefill:
+    hooks = ('make_layer', 'run_layer', 'after_layer')  # overridden by the other baselines
+    if (decode or prefill) and any(
+      getattr(type(self), h) is not getattr(XLDecoder, h) for h in hooks
+    ):
       raise NotImplementedError(
-        'XLDecoder has no incremental decoding; use teacher-forced scoring (decode=False).'
+        f'{type(self).__name__} has no incremental decoding (only the plain XL stack keeps a '
+        'decoding cache); use teacher-forced scoring (decode=False).'
       )
+    if prefill:
+      return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
+    if decode:
+      return self.decode_step(decoder_input_tokens)
     cfg = self.config
     tokens, sos = segment_inputs(cfg, decoder_input_tokens, decoder_segment_ids, start_of_sequence)
     deterministic = not enable_dropout
     x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
     x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
-    for i, layer in enumerate(self.layers):
-      x, cache = layer(x, self.read_cache(i, sos, x.dtype), deterministic)
-      if cfg.use_cache:
-        self.cache_keys[str(i)].end_segment(jax.lax.stop_gradient(cache[0]))
-        self.cache_values[str(i)].end_segment(jax.lax.stop_gradient(cache[1]))
+    for i in range(cfg.num_layers):
+      x = self.run_layer(i, x, sos, deterministic)
+      x = self.after_layer(i, x, sos, deterministic)
     y = self.dropout(self.final_norm(x), deterministic=deterministic)
     return tied_logits(y, self.embedding, cfg)
+
+  # Hooks for decoders built on this stack (Memorizing and Block-Recurrent Transformers).
+
+  def make_layer(self, index: int) -> nn.Module:
+    """The (unbound) layer `index` of the stack (see the Block-Recurrent decoder).
+
+    With `remat='layer'` the layer is recomputed in the backward pass (also the XL layers of the
+    decoders built on this stack; their own extra layers keep their activations).
+    """
+    del index
+    return layer_class(XLLayer, self.config, deterministic_argnum=3, in_scan=False)(self.config)
+
+  def run_layer(self, index: int, x: Array, sos: Array, deterministic: bool) -> Array:
+    """Applies layer `index` to `x: [B, T, D]` with its XL cache, and stores the new cache."""
+    x, cache = self.layers[index](x, self.read_cache(index, sos, x.dtype), deterministic)
+    self.write_cache(index, cache)
+    return x
+
+  def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
+    """Extra computation after XL layer `layer` (none here; see the Memorizing decoder)."""
+    del layer, sos, deterministic
+    return x
+
+  def write_cache(self, layer: int, cache: KV) -> None:
+    """Stores the last window's keys and values of `layer` (a constant for the next segment)."""
+    if self.config.use_cache:
+      self.cache_keys[str(layer)].end_segment(jax.lax.stop_gradient(cache[0]))
+      self.cache_values[str(layer)].end_segment(jax.lax.stop_gradient(cache[1]))
 
   def read_cache(self, layer: int, sos: Array, dtype) -> KV:
     """The XL cache of `layer` for this segment (zeros at a document start or without cache)."""
@@ -193,3 +254,61 @@ class XLDecoder(nn.Module):
       return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     keys, values = self.cache_keys[str(layer)], self.cache_values[str(layer)]
     return keys.start_segment(sos).astype(dtype), values.start_segment(sos).astype(dtype)
+
+  # -- incremental decoding ----------------------------------------------------------------------
+  #
+  # Cache (collection `cache`): `index` (tokens read, [B]) and per layer the keys and values of the
+  # last W tokens, oldest first ([B, W, H, K]; zero before the document start, as the XL cache).
+
+  def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
+    """Reads a prompt into the cache; logits [B, L, V] (valid at positions < lengths[b]).
+
+    Row b consumes `tokens[b, :lengths[b]]` (default: T5X's count of non-zero tokens after
+    position 0) through the training path, after the carried XL cache of the `memory` collection
+    (reset where `start_of_sequence`; None resets every row).
+    """
+    cfg = self.config
+    w = cfg.window_length
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    batch, length = tokens.shape
+    lengths = decoding.prefill_lengths_of(tokens, lengths)
+    sos = jnp.ones((batch,), bool) if start_of_sequence is None else start_of_sequence
+    sos = jnp.asarray(sos).astype(bool).reshape(batch)
+    padded = jnp.pad(tokens, ((0, 0), (0, -length % w)))  # whole windows for the training path
+    x = jnp.take(self.embedding, padded, axis=0).astype(jnp.dtype(cfg.dtype))
+    state = {'index': lengths}
+    for i, layer in enumerate(self.layers):
+      cache = self.read_cache(i, sos, x.dtype)
+      x, kv = layer.forward(x, cache, True)
+      for name, before, new in zip(('keys', 'values'), cache, kv):
+        # Keys/values of positions lengths-W .. lengths-1 (the carried cache before position 0).
+        state[f'{name}_{i}'] = decoding.slice_rows(jnp.concatenate([before, new], 1), lengths, w)
+    self.decode_state.read(batch)
+    self.decode_state.write(state)
+    return tied_logits(self.final_norm(x[:, :length]), self.embedding, cfg)
+
+  def decode_step(self, tokens: Array) -> Array:
+    """Logits [B, 1, V] of the next token after `tokens: [B, 1]`.
+
+    A call on an empty cache (T5X's cache-initialising call, any `[B, L]`) creates a zero cache
+    and returns zero logits.
+    """
+    cfg = self.config
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    batch, n = tokens.shape
+    if not self.decode_state.exists():
+      self.decode_state.read(batch)
+      return jnp.zeros((batch, n, cfg.vocab_size), jnp.float32)
+    if n != 1:
+      raise ValueError(
+        f'decode=True reads one token per call, got {n}; read a prompt with prefill=True.'
+      )
+    state = self.decode_state.read(batch)
+    x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, 1, D]
+    for i, layer in enumerate(self.layers):
+      x, (state[f'keys_{i}'], state[f'values_{i}']) = layer.decode_step(
+        x, (state[f'keys_{i}'], state[f'values_{i}'])
+      )
+    state['index'] = state['index'] + 1
+    self.decode_state.write(state)
+    return tied_logits(self.final_norm(x), self.embedding, cfg)

@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from melodi_t5x.architectures.brt import BRTDecoder
 from melodi_t5x.architectures.melodi import MelodiDecoder
+from melodi_t5x.architectures.memorizing import MemorizingDecoder
 from melodi_t5x.architectures.xl import XLDecoder
-from melodi_t5x.config import MelodiConfig, XLConfig
+from melodi_t5x.config import BRTConfig, MelodiConfig, MemorizingConfig, XLConfig
 
 FORWARD_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
@@ -85,6 +87,68 @@ XL_PARAM_RULES: list[tuple[str, str]] = [
 ]
 
 
+# Memorizing Transformer (meliad `memory2`): XL layers whose FFN has biases, plus the side layer
+# (`recurrent_memory_layer.RecurrentMemoryLayer`), our `memory_layer`, which has no position table.
+_SIDE = r'layer_stack/side_layer/'
+
+
+def _block_rules(prefix: str, ours: str) -> list[tuple[str, str]]:
+  """Rules of one meliad `tbase` (norms, K/Q/V, temperature, W_O, MLP with biases)."""
+  return [
+    (prefix + r'tbase/pre_attn_layernorm/scale', ours + 'attn_norm/scale'),
+    (prefix + r'tbase/_kvq/queries_layer/kernel', ours + 'query/kernel'),
+    (prefix + r'tbase/_kvq/keys_layer/kernel', ours + 'key/kernel'),
+    (prefix + r'tbase/_kvq/values_layer/kernel', ours + 'value/kernel'),
+    (prefix + r'tbase/_kvq/attention_scale', ours + 'temperature'),
+    (prefix + r'tbase/post_attn_mlp/output_layer/kernel', ours + 'out/kernel'),
+    (prefix + r'tbase/pre_ffn_layernorm/scale', ours + 'ffn_norm/scale'),
+    (prefix + r'tbase/ffn/mlp_layer/input_layer/(?P<p>kernel|bias)', ours + 'ffn_in/{p}'),
+    (prefix + r'tbase/ffn/mlp_layer/output_layer/(?P<p>kernel|bias)', ours + 'ffn_out/{p}'),
+  ]
+
+
+MEMORIZING_PARAM_RULES: list[tuple[str, str]] = [
+  (r'embed/embedding', 'embedding'),
+  (r'layer_stack/final_layernorm/scale', 'final_norm/scale'),
+  (_XL + r'relative_positions/rel_embedding', 'layers_{i}/relpos_bias'),
+  *_block_rules(_XL, 'layers_{i}/'),
+  *_block_rules(_SIDE, 'memory_layer/'),
+]
+
+
+# Block-Recurrent Transformer (meliad `memory/transformer_layer.TransformerLayer` in a
+# `memory/decoder_stack.DecoderStack`): no `layer_stack`, the pre-attention norm inside `_kvq`, the
+# recurrent layer's token side under `tbase` and its state block under `recurrent_tbase`.
+_BRT = r'transformer(?P<i>\d+)/'
+BRT_PARAM_RULES: list[tuple[str, str]] = [
+  (r'embed/embedding', 'embedding'),
+  (r'final_layernorm/scale', 'final_norm/scale'),
+  (_BRT + r'relative_positions/rel_embedding', 'layers_{i}/relpos_bias'),
+  (_BRT + r'recurrent_initial_state', 'layers_{i}/initial_state'),
+  (
+    _BRT + r'recurrent_tbase/_kvq/position_embeddings',
+    'layers_{i}/state_block/position_embeddings',
+  ),
+  (_BRT + r'recurrent_tbase/post_attn_mlp/gate_bias', 'layers_{i}/state_block/gate_bias'),
+] + [
+  (_BRT + ref + rest, f'layers_{{i}}/{ours}' + target)
+  for ref, ours in (('tbase/', ''), ('recurrent_tbase/', 'state_block/'))
+  for rest, target in (
+    (r'_kvq/pre_attn_layernorm/scale', 'attn_norm/scale'),
+    (r'_kvq/queries_layer/kernel', 'query/kernel'),
+    (r'_kvq/queries2_layer/kernel', 'query2/kernel'),
+    (r'_kvq/keys_layer/kernel', 'key/kernel'),
+    (r'_kvq/values_layer/kernel', 'value/kernel'),
+    (r'_kvq/attention_scale', 'temperature'),
+    (r'attention_scale2', 'temperature2'),
+    (r'post_attn_mlp/output_layer/kernel', 'out/kernel'),
+    (r'pre_ffn_layernorm/scale', 'ffn_norm/scale'),
+    (r'ffn/hidden0/kernel', 'ffn_in/kernel'),
+    (r'ffn/output_layer/kernel', 'ffn_out/kernel'),
+  )
+]
+
+
 def _melodi_state(ref_key: str) -> tuple[str, ...] | None:
   match = re.fullmatch(
     r'state/layer_stack/melodi_layers_(\d+)/(short|long)_memory/previous_mems_train', ref_key
@@ -97,6 +161,54 @@ def _xl_state(ref_key: str) -> tuple[str, ...] | None:
     r'state/layer_stack/transformer(\d+)/kvi_cache/previous_(keys|values)_train', ref_key
   )
   return None if match is None else (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+
+
+_MEMORY = 'state/layer_stack/side_layer/'
+
+
+def fifo_order(slots: np.ndarray, write_index: np.ndarray) -> np.ndarray:
+  """Memory `[B, M, ...]` read from each row's write index `[B]`: oldest slot first."""
+  return np.stack([np.roll(row, -int(i), axis=0) for row, i in zip(slots, write_index)])
+
+
+def _memorizing_state_pairs(ours: dict, states: dict[str, np.ndarray]) -> dict[str, tuple]:
+  """Compares the Memorizing Transformer's carried state.
+
+  The memory is compared in FIFO order (rolled per row so that the slot at the write index
+  comes first): our write index is per row and restarts at 0 at a document start, the
+  reference's is one counter for the batch that is not reset, so the slot layouts differ after
+  a reset although the FIFOs are the same. The write indices are exercised through that roll (a
+  wrong index misplaces a whole segment). The side layer's XL cache (`side_layer/kvi_cache/...`)
+  is never read or written by the reference; we have no such variable, so it is only checked to
+  be zero in the fixture.
+  """
+  pairs = {}
+  ref_index = states[_MEMORY + 'recurrent_memory/write_index_train']
+  our_index = np.asarray(ours['write_index']['value'])
+  for key, ref in states.items():
+    if key.startswith(_MEMORY + 'kvi_cache/'):
+      if np.any(ref):
+        raise ValueError(f"{key}: the memory layer's unused XL cache should be zero")
+      continue
+    match = re.fullmatch(_MEMORY + r'recurrent_memory/memory_(keys|values)_train', key)
+    if match:
+      mine = np.asarray(ours[f'memory_{match.group(1)}']['value'])
+      ref_fifo = fifo_order(ref, np.full(ref.shape[0], int(ref_index)))
+      pairs[key] = (fifo_order(mine, our_index), ref_fifo)
+    elif key != _MEMORY + 'recurrent_memory/write_index_train':
+      where = _xl_state(key)
+      if where is None:
+        raise KeyError(f'unknown state array {key!r}')
+      pairs[key] = (_lookup(ours, where), ref)
+  return pairs
+
+
+def _brt_state(ref_key: str) -> tuple[str, ...] | None:
+  match = re.fullmatch(r'state/transformer(\d+)/previous_(keys|values)_train', ref_key)
+  if match is not None:
+    return (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+  match = re.fullmatch(r'state/transformer(\d+)/recurrent_state_train', ref_key)
+  return None if match is None else ('recurrent_state', 'value')
 
 
 def melodi_config_from_fixture(meta: dict) -> MelodiConfig:
@@ -122,6 +234,39 @@ def xl_config_from_fixture(meta: dict) -> XLConfig:
   if int(meta.get('xl_cache_length', meta['window_length'])) != int(meta['window_length']):
     raise ValueError('XL fixtures must cache exactly one window (xl_cache_length == window)')
   return XLConfig(**_base_sizes(meta))
+
+
+def memorizing_config_from_fixture(meta: dict) -> MemorizingConfig:
+  """Builds our Memorizing Transformer config from a fixture's `config_json`."""
+  xl = xl_config_from_fixture(meta)
+  if len(meta.get('memory_layer_indices', [meta['memory_layer_index']])) != 1:
+    raise ValueError('Memorizing fixtures must have exactly one memory layer')
+  return MemorizingConfig(
+    **{f.name: getattr(xl, f.name) for f in dataclasses.fields(XLConfig) if f.name != 'ffn_bias'},
+    memory_layer_index=int(meta['memory_layer_index']),
+    memory_size=int(meta['memory_size']),
+  )
+
+
+def brt_config_from_fixture(meta: dict) -> BRTConfig:
+  """Builds our Block-Recurrent Transformer config from a fixture's `config_json`."""
+  expected = {
+    'recurrent_gate_type': 'bias',
+    'recurrent_single_gate': False,
+    'recurrent_skip_ffn': True,
+    'feedback_recurrence': False,
+  }
+  for key, value in expected.items():
+    if meta.get(key, value) != value:
+      raise ValueError(
+        f'BRT fixture has {key}={meta[key]!r}; only "fixed:skip" ({value!r}) is built'
+      )
+  xl_config_from_fixture(meta)  # checks the XL cache length
+  return BRTConfig(
+    **_base_sizes(meta),
+    recurrent_layer_index=int(meta['recurrent_layer_index']),
+    num_states=int(meta['recurrent_num_states']),
+  )
 
 
 def _base_sizes(meta: dict) -> dict:
@@ -152,11 +297,34 @@ class Architecture:
   param_rules: list[tuple[str, str]]
   # Reference state key (without 'seg{k}/') -> path in our `memory` collection, or None.
   state_path: Callable[[str], tuple[str, ...] | None]
+  # Optional (our memory, {reference state key: array}) -> {key: (ours, reference)} for states
+  # that are not compared one array to one path.
+  state_pairs: Callable[[dict, dict], dict[str, tuple]] | None = None
+
+  def compare_state(self, ours: dict, states: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """{reference state key: (our array, reference array)} of one segment."""
+    if self.state_pairs is not None:
+      return self.state_pairs(ours, states)
+    pairs = {}
+    for key, ref in states.items():
+      where = self.state_path(key)
+      if where is None:
+        raise KeyError(f'unknown state array {key!r}')
+      pairs[key] = (_lookup(ours, where), ref)
+    return pairs
 
 
 ARCHITECTURES: dict[str, Architecture] = {
   'melodi': Architecture(melodi_config_from_fixture, MelodiDecoder, PARAM_RULES, _melodi_state),
   'xl': Architecture(xl_config_from_fixture, XLDecoder, XL_PARAM_RULES, _xl_state),
+  'memorizing': Architecture(
+    memorizing_config_from_fixture,
+    MemorizingDecoder,
+    MEMORIZING_PARAM_RULES,
+    _xl_state,
+    _memorizing_state_pairs,
+  ),
+  'brt': Architecture(brt_config_from_fixture, BRTDecoder, BRT_PARAM_RULES, _brt_state),
 }
 
 
@@ -258,12 +426,9 @@ def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, f
     fwd[seg + 'logits'] = relative_error(logits, z[seg + 'logits'])
     fwd[seg + 'token_losses'] = relative_error(token_losses, z[seg + 'token_losses'])
     fwd[seg + 'loss'] = relative_error(loss, z[seg + 'loss'])
-    for key in z.files:
-      if key.startswith(seg + 'state/'):
-        where = arch.state_path(key[len(seg) :])
-        if where is None:
-          raise KeyError(f'unknown state array {key!r}')
-        fwd[key] = relative_error(_lookup(mem, where), z[key])
+    states = {key[len(seg) :]: z[key] for key in z.files if key.startswith(seg + 'state/')}
+    for key, (ours, ref) in arch.compare_state(mem, states).items():
+      fwd[seg + key] = relative_error(ours, ref)
     flat_grads = traverse_util.flatten_dict(grads, sep='/')
     for ref_path in reference:
       name = seg + 'grad/' + ref_path
