@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     help='instead: per remat setting, XLA memory estimate (compile only) and, with --steps > 0, '
     'the median step time',
   )
+  add(
+    '--remat-modes', default=None, help='comma-separated settings for --remat-sweep (default: all)'
+  )
   add('--steps', type=int, default=5, help='timed steps after one warm-up step')
   add('--compile-windows', default='4,8,16', help="window counts to time compiles for; '' skips")
   add('--peak-tflops', type=float, default=None, help='device peak for MFU (else by device kind)')
@@ -264,8 +267,12 @@ def remat_sweep(args: argparse.Namespace) -> dict[str, dict]:
   """
   results = {}
   length, bsz = args.segment_length, args.batch_size
-  for mode in MelodiConfig.REMAT_MODES:
-    cfg = config_from_args(argparse.Namespace(**{**vars(args), 'remat': mode}))
+  modes = list(MelodiConfig.REMAT_MODES)
+  if args.remat_modes:
+    modes = [m.strip() for m in args.remat_modes.split(',') if m.strip()]
+  # Every setting is validated before anything compiles.
+  configs = {m: config_from_args(argparse.Namespace(**{**vars(args), 'remat': m})) for m in modes}
+  for mode, cfg in configs.items():
     model, optimizer = MelodiDecoder(cfg), training_optimizer()
     compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
     entry = {'compile_sec': compile_sec, 'memory': xla_memory(compiled)}
@@ -293,6 +300,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.remat_sweep:
     result = {'device': jax.devices()[0].device_kind, 'config': vars(args)}
+    result['flops_by_term'] = analytic_flops(args, config_from_args(args))
     result['remat'] = remat_sweep(args)
     print_remat_sweep(result['remat'])
     if args.json:
