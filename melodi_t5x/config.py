@@ -10,6 +10,7 @@ traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 _DTYPES = ('float32', 'bfloat16')
 # Values of MelodiConfig.summary_branching.
@@ -49,6 +50,19 @@ class BaseConfig:
   relative_position_buckets: int = 32
   # Distances at or beyond this share the last T5 bucket.
   relative_position_max_distance: int = 128
+  # Rematerialisation (T5X: `remat_policy`): 'none' keeps every activation for the backward pass;
+  # 'window' keeps only what enters each window step and recomputes the step; 'layer' keeps what
+  # enters each layer and recomputes the layer. Same numbers in every setting.
+  remat: str = 'none'
+
+  # Appended to the error for an unsupported `remat` value.
+  REMAT_HINT: ClassVar[str] = ''
+  # Values of `remat` this architecture implements, with what each means for it.
+  REMAT_MODES: ClassVar[dict[str, str]] = {
+    'none': 'keep every activation',
+    'window': 'recompute each window step in the backward pass',
+    'layer': 'recompute each layer in the backward pass',
+  }
 
   def __post_init__(self):
     self._check()
@@ -90,6 +104,14 @@ class BaseConfig:
       self._need(0.0 <= getattr(self, field) < 1.0, field, 'must be in [0, 1).')
     for field in ('dtype', 'param_dtype'):
       self._need(getattr(self, field) in _DTYPES, field, f'must be one of {_DTYPES}.')
+    self._need(
+      self.remat in self.REMAT_MODES,
+      'remat',
+      f'must be one of {tuple(self.REMAT_MODES)} for {type(self).__name__} ('
+      + '; '.join(f'{k!r}: {v}' for k, v in self.REMAT_MODES.items())
+      + ').'
+      + self.REMAT_HINT,
+    )
     self._need(
       self.relative_position_buckets >= 2 and self.relative_position_buckets % 2 == 0,
       'relative_position_buckets',
@@ -213,6 +235,15 @@ class XLConfig(BaseConfig):
   use_cache: bool = True
   # The reference Transformer-XL's feed-forward layers have no biases.
   ffn_bias: bool = False
+
+  REMAT_MODES: ClassVar[dict[str, str]] = {
+    'none': 'keep every activation',
+    'layer': 'recompute each layer in the backward pass',
+  }
+  REMAT_HINT: ClassVar[str] = (
+    " There is no 'window': a layer attends over all windows of the segment in one batched"
+    " attention, not in a loop over windows; use 'layer'."
+  )
 
 
 @dataclasses.dataclass(frozen=True)

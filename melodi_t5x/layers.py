@@ -221,8 +221,24 @@ class TransformerBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoder-level helpers (embedding, inputs, logits), the same for every architecture.
+# Decoder-level helpers (rematerialisation, embedding, inputs, logits), the same for every
+# architecture.
 # ---------------------------------------------------------------------------------------------
+
+
+def layer_class(
+  cls: type[nn.Module], config, deterministic_argnum: int, in_scan: bool
+) -> type[nn.Module]:
+  """`cls`, wrapped in `nn.remat` when `config.remat == 'layer'`.
+
+  `deterministic_argnum` is the position of the `deterministic` flag in `cls.__call__`, counting
+  `self` as 0 (it is static under remat). Parameter names and numbers do not change. Inside a
+  scan (`in_scan`) CSE prevention is off, as `jax.checkpoint` advises for scan bodies; outside
+  one it stays on, so that XLA does not merge the recomputation with the forward pass.
+  """
+  if config.remat != 'layer':
+    return cls
+  return nn.remat(cls, static_argnums=(deterministic_argnum,), prevent_cse=not in_scan)
 
 
 def embedding_param(module: nn.Module, config) -> Array:

@@ -25,6 +25,7 @@ def test_bench_writes_json(tmp_path):
   assert result['tokens_per_sec'] > 0 and result['compile_sec'] > 0 and result['peak_bytes'] > 0
   assert result['params'] > 0 and set(result['compile_sec_by_windows']) == {'1', '2'}
   assert result['final_loss'] > 0
+  assert result['flops_per_token'] > 0 and result['xla_memory']['peak_estimate'] > 0
 
 
 def test_bench_rejects_bad_sizes_before_compiling():
@@ -40,6 +41,21 @@ def test_bench_eval_step(tmp_path):
   result = json.loads(out.read_text())
   assert result['step'] == 'eval' and result['tokens_per_sec'] > 0 and result['compile_sec'] > 0
   assert math.isfinite(result['final_nll_per_token']) and result['final_nll_per_token'] > 0
+
+
+def test_remat_sweep_reports_memory_for_every_setting(tmp_path, capsys):
+  out = tmp_path / 'sweep.json'
+  # One layer without long-term memory: three cheap compiles.
+  small = ['--num-layers', '1', '--long-term-memory-layer']
+  args = TINY + small + ['--steps', '0', '--remat-sweep', '--json', str(out)]
+  assert bench.main(args) == 0
+  result = json.loads(out.read_text())['remat']
+  assert set(result) == {'none', 'window', 'layer'}
+  for entry in result.values():
+    memory = entry['memory']
+    assert memory['temp'] > 0 and memory['peak_estimate'] >= memory['argument'] > 0
+    assert 'step_sec_median' not in entry  # --steps 0: compile only
+  assert 'peak estimate GiB' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('model', ['xl', 'memorizing', 'brt'])

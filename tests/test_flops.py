@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -9,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from melodi_t5x.architectures.brt import BRTDecoder
+from melodi_t5x.architectures.memorizing import MemorizingDecoder
 from melodi_t5x.architectures.xl import XLDecoder
-from melodi_t5x.config import MelodiConfig, XLConfig
+from melodi_t5x.config import BRTConfig, MelodiConfig, MemorizingConfig, XLConfig
 from melodi_t5x.model import MelodiDecoder
 from melodi_t5x.tools import bench, flops
 
@@ -30,12 +33,23 @@ MELODI = MelodiConfig(
   long_term_memory_windows=3,
   no_memory_layers=(2,),
 )
-XL = XLConfig(
-  num_layers=2, embed_dim=32, num_heads=2, head_dim=12, mlp_dim=48, vocab_size=97, window_length=8
+SMALL = dict(embed_dim=32, num_heads=2, head_dim=12, mlp_dim=48, vocab_size=97, window_length=8)
+XL = XLConfig(num_layers=2, **SMALL)
+# Memory of 48 slots: a multiple of both segment lengths tested (8 and 24 tokens).
+MEMORIZING = MemorizingConfig(num_layers=2, memory_layer_index=0, memory_size=48, **SMALL)
+BRT = BRTConfig(num_layers=2, recurrent_layer_index=1, num_states=5, **SMALL)
+MODULES = [
+  ('melodi', MelodiDecoder(MELODI)),
+  ('xl', XLDecoder(XL)),
+  ('memorizing', MemorizingDecoder(MEMORIZING)),
+  ('memorizing', MemorizingDecoder(dataclasses.replace(MEMORIZING, memory_top_k=5))),
+  ('brt', BRTDecoder(BRT)),
+]
+
+
+@pytest.mark.parametrize(
+  'name,module', MODULES, ids=[f'{n}{i}' for i, (n, _) in enumerate(MODULES)]
 )
-
-
-@pytest.mark.parametrize('name,module', [('melodi', MelodiDecoder(MELODI)), ('xl', XLDecoder(XL))])
 @pytest.mark.parametrize('windows', [1, 3])
 def test_analytic_forward_flops_equal_traced_matmuls(name, module, windows):
   """Forward = a third of the train-step FLOPs, matmul for matmul (scan bodies x windows)."""

@@ -20,14 +20,37 @@ GIN_DIR = os.path.join(REPO, 'gin')
 T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MemoryDecoderModel']
 
 
-def _model_module(gin_file: str, tmp_path, monkeypatch):
+# A seqio task with T5's vocabulary size (32100 ids) but no file to read: the paper model files
+# derive their embedding (VOCAB_SIZE = @tasks.embedding_size()) from the task's vocabulary.
+T5_SIZED_TASK = 'test_t5_sized_vocabulary'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _t5_sized_task():
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  seqio.TaskRegistry.remove(T5_SIZED_TASK)
+  seqio.TaskRegistry.add(
+    T5_SIZED_TASK,
+    source=seqio.FunctionDataSource(
+      lambda split, shuffle_files: tf.data.Dataset.from_tensors({'targets': [1]}), ['train']
+    ),
+    preprocessors=[],
+    output_features={'targets': seqio.Feature(seqio.PassThroughVocabulary(32100))},
+  )
+  yield
+  seqio.TaskRegistry.remove(T5_SIZED_TASK)
+
+
+def _model_module(gin_file: str, tmp_path, monkeypatch, task: str = T5_SIZED_TASK):
   """Parses a model gin file from an unrelated cwd and builds its decoder module (`MODULE`)."""
   monkeypatch.chdir(tmp_path)
   gin.clear_config(clear_constants=True)
   try:
     gin.parse_config_files_and_bindings(
       [os.path.join(GIN_DIR, 'models', gin_file)],
-      ["MIXTURE_OR_TASK_NAME = 'local_books'", 'DROPOUT_RATE = 0.05'],
+      [f'MIXTURE_OR_TASK_NAME = {task!r}', 'DROPOUT_RATE = 0.05'],
       skip_unknown=T5X_SELECTORS,
       finalize_config=False,
     )
@@ -36,12 +59,18 @@ def _model_module(gin_file: str, tmp_path, monkeypatch):
     gin.clear_config(clear_constants=True)
 
 
-def _model_config(gin_file: str, tmp_path, monkeypatch):
-  return _model_module(gin_file, tmp_path, monkeypatch).config
+def _model_config(gin_file: str, tmp_path, monkeypatch, task: str = T5_SIZED_TASK):
+  return _model_module(gin_file, tmp_path, monkeypatch, task).config
 
 
 PAPER = dict(
-  num_layers=13, embed_dim=1024, num_heads=8, head_dim=128, mlp_dim=4096, window_length=512
+  num_layers=13,
+  embed_dim=1024,
+  num_heads=8,
+  head_dim=128,
+  mlp_dim=4096,
+  window_length=512,
+  vocab_size=32128,  # T5's 32100 ids rounded up to a multiple of 128
 )
 
 
@@ -67,7 +96,7 @@ def test_paper_model_files(gin_file, summary, long_increment, tmp_path, monkeypa
 
 
 def test_tiny_model_file(tmp_path, monkeypatch):
-  cfg = _model_config('melodi_tiny.gin', tmp_path, monkeypatch)
+  cfg = _model_config('melodi_tiny.gin', tmp_path, monkeypatch, 'local_books')
   assert (cfg.num_layers, cfg.embed_dim, cfg.window_length, cfg.vocab_size) == (2, 64, 32, 4096)
   assert cfg.dtype == 'float32'
   assert cfg.num_windows(128) == 4
@@ -99,11 +128,17 @@ def test_baseline_model_files_build_the_paper_models(gin_file, tmp_path, monkeyp
       assert getattr(module.config, field) == value, field
 
 
+@pytest.mark.parametrize('gin_file', ['melodi_base.gin', 'xl.gin', 'memorizing.gin', 'brt.gin'])
+def test_embedding_follows_the_task_vocabulary(gin_file, tmp_path, monkeypatch):
+  assert _model_config(gin_file, tmp_path, monkeypatch).vocab_size == 32128
+  assert _model_config(gin_file, tmp_path, monkeypatch, 'local_books').vocab_size == 4096
+
+
 @pytest.mark.parametrize('name', ['xl', 'memorizing', 'brt'])
 def test_tiny_baseline_files_match_the_tiny_melodi_sizes(name, tmp_path, monkeypatch):
-  tiny = _model_config(f'{name}_tiny.gin', tmp_path, monkeypatch)
+  tiny = _model_config(f'{name}_tiny.gin', tmp_path, monkeypatch, 'local_books')
   paper = _model_config(f'{name}.gin', tmp_path, monkeypatch)
-  melodi = _model_config('melodi_tiny.gin', tmp_path, monkeypatch)
+  melodi = _model_config('melodi_tiny.gin', tmp_path, monkeypatch, 'local_books')
   shared = ('embed_dim', 'num_heads', 'head_dim', 'mlp_dim', 'vocab_size', 'window_length', 'dtype')
   for field in shared:
     assert getattr(tiny, field) == getattr(melodi, field), field
@@ -186,7 +221,7 @@ def test_quickstart_trains_any_architecture_with_one_binding(
   for name, stub in (('train', _train), ('evaluate', _evaluate)):
     monkeypatch.setattr(sys.modules['__main__'], name, stub, raising=False)
   expected_class, tiny_file = QUICKSTART_MODULES[module]
-  expected = _model_config(tiny_file, tmp_path, monkeypatch)
+  expected = _model_config(tiny_file, tmp_path, monkeypatch, 'local_books')
   bindings = ["MODEL_DIR = '/tmp/unused'", "CHECKPOINT_PATH = '/tmp/unused'"]
   bindings += ["EVAL_OUTPUT_DIR = '/tmp/unused'"] + ([f'MODULE = {module}'] if module else [])
   gin.clear_config(clear_constants=True)

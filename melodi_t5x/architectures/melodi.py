@@ -32,6 +32,7 @@ from melodi_t5x.layers import (
   TransformerBlock,
   dense_init,
   embedding_param,
+  layer_class,
   param,
   segment_inputs,
   t5_bucket,
@@ -352,7 +353,8 @@ class MelodiDecoder(nn.Module):
       ('summary', 'embed'),
       cfg.param_dtype,
     )
-    self.layers = [MelodiLayer(cfg, i) for i in range(cfg.num_layers)]
+    layer = layer_class(MelodiLayer, cfg, deterministic_argnum=7, in_scan=True)
+    self.layers = [layer(cfg, i) for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.short_memory = {
@@ -408,8 +410,12 @@ class MelodiDecoder(nn.Module):
     x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
     carry = self._start_segment(sos, deterministic, dtype)
     windows = x.reshape(batch, num_windows, cfg.window_length, -1).swapaxes(0, 1)  # [N, B, W, D]
+    step = functools.partial(_window_step, deterministic=deterministic)
+    if cfg.remat == 'window':
+      # The backward pass keeps each window's carry and input, and recomputes the step.
+      step = nn.remat(step, prevent_cse=False)
     scan = nn.scan(
-      functools.partial(_window_step, deterministic=deterministic),
+      step,
       variable_broadcast=['params', 'params_axes'],
       split_rngs={'params': False, 'dropout': True},
       length=num_windows,

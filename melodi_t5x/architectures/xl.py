@@ -32,6 +32,7 @@ from melodi_t5x.layers import (
   RMSNorm,
   TransformerBlock,
   embedding_param,
+  layer_class,
   segment_inputs,
   t5_bucket,
   tied_logits,
@@ -220,9 +221,13 @@ class XLDecoder(nn.Module):
   # Hooks for decoders built on this stack (Memorizing and Block-Recurrent Transformers).
 
   def make_layer(self, index: int) -> nn.Module:
-    """The (unbound) layer `index` of the stack (see the Block-Recurrent decoder)."""
+    """The (unbound) layer `index` of the stack (see the Block-Recurrent decoder).
+
+    With `remat='layer'` the layer is recomputed in the backward pass (also the XL layers of the
+    decoders built on this stack; their own extra layers keep their activations).
+    """
     del index
-    return XLLayer(self.config)
+    return layer_class(XLLayer, self.config, deterministic_argnum=3, in_scan=False)(self.config)
 
   def run_layer(self, index: int, x: Array, sos: Array, deterministic: bool) -> Array:
     """Applies layer `index` to `x: [B, T, D]` with its XL cache, and stores the new cache."""

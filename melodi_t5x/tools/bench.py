@@ -19,7 +19,9 @@ gin/models/melodi_base.gin, momentum 0.9). Reports the median tokens/s over the 
 one warm-up step), the compile time, peak device memory, parameter count, the analytic FLOPs of the
 step (`melodi_t5x.tools.flops`, by term) and the model FLOPs utilisation from them when the device
 peak is known (or given with --peak-tflops), and the compile time for segments of 4, 8 and 16
-windows.
+windows. `--remat-sweep` instead reports, for every rematerialisation setting of the model
+(`--remat-modes` to choose), XLA's memory estimate of the compiled step (compile only: works at
+the paper size on any host) and, with `--steps` > 0, the median step time.
 """
 
 from __future__ import annotations
@@ -74,6 +76,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   add('--num-states', type=int, default=512, help='brt: recurrent state vectors')
   add('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   add('--batch-size', type=int, default=1)
+  add(
+    '--remat',
+    default='none',
+    choices=list(MelodiConfig.REMAT_MODES),
+    help="rematerialisation (BaseConfig.remat; xl and the models built on it: no 'window')",
+  )
+  add(
+    '--remat-sweep',
+    action='store_true',
+    help='instead: per remat setting, XLA memory estimate (compile only) and, with --steps > 0, '
+    'the median step time',
+  )
+  add(
+    '--remat-modes', default=None, help='comma-separated settings for --remat-sweep (default: all)'
+  )
   add('--steps', type=int, default=5, help='timed steps after one warm-up step')
   add('--compile-windows', default='4,8,16', help="window counts to time compiles for; '' skips")
   add('--peak-tflops', type=float, default=None, help='device peak for MFU (else by device kind)')
@@ -99,6 +116,7 @@ def config_from_args(args: argparse.Namespace):
     vocab_size=args.vocab_size,
     window_length=args.window_length,
     dtype=args.dtype,
+    remat=args.remat,
   )
   if args.model == 'melodi':
     long_layers = tuple(args.long_term_memory_layer)
@@ -211,15 +229,47 @@ def _peak_tflops(args) -> float | None:
   return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
 
 
-def compile_seconds(model, optimizer, cfg, batch_size: int, length: int) -> float:
-  """Time to lower and compile the train step for a segment of `length` tokens."""
+def compile_train_step(model, optimizer, cfg, batch_size: int, length: int):
+  """Compiles the train step on abstract inputs (nothing of the model's size is allocated).
+
+  Returns:
+    (compiled step, compile seconds, jitted `init(rng) -> (params, opt_state, memory)`).
+  """
   init = jax.jit(_abstract_state(model, optimizer, batch_size, length))
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   batch = jax.eval_shape(lambda: _batch(cfg, batch_size, length, 0, True))
   step = make_train_step(model, optimizer)
   start = time.perf_counter()
-  step.lower(*state, batch, jax.random.PRNGKey(0)).compile()
-  return time.perf_counter() - start
+  compiled = step.lower(*state, batch, jax.random.PRNGKey(0)).compile()
+  return compiled, time.perf_counter() - start, init
+
+
+def time_train_steps(compiled, init, cfg, batch_size: int, length: int, steps: int):
+  """Median seconds of `steps` train steps after one warm-up step, and the last loss."""
+  params, opt_state, mem = init(jax.random.PRNGKey(0))
+  batches = [_batch(cfg, batch_size, length, i, i == 0) for i in range(2)]
+  times = []
+  for i in range(steps + 1):  # step 0 warms up
+    t0 = time.perf_counter()
+    params, opt_state, mem, loss = compiled(
+      params, opt_state, mem, batches[i > 0], jax.random.PRNGKey(i)
+    )
+    loss.block_until_ready()
+    if i:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times), float(loss)
+
+
+def xla_memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled step; `peak_estimate` = arguments + outputs - aliased
+  (donated) + temporaries, the bytes live at the step's peak as XLA plans it."""
+  an = compiled.memory_analysis()
+  out = {
+    k: int(getattr(an, f'{k}_size_in_bytes', 0) or 0)
+    for k in ('argument', 'output', 'alias', 'temp')
+  }
+  out['peak_estimate'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -227,39 +277,19 @@ def run(args: argparse.Namespace) -> dict:
   model = architectures.build_decoder(cfg)
   optimizer = training_optimizer()
   length, bsz = args.segment_length, args.batch_size
-  params, opt_state, mem = jax.jit(_abstract_state(model, optimizer, bsz, length))(
-    jax.random.PRNGKey(0)
-  )
+  compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
+  params = jax.eval_shape(init, jax.random.PRNGKey(0))[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  step = make_train_step(model, optimizer)
-  batches = [_batch(cfg, bsz, length, i, i == 0) for i in range(2)]
-
-  start = time.perf_counter()
-  compiled = step.lower(params, opt_state, mem, batches[0], jax.random.PRNGKey(0)).compile()
-  compile_sec = time.perf_counter() - start
   # Models without analytic FLOPs yet report no FLOPs and no MFU.
   known = args.model in flops_lib.ANALYTIC_FLOPS
   flop_terms = analytic_flops(args, cfg) if known else None
   flops = flop_terms['total'] if known else None
+  step_sec, loss = time_train_steps(compiled, init, cfg, bsz, length, args.steps)
 
-  times = []
-  for i in range(args.steps + 1):  # step 0 warms up
-    rng = jax.random.PRNGKey(i)
-    t0 = time.perf_counter()
-    params, opt_state, mem, loss = compiled(params, opt_state, mem, batches[i > 0], rng)
-    loss.block_until_ready()
-    if i:
-      times.append(time.perf_counter() - t0)
-  step_sec = statistics.median(times)
-
+  memory = xla_memory(compiled)
   stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get('peak_bytes_in_use')
-  if peak is None:  # CPU: XLA's own estimate of the step's live buffers
-    mem_an = compiled.memory_analysis()
-    peak = sum(
-      getattr(mem_an, f, 0)
-      for f in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes')
-    )
+  # On CPU (no device statistics): XLA's own estimate of the step's live buffers.
+  peak = stats.get('peak_bytes_in_use', memory['peak_estimate'])
   peak_tflops = _peak_tflops(args)
   result = {
     'device': jax.devices()[0].device_kind,
@@ -270,15 +300,17 @@ def run(args: argparse.Namespace) -> dict:
     'step_sec_median': step_sec,
     'compile_sec': compile_sec,
     'peak_bytes': int(peak),
+    'xla_memory': memory,
     'flops_per_step': flops,
     'flops_per_token': flops / (bsz * length) if flops else None,
     'flops_by_term': flop_terms,
     'mfu': flops / step_sec / (peak_tflops * 1e12) if flops and peak_tflops else None,
-    'final_loss': float(loss),
+    'final_loss': loss,
   }
   windows = [int(w) for w in args.compile_windows.split(',') if w.strip()]
   result['compile_sec_by_windows'] = {
-    str(w): compile_seconds(model, optimizer, cfg, bsz, w * cfg.window_length) for w in windows
+    str(w): compile_train_step(model, optimizer, cfg, bsz, w * cfg.window_length)[1]
+    for w in windows
   }
   return result
 
@@ -348,6 +380,46 @@ def write_json(result: dict, path: str) -> None:
   out.write_text(json.dumps(result, indent=1))
 
 
+# -- rematerialisation sweep ---------------------------------------------------------------------
+
+
+def remat_sweep(args: argparse.Namespace) -> dict[str, dict]:
+  """For every `remat` setting: XLA's memory estimate and, if `args.steps` > 0, step timing.
+
+  The memory estimate needs only a compile on abstract inputs, so it works at the paper size on
+  any host; timing runs `args.steps` steps after one warm-up step on real arrays.
+  """
+  results = {}
+  length, bsz = args.segment_length, args.batch_size
+  modes = list(type(config_from_args(args)).REMAT_MODES)  # the settings of args.model
+  if args.remat_modes:
+    modes = [m.strip() for m in args.remat_modes.split(',') if m.strip()]
+  # Every setting is validated before anything compiles.
+  configs = {m: config_from_args(argparse.Namespace(**{**vars(args), 'remat': m})) for m in modes}
+  for mode, cfg in configs.items():
+    model, optimizer = architectures.build_decoder(cfg), training_optimizer()
+    compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
+    entry = {'compile_sec': compile_sec, 'memory': xla_memory(compiled)}
+    if args.steps > 0:
+      step_sec, loss = time_train_steps(compiled, init, cfg, bsz, length, args.steps)
+      entry.update(step_sec_median=step_sec, tokens_per_sec=bsz * length / step_sec)
+      entry['final_loss'] = loss
+    results[mode] = entry
+  return results
+
+
+def print_remat_sweep(results: dict[str, dict]) -> None:
+  print('remat    temp GiB   peak estimate GiB   step sec   tokens/s   compile sec')
+  for mode, r in results.items():
+    gib = {k: v / 2**30 for k, v in r['memory'].items()}
+    step = f'{r["step_sec_median"]:8.3f}' if 'step_sec_median' in r else '       -'
+    tps = f'{r["tokens_per_sec"]:9.1f}' if 'tokens_per_sec' in r else '        -'
+    print(
+      f'{mode:7s} {gib["temp"]:9.3f} {gib["peak_estimate"]:19.3f}   {step}  {tps}'
+      f'   {r["compile_sec"]:8.1f}'
+    )
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.step == 'eval':
@@ -356,6 +428,16 @@ def main(argv=None) -> int:
       print(f'{key:18s} {result[key]}')
     if args.json:
       write_json(result, args.json)
+    return 0
+  if args.remat_sweep:
+    result = {'device': jax.devices()[0].device_kind, 'model': args.model, 'config': vars(args)}
+    if args.model in flops_lib.ANALYTIC_FLOPS:
+      result['flops_by_term'] = analytic_flops(args, config_from_args(args))
+    result['remat'] = remat_sweep(args)
+    print_remat_sweep(result['remat'])
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(result, f, indent=1)
     return 0
   result = run(args)
   for key in ('model', 'device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):

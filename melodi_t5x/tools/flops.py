@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import jax
 
-from melodi_t5x.config import MelodiConfig, XLConfig
+from melodi_t5x.config import BRTConfig, MelodiConfig, MemorizingConfig, XLConfig
 
 # Forward + backward = 3 forward passes.
 TRAIN_FACTOR = 3
@@ -96,10 +96,56 @@ def xl_flops(cfg: XLConfig, batch: int, length: int) -> dict[str, float]:
   }
 
 
+def memorizing_flops(cfg: MemorizingConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of the Memorizing Transformer (dense or top-k memory), by term.
+
+  Terms (x 3 for forward + backward; the recomputation of the checkpointed query blocks in the
+  backward pass is not counted, as model FLOPs exclude rematerialisation):
+    dense, attention: the Transformer-XL stack (`xl_flops`), plus the memory layer's Q, K, V, out
+      and MLP weights in `dense` (6 x weights x tokens).
+    memory: every token's query against the M memory slots (logits: 2 x M x HK) and against all
+      T keys of the segment (logits and values: 2 x 2 x T x HK, computed for every query and
+      masked), and the values of the memory (2 x M x HK; with top-k, 2 x k x HK).
+  """
+  terms = xl_flops(cfg, batch, length)
+  hk = cfg.num_heads * cfg.head_dim
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2
+  terms['dense'] += f * tokens * _layer_matmul_params(cfg)
+  values = cfg.memory_top_k or cfg.memory_size
+  terms['memory'] = f * tokens * (cfg.memory_size * hk + 2 * length * hk + values * hk)
+  return terms
+
+
+def brt_flops(cfg: BRTConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of the Block-Recurrent Transformer, by term.
+
+  Terms (x 3 for forward + backward):
+    dense, attention: the Transformer-XL stack (`xl_flops`).
+    recurrent_tokens: per token of the recurrent layer, the second query (D x HK), its attention
+      over the N state vectors (2 x 2 x N x HK) and the wider output projection ([2HK, D] instead
+      of [HK, D]: 2 x HK x D more).
+    recurrent_state: per window, the N state vectors' Q, Q2, K, V (4 x D x HK) and output
+      ([2HK, D]) projections, self-attention over the state (2 x 2 x N x N x HK) and
+      cross-attention over the 2W token keys (2 x 2 x N x 2W x HK).
+  """
+  terms = xl_flops(cfg, batch, length)
+  d, hk, n = cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_states
+  windows = cfg.num_windows(length) * batch
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2
+  terms['recurrent_tokens'] = f * tokens * (d * hk + 2 * n * hk + hk * d)
+  per_window = n * 4 * d * hk + n * 2 * hk * d + 2 * n * n * hk + 2 * n * 2 * cfg.window_length * hk
+  terms['recurrent_state'] = f * windows * per_window
+  return terms
+
+
 # Analytic train-step FLOPs by architecture name (the bench's --model); each returns its terms.
 ANALYTIC_FLOPS: dict[str, Callable[..., dict[str, float]]] = {
   'melodi': melodi_flops,
   'xl': xl_flops,
+  'memorizing': memorizing_flops,
+  'brt': brt_flops,
 }
 
 
