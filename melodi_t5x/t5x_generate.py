@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ def continue_document(
   segment_length: int,
   decoder_params: Mapping[str, Any] | None = None,
   rng: jax.Array | None = None,
+  timings: dict[str, float] | None = None,
 ) -> np.ndarray:
   """Continues one document given by its `tokens` (no start token); returns the new tokens.
 
@@ -56,8 +58,12 @@ def continue_document(
   (a multiple of the window) run through the training path with memory carried; the rest of the
   prompt (< one segment) is read by `predict_batch_with_aux`'s prefill, which continues that
   memory; then `max_new_tokens` tokens are sampled with `decoder_params` (e.g.
-  `{'temperature': 0.0}` for greedy; `'topk'`).
+  `{'temperature': 0.0}` for greedy; `'topk'`). A `timings` dict receives `prompt_seconds`
+  (streaming, compile included), `compile_seconds` and `decode_seconds` (prefill of the rest of
+  the prompt and sampling, compiled).
   """
+  timings = {} if timings is None else timings
+  start = time.perf_counter()
   module = model.module
   inputs = np.asarray([START_OF_DOCUMENT_ID, *tokens], np.int32)
   # The last prompt token is read by the first decoding step; everything before it is context.
@@ -73,10 +79,12 @@ def continue_document(
     return new[MEMORY]
 
   memory = None
-  for start in range(0, streamed, segment_length):
-    chunk = jnp.asarray(inputs[None, start : start + segment_length])
-    memory = segment(params, memory, chunk, jnp.asarray([start == 0]))
+  for offset in range(0, streamed, segment_length):
+    chunk = jnp.asarray(inputs[None, offset : offset + segment_length])
+    memory = segment(params, memory, chunk, jnp.asarray([offset == 0]))
 
+  jax.block_until_ready(memory)
+  timings['prompt_seconds'] = time.perf_counter() - start
   rest = inputs[streamed:]
   length = len(rest) + max_new_tokens
   batch = {
@@ -92,5 +100,10 @@ def continue_document(
     )
 
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  decodes, _ = predict(params, batch, memory, rng)
+  start = time.perf_counter()
+  compiled = predict.lower(params, batch, memory, rng).compile()
+  timings['compile_seconds'] = time.perf_counter() - start
+  start = time.perf_counter()
+  decodes, _ = jax.block_until_ready(compiled(params, batch, memory, rng))
+  timings['decode_seconds'] = time.perf_counter() - start
   return np.asarray(decodes[0, :max_new_tokens])
