@@ -31,7 +31,7 @@ class BaseConfig:
   # Biases in the two feed-forward dense layers (meliad's MELODI and Memorizing Transformer have
   # them; its Transformer-XL and Block-Recurrent Transformer do not).
   ffn_bias: bool = True
-  # Rows of the (tied) token embedding; token ids are taken modulo this.
+  # Rows of the (tied) token embedding; at least the task vocabulary's size (ids are not wrapped).
   vocab_size: int = 32128
   # Context window W: a segment is processed as segment_length // W windows, in order.
   window_length: int = 512

@@ -249,7 +249,9 @@ def segment_inputs(
       'memory decoders do not support packed examples (decoder_segment_ids given): each batch '
       'row must stream one document; set pack=False in the dataset config.'
     )
-  tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32) % config.vocab_size
+  # No modulo: ids are checked on the host (tasks.streaming.check_token_ids) and the T5X model
+  # refuses a vocabulary larger than the embedding, so an id >= vocab_size is a pipeline bug.
+  tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32)
   batch, length = tokens.shape
   config.num_windows(length)  # validates the segment length
   if start_of_sequence is None:

@@ -1,14 +1,19 @@
-"""Logical-axis rules for MELODI's new axis names (partitioning and Adafactor factoring).
+"""Logical-axis rules for the project's new axis names (partitioning and Adafactor factoring).
 
-MELODI adds four logical axis names to the ones T5X already knows:
+The four architectures (MELODI and the baselines) add these logical axis names to the ones T5X
+already knows:
 
-  summary        rows of the learned summary-token embeddings `[S, D]`.
+  summary        rows of the learned summary-token embeddings `[S, D]` (MELODI).
   mixer_in       input tokens of a token mixer (`W + S` rows: a window plus its summaries).
   mixer_out      output tokens of a token mixer (S short-term or L long-term memory tokens).
-  memory_length  token slots of the carried memory `[B, M, D]` (a `flax_mutables` leaf).
+  memory_length  token slots of carried state (a `flax_mutables` leaf): MELODI's memories
+                 `[B, M, D]`, the XL caches `[B, W, H, K]`, the Memorizing Transformer's memory
+                 `[B, 65536, H, K]`.
 
-All four are small token axes, so they are replicated: MELODI is sharded like a T5 decoder
-(`batch` on `data`; `mlp`, `heads`, `joined_kv`, `vocab` on `model`). The plain lists below import
+All are token axes, so they are replicated: every architecture is sharded like a T5 decoder
+(`batch` on `data`; `mlp`, `heads`, `joined_kv`, `vocab` on `model`; carried keys and values by
+their `heads` axis). tests/test_t5x_architectures.py checks that every axis name each
+architecture uses has a rule here or in T5X's standard rules. The plain lists below import
 without T5X; the two builder functions import T5X lazily and are meant for gin:
 
   partitioning.PjitPartitioner.logical_axis_rules = @melodi_partitioning.logical_axis_rules()

@@ -251,7 +251,8 @@ class MemoryTrainer(trainer_lib.Trainer):
   def eval(self, batch_iters: Mapping[str, Iterable[Mapping[str, Any]]]) -> Mapping[str, Any]:
     """Streams each eval dataset once with carried memory; returns the metric values by name."""
     train_state = self.train_state
-    if not train_state.flax_mutables:
+    # A memory decoder may carry nothing (e.g. XLConfig.use_cache=False): it streams with no state.
+    if not train_state.flax_mutables and not isinstance(self._model, t5x_model.MemoryDecoderModel):
       raise ValueError(
         'The train state has no flax_mutables (memory); MemoryTrainer needs a model with carried '
         'memory: melodi_t5x.t5x_model.MemoryDecoderModel with a memory decoder module.'

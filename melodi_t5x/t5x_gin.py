@@ -1,9 +1,18 @@
-"""Makes melodi-t5x's gin files includable from any working directory.
+"""Makes melodi-t5x's gin files includable from any working directory, installed or not.
 
-The repository's gin files live in `<repo>/gin/` and include each other by repository-relative
-paths (`include 'gin/models/melodi_base.gin'`). Gin resolves such a path against the current
+The gin files live in a `gin/` folder and include each other by paths relative to the folder
+above it (`include 'gin/models/melodi_base.gin'`). Gin resolves such a path against the current
 directory and its search paths; importing this module (every melodi-t5x gin file starts with
-`import melodi_t5x.t5x_gin` before its includes) adds the repository root to the search paths.
+`import melodi_t5x.t5x_gin` before its includes) adds `GIN_ROOT`, the folder that holds `gin/`:
+- running from a checkout (`pip install -e .` or `PYTHONPATH=<repo>`): the repository root;
+- installed from a wheel (`pip install .`): the installed `melodi_t5x/` package, where setup.py
+  puts the whole `gin/` tree as package data (`melodi_t5x/gin/...`).
+
+The top-level `--gin_file` is looked up by T5X before any of our code is imported, so from outside
+the repository root pass the same root as a search path (printed by `python -m melodi_t5x.t5x_gin`):
+
+  python -m t5x.train --gin_search_paths="$(python -m melodi_t5x.t5x_gin)" \
+    --gin_file=gin/quickstart.gin ...
 
 Why not a Python package named `gin`: a top-level package `gin` would shadow the gin-config
 library itself (`import gin` would import the folder) whenever the repository root is on
@@ -19,17 +28,41 @@ import os
 
 import gin
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_DIR = os.path.join(REPO_ROOT, 'gin')
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# A file every gin tree of this project has; a bare `gin/` folder is not enough (site-packages
+# holds gin-config's `gin/` next to an installed `melodi_t5x/`).
+_MARKER = os.path.join('gin', 'quickstart.gin')
+
+
+def find_gin_root() -> str:
+  """The folder that holds melodi-t5x's `gin/` tree: installed package data, else the checkout."""
+  candidates = [_PACKAGE_DIR, os.path.dirname(_PACKAGE_DIR)]
+  for root in candidates:
+    if os.path.isfile(os.path.join(root, _MARKER)):
+      return root
+  raise FileNotFoundError(
+    f'melodi-t5x gin files not found: no {_MARKER} under {candidates}. Install the package from '
+    'a repository checkout (`pip install .` ships gin/ as melodi_t5x/gin/) or run from the '
+    'checkout (`pip install -e .` or PYTHONPATH=<repo>).'
+  )
+
+
+GIN_ROOT = find_gin_root()
+GIN_DIR = os.path.join(GIN_ROOT, 'gin')
+# Former name, kept working: in a checkout it is the repository root.
+REPO_ROOT = GIN_ROOT
 
 
 def register_search_path() -> str:
-  """Adds the repository root to gin's config search paths (once); returns it."""
+  """Adds `GIN_ROOT` to gin's config search paths (once); returns it."""
   from gin import config as gin_config  # pylint: disable=g-import-not-at-top
 
-  if REPO_ROOT not in gin_config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-    gin.add_config_file_search_path(REPO_ROOT)
-  return REPO_ROOT
+  if GIN_ROOT not in gin_config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    gin.add_config_file_search_path(GIN_ROOT)
+  return GIN_ROOT
 
 
 register_search_path()
+
+if __name__ == '__main__':
+  print(GIN_ROOT)

@@ -44,6 +44,7 @@ from t5x import losses, models
 from t5x import metrics as metrics_lib
 
 from melodi_t5x import t5x_data
+from tasks import vocab as vocab_lib
 
 MEMORY = 'memory'
 INTERMEDIATES = 'intermediates'
@@ -148,6 +149,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
         'MemoryDecoderModel.inputs_bidirectional_attention=True: memory decoders are causal LMs; '
         'leave inputs_bidirectional_attention False.'
       )
+    if vocabulary is not None:
+      vocab_lib.check_embedding_fits(vocabulary.vocab_size, getattr(module, 'config', None))
     kwargs = {} if decode_fn is None else {'decode_fn': decode_fn}
     super().__init__(
       module=module,

@@ -17,7 +17,7 @@ from tasks.config import (
   get_config,
   reset_config,
 )
-from tasks.definitions import TASK_NAMES, register_tasks, vocabulary
+from tasks.definitions import TASK_NAMES, embedding_size, register_tasks, vocabulary
 from tasks.preprocessors import START_OF_DOCUMENT_ID, chunk_documents
 
 register_tasks()
@@ -33,6 +33,7 @@ __all__ = [
   'TASK_NAMES',
   'chunk_documents',
   'configure',
+  'embedding_size',
   'get_config',
   'register_tasks',
   'reset_config',

@@ -48,6 +48,18 @@ def vocabulary(task_name: str = 'local_books') -> seqio.Vocabulary:
   return features['targets'].vocabulary
 
 
+@gin.configurable(module='tasks')
+def embedding_size(task_name: str = 'local_books', multiple: int = 128) -> int:
+  """Rows a model embedding needs for a task: its vocabulary size rounded up to `multiple`.
+
+  T5's vocabulary (32100 ids) gives 32128, the size T5X configs use. Bind it in gin so the model
+  follows the task: `VOCAB_SIZE = @tasks.embedding_size()` with
+  `tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME`.
+  """
+  size = vocabulary(task_name).vocab_size
+  return -(-size // multiple) * multiple
+
+
 def output_features(task_name: str) -> dict[str, seqio.Feature]:
   """`targets` (the chunk) and `inputs` (shifted by one; not required by seqio's checks)."""
   vocab = vocabulary(task_name)

@@ -216,7 +216,8 @@ def chunk_at(
 
   `read(start, stop)` returns the document's tokens [start, stop). Same layout as
   `tasks.preprocessors.chunk_tokens`: targets 0-padded; inputs shifted right by one (the previous
-  chunk's last token, or `start_id` for chunk 0), 0 where targets is 0.
+  chunk's last token, or `start_id` for chunk 0), 0 on padding. The real tokens are the first
+  min(L, length - chunk * L) positions; callers mark them by position, never by id.
   """
   lo = chunk * chunk_length
   hi = min(lo + chunk_length, length)
@@ -234,7 +235,7 @@ def chunk_at(
     seg = seg[1:]
   targets[:n] = seg
   inputs[1:n] = seg[: n - 1]
-  inputs[targets == 0] = 0
+  inputs[n:] = 0
   return targets, inputs
 
 

@@ -198,6 +198,7 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
     b, n = self._batch_size, self._chunk_length
     inputs = np.zeros((b, n), np.int32)
     targets = np.zeros((b, n), np.int32)
+    weights = np.zeros((b, n), np.float32)
     sos = np.ones((b,), np.bool_)
     doc_ids = np.full((b,), -1, np.int64)
     chunk_index = np.full((b,), -1, np.int32)
@@ -208,13 +209,11 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
       if row is None:
         continue
       ordinal, c = row[2], row[3]
+      length = int(self._lengths[ordinal])
       targets[r], inputs[r] = prepared_lib.chunk_at(
-        lambda lo, hi, o=ordinal: self._data.read(o, lo, hi),
-        int(self._lengths[ordinal]),
-        c,
-        n,
-        self._start_id,
+        lambda lo, hi, o=ordinal: self._data.read(o, lo, hi), length, c, n, self._start_id
       )
+      weights[r, : min(n, length - c * n)] = 1.0  # real tokens, marked by position
       sos[r] = c == 0
       doc_ids[r] = index[ordinal]['document_id']
       chunk_index[r] = c
@@ -223,7 +222,7 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
     return {
       'decoder_input_tokens': inputs,
       'decoder_target_tokens': targets,
-      'decoder_loss_weights': (targets != 0).astype(np.float32),
+      'decoder_loss_weights': weights,
       'start_of_sequence': sos,
       'document_id': doc_ids,
       'chunk_index': chunk_index,
@@ -367,7 +366,9 @@ def make_task_stream(
 
   root = config_lib.PreparedDataConfig().root
   if root:
+    import tasks  # pylint: disable=g-import-not-at-top
     from tasks import prepare  # pylint: disable=g-import-not-at-top
+    from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
 
     return PreparedStreamIterator(
       prepare.open_for_task(root, task_name, split),
@@ -379,6 +380,7 @@ def make_task_stream(
       num_shards=num_shards,
       repeat=repeat,
       name=task_name,
+      start_id=vocab_lib.start_of_document_id(tasks.vocabulary(task_name)),
     )
   from tasks import streaming  # pylint: disable=g-import-not-at-top
 

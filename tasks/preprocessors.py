@@ -4,16 +4,18 @@ Chunk layout (one example per chunk, all chunks of a document consecutive and in
 
   targets            int32 [L]  tokens t[c*L : (c+1)*L] of the document, 0-padded at the end
   inputs             int32 [L]  the same window shifted right by one: inputs[0] is the last token
-                                of the previous chunk, or START_OF_DOCUMENT_ID for chunk 0; 0 where
+                                of the previous chunk, or the vocabulary's EOS for chunk 0; 0 where
                                 targets is padding
+  loss_weights       int32 [L]  1 on the document's tokens, 0 on padding (marked by position, so
+                                a real token is never mistaken for padding)
   start_of_sequence  bool  []   True exactly for chunk 0 (the model resets its memory)
   document_id        int64 []   id of the document (stable; unique within a split)
   chunk_index        int32 []   c, the position of the chunk in its document
 
 Every token of a document is a target exactly once: token 0 is predicted from the
 start-of-document input, token i > 0 from token i-1 (across chunk boundaries too, through the
-one-token overlap). Padding has target 0, which the loss weights (`targets != 0`) exclude;
-SentencePiece never emits id 0 for text.
+one-token overlap). Padding has target 0 and loss weight 0. The vocabulary's id layout is checked
+(`tasks.vocab.start_of_document_id`): id 0 must not be a real token.
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def chunk_tokens(
   targets = tf.reshape(tf.pad(tokens, [[0, pad]]), [num_chunks, chunk_length])
   shifted = tf.concat([tf.constant([start_id], tf.int32), tokens], axis=0)[:n]
   inputs = tf.reshape(tf.pad(shifted, [[0, pad]]), [num_chunks, chunk_length])
-  inputs = tf.where(targets != 0, inputs, tf.zeros_like(inputs))
+  real = tf.reshape(tf.range(num_chunks * chunk_length) < n, [num_chunks, chunk_length])
+  inputs = tf.where(real, inputs, tf.zeros_like(inputs))
   chunk_index = tf.range(num_chunks, dtype=tf.int32)
   return {
     'targets': targets,
     'inputs': inputs,
+    'loss_weights': tf.cast(real, tf.int32),
     'start_of_sequence': tf.equal(chunk_index, 0),
     'document_id': tf.fill([num_chunks], tf.cast(document_id, tf.int64)),
     'chunk_index': chunk_index,
@@ -92,9 +96,10 @@ def chunk_tokens(
 def chunk_documents(
   dataset: tf.data.Dataset,
   sequence_length: Mapping[str, int | None] | None = None,
+  output_features: Mapping[str, object] | None = None,
   *,
   chunk_length: int | Callable[[], int] | None = None,
-  start_id: int = START_OF_DOCUMENT_ID,
+  start_id: int | None = None,
 ) -> tf.data.Dataset:
   """Turns tokenized documents `{'targets': [N], 'document_id'}` into per-chunk examples.
 
@@ -103,12 +108,21 @@ def chunk_documents(
     sequence_length: seqio's feature lengths; `sequence_length['targets']`, when set, is the chunk
       length (so T5X's TASK_FEATURE_LENGTHS applies).
     chunk_length: the chunk length otherwise (an int, or a getter reading the task's settings).
-    start_id: input token of a document's first position.
+    output_features: seqio's output features (passed by seqio); the targets vocabulary's id layout
+      is checked and its EOS is the input of a document's first position.
+    start_id: that input explicitly (default: the vocabulary's EOS, or START_OF_DOCUMENT_ID when
+      no vocabulary is given).
 
   Returns:
     One example per chunk, in document order then chunk order.
   """
   length = resolve_chunk_length(sequence_length, chunk_length)
+  if start_id is None:
+    start_id = START_OF_DOCUMENT_ID
+    if output_features and 'targets' in output_features:
+      from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+
+      start_id = vocab_lib.start_of_document_id(output_features['targets'].vocabulary)
 
   def to_chunks(ex):
     return tf.data.Dataset.from_tensor_slices(

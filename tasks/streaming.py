@@ -52,11 +52,12 @@ BATCH_KEYS = (
 
 @dataclasses.dataclass
 class Document:
-  """One document's chunks. targets/inputs: [C, L] int32."""
+  """One document's chunks. targets/inputs/weights: [C, L] int32 (weights 1 on real tokens)."""
 
   document_id: int
   targets: np.ndarray
   inputs: np.ndarray
+  weights: np.ndarray
   epoch: int = -1
   ordinal: int = -1
 
@@ -84,15 +85,19 @@ def group_chunks(chunks: Iterable[Mapping[str, Any]], chunk_length: int) -> Iter
   current_id = None
   targets: list[np.ndarray] = []
   inputs: list[np.ndarray] = []
+  weights: list[np.ndarray] = []
 
   def flush():
-    return Document(int(current_id), np.stack(targets), np.stack(inputs))
+    return Document(int(current_id), np.stack(targets), np.stack(inputs), np.stack(weights))
 
   for ex in chunks:
     index = int(ex['chunk_index'])
     doc_id = int(ex['document_id'])
     t = np.asarray(ex['targets'], np.int32)
     i = np.asarray(ex['inputs'], np.int32)
+    # The chunker (tasks.preprocessors) marks real tokens; hand-built chunk streams without the
+    # mark must not use id 0 for a real token.
+    w = np.asarray(ex['loss_weights'], np.int32) if 'loss_weights' in ex else (t != 0)
     if t.shape != (chunk_length,) or i.shape != (chunk_length,):
       raise ValueError(
         f'Chunk of document {doc_id} has targets {t.shape} / inputs {i.shape}, expected '
@@ -101,7 +106,7 @@ def group_chunks(chunks: Iterable[Mapping[str, Any]], chunk_length: int) -> Iter
     if index == 0:
       if current_id is not None:
         yield flush()
-      current_id, targets, inputs = doc_id, [], []
+      current_id, targets, inputs, weights = doc_id, [], [], []
     elif current_id is None or doc_id != current_id or index != len(targets):
       raise ValueError(
         f'Chunk {index} of document {doc_id} does not follow chunk {len(targets) - 1} of document '
@@ -110,6 +115,7 @@ def group_chunks(chunks: Iterable[Mapping[str, Any]], chunk_length: int) -> Iter
       )
     targets.append(t)
     inputs.append(i)
+    weights.append(w.astype(np.int32))
   if current_id is not None:
     yield flush()
 
@@ -135,6 +141,29 @@ def buffer_shuffle(
 def _epoch_seed(seed: int, epoch: int) -> int:
   """Seed of an epoch's file order; equal on every shard (seqio shards after reading)."""
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def check_token_ids(
+  inputs: np.ndarray, targets: np.ndarray, vocab_size: int | None, document_ids: np.ndarray
+) -> None:
+  """Raises if a batch holds an id outside [0, vocab_size) (checked on the host, before the model).
+
+  The embedding lookup on an accelerator cannot raise; an out-of-range id would silently read
+  garbage (or wrap, with a modulo), so the stream stops instead.
+  """
+  if vocab_size is None or not inputs.size:
+    return
+  lo, hi = min(inputs.min(), targets.min()), max(inputs.max(), targets.max())
+  if lo < 0 or hi >= vocab_size:
+    bad = np.nonzero(
+      ((inputs < 0) | (inputs >= vocab_size)).any(-1)
+      | ((targets < 0) | (targets >= vocab_size)).any(-1)
+    )[0]
+    raise ValueError(
+      f'token ids in [{lo}, {hi}] are outside the vocabulary [0, {vocab_size}) (documents '
+      f'{sorted(set(document_ids[bad].tolist()))}): the data was tokenized with another '
+      "vocabulary; re-tokenize it (or re-run tasks.prepare) with the task's vocabulary."
+    )
 
 
 class DocumentStreamIterator(dataset_iterator.DatasetIterator):
@@ -185,6 +214,9 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
     self._num_shards = num_shards
     self._repeat = repeat
     self._task, self._chunk_source, self._source_name = self._resolve_source(source)
+    self._vocab_size = None
+    if self._task is not None and 'targets' in self._task.output_features:
+      self._vocab_size = self._task.output_features['targets'].vocabulary.vocab_size
     self._chunk_length = self._resolve_chunk_length(chunk_length)
     self.reset()
 
@@ -328,6 +360,7 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
     b, n = self._batch_size, self._chunk_length
     inputs = np.zeros((b, n), np.int32)
     targets = np.zeros((b, n), np.int32)
+    weights = np.zeros((b, n), np.float32)
     sos = np.ones((b,), np.bool_)
     doc_ids = np.full((b,), -1, np.int64)
     chunk_index = np.full((b,), -1, np.int32)
@@ -344,6 +377,7 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
       c = row.next_chunk
       targets[r] = row.document.targets[c]
       inputs[r] = row.document.inputs[c]
+      weights[r] = row.document.weights[c]
       sos[r] = c == 0
       doc_ids[r] = row.document.document_id
       chunk_index[r] = c
@@ -352,10 +386,11 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
       if row.next_chunk == row.document.num_chunks:
         self._rows[r] = None
     self._step += 1
+    check_token_ids(inputs, targets, self._vocab_size, doc_ids)
     return {
       'decoder_input_tokens': inputs,
       'decoder_target_tokens': targets,
-      'decoder_loss_weights': (targets != 0).astype(np.float32),
+      'decoder_loss_weights': weights,
       'start_of_sequence': sos,
       'document_id': doc_ids,
       'chunk_index': chunk_index,

@@ -148,3 +148,56 @@ class TaskVocabulary(seqio.Vocabulary):
 
   def __repr__(self) -> str:
     return f'TaskVocabulary({self._task_name!r})'
+
+
+def start_of_document_id(vocabulary) -> int:
+  """The first input of every document (the vocabulary's EOS), after checking the id layout.
+
+  The chunks use id 0 for padding (T5X's convention: padding, decoder BOS and masks all use 0),
+  so no real token may have id 0, and EOS must be a real, non-zero id. T5's vocabulary and the
+  ones `python -m tasks.train_vocab` writes (pad 0, eos 1, unk 2, no bos) qualify; SentencePiece's
+  defaults (unk 0, bos 1, eos 2) do not: unknown pieces would read as padding.
+
+  Raises:
+    ValueError: naming the ids and the fix, when the layout cannot be handled.
+  """
+  vocabulary = getattr(vocabulary, 'resolved', vocabulary)  # tasks' lazily loaded vocabularies
+  tokenizer = getattr(vocabulary, 'tokenizer', None)
+  ids = {
+    'pad': tokenizer.pad_id() if tokenizer is not None else vocabulary.pad_id,
+    'eos': vocabulary.eos_id,
+    'unk': vocabulary.unk_id,
+    'bos': tokenizer.bos_id() if tokenizer is not None else None,
+  }
+  listed = ', '.join(f'{k} {v}' for k, v in ids.items() if v is not None and v >= 0)
+  fix = (
+    'retrain the SentencePiece model with pad_id=0 eos_id=1 unk_id=2 bos_id=-1 '
+    '(python -m tasks.train_vocab does), or use a vocabulary with that layout'
+  )
+  zero = [k for k in ('unk', 'bos', 'eos') if ids[k] == 0]
+  if zero:
+    raise ValueError(
+      f'vocabulary ids ({listed}): id 0 is the {zero[0]} token, but 0 marks padding in the '
+      f'chunks and in T5X, so those tokens would be dropped from loss and perplexity; {fix}.'
+    )
+  if ids['pad'] not in (0, -1, None):
+    raise ValueError(f'vocabulary ids ({listed}): padding must be id 0; {fix}.')
+  if ids['eos'] is None or ids['eos'] <= 0 or ids['eos'] >= vocabulary.vocab_size:
+    raise ValueError(
+      f'vocabulary ids ({listed}): a document starts with the EOS input, which needs a '
+      f'non-zero EOS id below vocab_size={vocabulary.vocab_size}; {fix}.'
+    )
+  return int(ids['eos'])
+
+
+def check_embedding_fits(vocab_size: int, config) -> None:
+  """Refuses a task vocabulary with more ids than the model config's embedding has rows."""
+  rows = getattr(config, 'vocab_size', None)
+  if rows is not None and vocab_size > rows:
+    name = type(config).__name__
+    raise ValueError(
+      f'the task vocabulary has {vocab_size} ids but the model embedding has only {rows} rows '
+      f'({name}.vocab_size={rows}): ids >= {rows} would have no embedding. Set '
+      f"{name}.vocab_size >= {vocab_size}, or bind it to the task's vocabulary "
+      '(VOCAB_SIZE = @tasks.embedding_size() in gin).'
+    )

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from melodi_t5x import config as config_lib
 from melodi_t5x.tools import bench
 
 TINY = (
@@ -30,3 +31,27 @@ def test_bench_rejects_bad_sizes_before_compiling():
     bench.config_from_args(bench.parse_args(TINY + ['--long-term-memory-size', '7']))
   with pytest.raises(ValueError, match='window_length'):
     bench.config_from_args(bench.parse_args(TINY + ['--segment-length', '30']))
+
+
+@pytest.mark.parametrize('model', ['xl', 'memorizing', 'brt'])
+def test_bench_runs_every_baseline(model, tmp_path):
+  out = tmp_path / 'bench.json'
+  flags = ['--model', model, '--memory-size', '64', '--num-states', '4', '--compile-windows', '']
+  assert bench.main(TINY + flags + ['--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['model'] == model and result['tokens_per_sec'] > 0 and result['params'] > 0
+
+
+def test_bench_flags_of_other_models_are_ignored():
+  cfg = bench.config_from_args(bench.parse_args(TINY + ['--model', 'xl']))
+  assert type(cfg) is config_lib.XLConfig and cfg.use_cache
+  assert (cfg.num_layers, cfg.embed_dim, cfg.window_length, cfg.vocab_size) == (2, 32, 8, 64)
+  assert not bench.config_from_args(
+    bench.parse_args(TINY + ['--model', 'xl', '--no-cache'])
+  ).use_cache
+  # Paper layer counts when --num-layers is not given; relative layer indices follow them.
+  assert bench.config_from_args(bench.parse_args(['--model', 'xl'])).num_layers == 13
+  cfg = bench.config_from_args(bench.parse_args(['--model', 'memorizing']))
+  assert (cfg.num_layers, cfg.memory_layer_index, cfg.memory_size) == (12, 6, 65536)
+  cfg = bench.config_from_args(bench.parse_args(['--model', 'brt']))
+  assert (cfg.num_layers, cfg.recurrent_layer_index, cfg.num_states) == (12, 9, 512)

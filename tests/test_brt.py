@@ -43,7 +43,8 @@ def _tokens(seed: int, length: int) -> jnp.ndarray:
 def _model_and_variables(cfg: BRTConfig = CFG):
   model = BRTDecoder(cfg)
   tokens = jnp.ones((B, 2 * cfg.window_length), jnp.int32)
-  return model, model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)
+  init = jax.jit(functools.partial(model.init, enable_dropout=False))
+  return model, init(jax.random.PRNGKey(0), tokens, tokens)
 
 
 def _params():
@@ -144,16 +145,20 @@ def test_document_start_reads_the_learned_initial_state_not_the_carried_one():
   assert np.max(np.abs(zero_state[0] - started[0])) > 1e-3
   # Stateless scoring starts every row from the initial state as well.
   model = _model_and_variables()[0]
-  stateless = model.apply({'params': params}, tokens, tokens, enable_dropout=False)
+  stateless = jax.jit(lambda p: model.apply({'params': p}, tokens, tokens, enable_dropout=False))(
+    params
+  )
   np.testing.assert_allclose(stateless[0], started[0], atol=1e-6)
 
 
-def _loss_grads(sos, loss_window: int | None = None):
+@functools.cache
+def _grad_fn():
+  """Jitted d(loss)/d(params of layer 0); loss = a log-probability summed over weighted tokens."""
   model = _model_and_variables()[0]
   tokens = _tokens(3, 3 * W)
   mem = jax.tree_util.tree_map(lambda x: x + 0.5, _zeros_memory())
 
-  def loss(params):
+  def loss(params, sos, weights):
     logits, _ = model.apply(
       {'params': params, 'memory': mem},
       tokens,
@@ -162,11 +167,18 @@ def _loss_grads(sos, loss_window: int | None = None):
       enable_dropout=False,
       mutable=['memory'],
     )
-    if loss_window is not None:
-      logits = logits[:, loss_window * W : (loss_window + 1) * W]
-    return jnp.sum(jax.nn.log_softmax(logits)[..., 7])
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 7] * weights)
 
-  return jax.grad(loss)(_params())['layers_0']
+  return jax.jit(lambda params, sos, weights: jax.grad(loss)(params, sos, weights)['layers_0'])
+
+
+def _loss_grads(sos, loss_window: int | None = None):
+  """Gradients of layer 0 for the loss of every token, or of window `loss_window` only."""
+  weights = np.ones(3 * W, np.float32)
+  if loss_window is not None:
+    weights[:] = 0
+    weights[loss_window * W : (loss_window + 1) * W] = 1
+  return _grad_fn()(_params(), sos, jnp.asarray(weights))
 
 
 def test_initial_state_gets_gradient_only_from_rows_that_start_a_document():

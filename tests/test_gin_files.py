@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -10,7 +11,8 @@ import sys
 import gin
 import pytest
 
-from melodi_t5x import t5x_gin
+from melodi_t5x import config as config_lib
+from melodi_t5x import memory_accounting, t5x_gin
 
 REPO = t5x_gin.REPO_ROOT
 GIN_DIR = os.path.join(REPO, 'gin')
@@ -18,8 +20,8 @@ GIN_DIR = os.path.join(REPO, 'gin')
 T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MemoryDecoderModel']
 
 
-def _model_config(gin_file: str, tmp_path, monkeypatch):
-  """Parses a model gin file from an unrelated cwd and builds its `MelodiConfig`."""
+def _model_module(gin_file: str, tmp_path, monkeypatch):
+  """Parses a model gin file from an unrelated cwd and builds its decoder module (`MODULE`)."""
   monkeypatch.chdir(tmp_path)
   gin.clear_config(clear_constants=True)
   try:
@@ -29,10 +31,13 @@ def _model_config(gin_file: str, tmp_path, monkeypatch):
       skip_unknown=T5X_SELECTORS,
       finalize_config=False,
     )
-    ref = gin.query_parameter('melodi_t5x.melodi_model.MelodiDecoder.config')
-    return ref.scoped_configurable_fn()
+    return gin.query_parameter('%MODULE').scoped_configurable_fn()
   finally:
     gin.clear_config(clear_constants=True)
+
+
+def _model_config(gin_file: str, tmp_path, monkeypatch):
+  return _model_module(gin_file, tmp_path, monkeypatch).config
 
 
 PAPER = dict(
@@ -68,6 +73,54 @@ def test_tiny_model_file(tmp_path, monkeypatch):
   assert cfg.num_windows(128) == 4
 
 
+# Baseline model files at the paper size -> (decoder class, the memory table's paper model, fields
+# that differ from it). Every file must build exactly the paper model of the memory table (plus
+# the run's dropout and bfloat16 compute).
+BASELINES = {
+  'xl.gin': ('XLDecoder', 'Transformer-XL', {}),
+  'xl_nocache.gin': ('XLDecoder', 'Transformer-XL', {'use_cache': False}),
+  'memorizing.gin': ('MemorizingDecoder', 'Memorizing (dense 64K)', {}),
+  'brt.gin': ('BRTDecoder', 'Block-Recurrent', {}),
+}
+PAPER_MODELS = {m.name: m for m in memory_accounting.PAPER_MODELS}
+
+
+@pytest.mark.parametrize('gin_file', sorted(BASELINES))
+def test_baseline_model_files_build_the_paper_models(gin_file, tmp_path, monkeypatch):
+  decoder, paper_name, changes = BASELINES[gin_file]
+  module = _model_module(gin_file, tmp_path, monkeypatch)
+  assert type(module).__name__ == decoder
+  paper = PAPER_MODELS[paper_name].config(
+    dropout_rate=0.05, attention_dropout_rate=0.05, dtype='bfloat16', **changes
+  )
+  assert module.config == paper
+  for field, value in PAPER.items():
+    if field != 'num_layers':
+      assert getattr(module.config, field) == value, field
+
+
+@pytest.mark.parametrize('name', ['xl', 'memorizing', 'brt'])
+def test_tiny_baseline_files_match_the_tiny_melodi_sizes(name, tmp_path, monkeypatch):
+  tiny = _model_config(f'{name}_tiny.gin', tmp_path, monkeypatch)
+  paper = _model_config(f'{name}.gin', tmp_path, monkeypatch)
+  melodi = _model_config('melodi_tiny.gin', tmp_path, monkeypatch)
+  shared = ('embed_dim', 'num_heads', 'head_dim', 'mlp_dim', 'vocab_size', 'window_length', 'dtype')
+  for field in shared:
+    assert getattr(tiny, field) == getattr(melodi, field), field
+  assert type(tiny) is type(paper)
+  # Only sizes differ from the paper file: the architecture's own switches are kept.
+  kept = {f.name for f in dataclasses.fields(config_lib.BaseConfig)} | {
+    'memory_layer_index',
+    'memory_size',
+    'recurrent_layer_index',
+    'num_states',
+  }
+  for field in dataclasses.fields(paper):
+    if field.name not in kept:
+      assert getattr(tiny, field.name) == getattr(paper, field.name), field.name
+  assert tiny.num_windows(128) == 4
+
+
 def _gin_files():
   for root, _, files in os.walk(GIN_DIR):
     for name in sorted(files):
@@ -84,7 +137,8 @@ def test_header_lists_required_macros(path):
     assert re.search(rf'\b{macro}\b', header), f'{path}: header does not list {macro}'
   # Includes of our own files must go through the search path that melodi_t5x.t5x_gin registers.
   if re.search(r"^include 'gin/", text, flags=re.M):
-    assert 'import melodi_t5x.t5x_gin' in text.split('include')[0], path
+    before = re.split(r"^include '", text, maxsplit=1, flags=re.M)[0]
+    assert 'import melodi_t5x.t5x_gin' in before, path
 
 
 def test_gin_folders_and_gin_config_not_shadowed():
@@ -103,3 +157,45 @@ def test_gin_folders_and_gin_config_not_shadowed():
     check=True,
   )
   assert out.stdout.strip() == 'True'
+
+
+# quickstart.gin trains any architecture with one binding (MODULE); each tiny file binds its config.
+QUICKSTART_MODULES = {
+  None: ('MelodiDecoder', 'melodi_tiny.gin'),
+  '@xl.XLDecoder()': ('XLDecoder', 'xl_tiny.gin'),
+  '@memorizing.MemorizingDecoder()': ('MemorizingDecoder', 'memorizing_tiny.gin'),
+  '@brt.BRTDecoder()': ('BRTDecoder', 'brt_tiny.gin'),
+}
+
+
+def _train(**unused):
+  """Stands in for t5x.train's `train` (gin registers the function it finds in `__main__`)."""
+
+
+def _evaluate(**unused):
+  """Stands in for t5x.eval's `evaluate`."""
+
+
+@pytest.mark.parametrize('quickstart', ['quickstart.gin', 'quickstart_eval.gin'])
+@pytest.mark.parametrize('module', list(QUICKSTART_MODULES), ids=str)
+def test_quickstart_trains_any_architecture_with_one_binding(
+  quickstart, module, tmp_path, monkeypatch
+):
+  pytest.importorskip('t5x', reason='the quickstart includes T5X run files: see docs/t5x.md')
+  # The run files bind `__main__.train` / `evaluate` (t5x.train's and t5x.eval's entry points).
+  for name, stub in (('train', _train), ('evaluate', _evaluate)):
+    monkeypatch.setattr(sys.modules['__main__'], name, stub, raising=False)
+  expected_class, tiny_file = QUICKSTART_MODULES[module]
+  expected = _model_config(tiny_file, tmp_path, monkeypatch)
+  bindings = ["MODEL_DIR = '/tmp/unused'", "CHECKPOINT_PATH = '/tmp/unused'"]
+  bindings += ["EVAL_OUTPUT_DIR = '/tmp/unused'"] + ([f'MODULE = {module}'] if module else [])
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      [os.path.join(GIN_DIR, quickstart)], bindings, finalize_config=False
+    )
+    built = gin.query_parameter('%MODULE').scoped_configurable_fn()
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert type(built).__name__ == expected_class
+  assert built.config == dataclasses.replace(expected, dropout_rate=0.0, attention_dropout_rate=0.0)

@@ -1,10 +1,18 @@
-r"""Benchmarks one MELODI train step: forward + backward over a segment + Adafactor update.
+r"""Benchmarks one train step of any architecture: forward + backward + Adafactor update.
 
 Usage:
-  python -m melodi_t5x.tools.bench [--num-layers 13 --embed-dim 1024 ...] [--json OUT]
+  python -m melodi_t5x.tools.bench [--model {melodi,xl,memorizing,brt}] [--num-layers 13 ...]
+      [--json OUT]
 
-Defaults are the paper's S128+L64 model (13 layers, d=1024, 8x128 heads, MLP 4096, vocab 32128,
-segment 4096 = 8 windows of 512, long-term FIFO of 8192 tokens at layer 6, bfloat16 compute).
+Defaults are the paper's sizes (d=1024, 8x128 heads, MLP 4096, vocab 32128, segment 4096 = 8
+windows of 512, bfloat16 compute): MELODI S128+L64 (13 layers, long-term FIFO of 8192 tokens at
+layer 6), Transformer-XL (13 layers; `--no-cache` gives the memory-free lower bound), the
+Memorizing Transformer (12 ordinary layers plus the memory layer after layer num_layers // 2,
+65536 slots, dense) and the Block-Recurrent Transformer (12 layers, recurrent layer
+max(0, num_layers - 3), 512 states).
+The same size flags serve every model; flags that do not apply to the chosen model (e.g. the
+summary size for Transformer-XL) are accepted and ignored. `--num-layers` counts the ordinary
+layers, so a Memorizing Transformer has one layer more (its memory layer).
 Memory is carried from step to step (rows flagged as continuing their document after step 0), as
 in training. The optimizer is training's (`training_optimizer`: T5X Adafactor as bound in
 gin/models/melodi_base.gin, momentum 0.9). Reports the median tokens/s over the timed steps (after
@@ -26,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from melodi_t5x import architectures
+from melodi_t5x import config as config_lib
 from melodi_t5x.config import MelodiConfig
-from melodi_t5x.model import MelodiDecoder
+from melodi_t5x.memory import MEMORY
 from melodi_t5x.tools import flops as flops_lib
 
 # Dense bf16 peak of known accelerators, TFLOP/s (vendor figures).
@@ -37,7 +47,8 @@ _PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v5': 197.0, 'T
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   add = p.add_argument
-  add('--num-layers', type=int, default=13)
+  add('--model', default='melodi', choices=MODELS)
+  add('--num-layers', type=int, default=None, help='default: 13 (melodi, xl), 12 (others)')
   add('--embed-dim', type=int, default=1024)
   add('--num-heads', type=int, default=8)
   add('--head-dim', type=int, default=128)
@@ -50,6 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   add('--long-term-memory-increment-size', type=int, default=64)
   add('--long-term-memory-size', type=int, default=8192, help='long-term FIFO size in tokens')
   add('--long-term-memory-layer', type=int, nargs='*', default=[6], help='none: short-term only')
+  add('--no-cache', action='store_true', help='xl: no XL cache (memory-free lower bound)')
+  add('--memory-size', type=int, default=65536, help='memorizing: key/value slots per row')
+  add('--memory-top-k', type=int, default=0, help='memorizing: 0 = dense, k > 0 = exact top-k')
+  add('--memory-layer-index', type=int, default=None, help='memorizing: default num_layers // 2')
+  add(
+    '--recurrent-layer-index',
+    type=int,
+    default=None,
+    help='brt: default num_layers - 3 (0 if negative)',
+  )
+  add('--num-states', type=int, default=512, help='brt: recurrent state vectors')
   add('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   add('--batch-size', type=int, default=1)
   add('--steps', type=int, default=5, help='timed steps after one warm-up step')
@@ -59,25 +81,51 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> MelodiConfig:
-  layers = tuple(args.long_term_memory_layer)
-  increment = args.long_term_memory_increment_size
-  windows = MelodiConfig.capacity_windows(args.long_term_memory_size, increment) if layers else 1
-  cfg = MelodiConfig(
-    num_layers=args.num_layers,
+MODELS = ('melodi', 'xl', 'memorizing', 'brt')
+# Layers at the paper size when --num-layers is not given.
+_PAPER_LAYERS = {'melodi': 13, 'xl': 13, 'memorizing': 12, 'brt': 12}
+
+
+def config_from_args(args: argparse.Namespace):
+  """The config of `args.model` from the size flags (validated before compiling anything)."""
+  layers = args.num_layers or _PAPER_LAYERS[args.model]
+  base = dict(
+    num_layers=layers,
     embed_dim=args.embed_dim,
     num_heads=args.num_heads,
     head_dim=args.head_dim,
     mlp_dim=args.mlp_dim,
     vocab_size=args.vocab_size,
     window_length=args.window_length,
-    summary_size=args.summary_size,
-    short_term_memory_size=args.short_term_memory_size,
-    long_term_memory_layers=layers,
-    long_term_memory_increment_size=increment,
-    long_term_memory_windows=windows,
     dtype=args.dtype,
   )
+  if args.model == 'melodi':
+    long_layers = tuple(args.long_term_memory_layer)
+    increment = args.long_term_memory_increment_size
+    windows = (
+      MelodiConfig.capacity_windows(args.long_term_memory_size, increment) if long_layers else 1
+    )
+    cfg = MelodiConfig(
+      **base,
+      summary_size=args.summary_size,
+      short_term_memory_size=args.short_term_memory_size,
+      long_term_memory_layers=long_layers,
+      long_term_memory_increment_size=increment,
+      long_term_memory_windows=windows,
+    )
+  elif args.model == 'xl':
+    cfg = config_lib.XLConfig(**base, use_cache=not args.no_cache)
+  elif args.model == 'memorizing':
+    index = layers // 2 if args.memory_layer_index is None else args.memory_layer_index
+    cfg = config_lib.MemorizingConfig(
+      **base,
+      memory_layer_index=index,
+      memory_size=args.memory_size,
+      memory_top_k=args.memory_top_k,
+    )
+  else:
+    index = max(0, layers - 3) if args.recurrent_layer_index is None else args.recurrent_layer_index
+    cfg = config_lib.BRTConfig(**base, recurrent_layer_index=index, num_states=args.num_states)
   cfg.num_windows(args.segment_length)  # validate before compiling anything
   return cfg
 
@@ -110,20 +158,20 @@ def analytic_flops(args: argparse.Namespace, cfg) -> dict[str, float]:
   return flops_lib.train_flops(name, cfg, args.batch_size, args.segment_length)
 
 
-def make_train_step(model: MelodiDecoder, optimizer: optax.GradientTransformation):
+def make_train_step(model, optimizer: optax.GradientTransformation):
   """(params, opt_state, memory, batch, rng) -> (params, opt_state, memory, loss), jitted."""
 
   def loss_fn(params, mem, batch, rng):
     logits, new = model.apply(
-      {'params': params, 'memory': mem},
+      {'params': params, MEMORY: mem},
       batch['inputs'],
       batch['targets'],
       start_of_sequence=batch['start_of_sequence'],
       rngs={'dropout': rng},
-      mutable=['memory'],
+      mutable=[MEMORY],
     )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-    return jnp.sum(losses * batch['weights']), new['memory']
+    return jnp.sum(losses * batch['weights']), new.get(MEMORY, {})
 
   def step(params, opt_state, mem, batch, rng):
     (loss, mem), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mem, batch, rng)
@@ -133,7 +181,7 @@ def make_train_step(model: MelodiDecoder, optimizer: optax.GradientTransformatio
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def _batch(cfg: MelodiConfig, batch_size: int, length: int, seed: int, first: bool):
+def _batch(cfg, batch_size: int, length: int, seed: int, first: bool):
   rng = np.random.RandomState(seed)
   tokens = rng.randint(1, cfg.vocab_size, (batch_size, length + 1)).astype(np.int32)
   return {
@@ -150,7 +198,7 @@ def _abstract_state(model, optimizer, batch_size: int, length: int):
   def init(rng):
     variables = model.init(rng, jnp.ones(tokens.shape, jnp.int32), enable_dropout=False)
     params = variables['params']
-    return params, optimizer.init(params), variables['memory']
+    return params, optimizer.init(params), variables.get(MEMORY, {})
 
   return init
 
@@ -162,7 +210,7 @@ def _peak_tflops(args) -> float | None:
   return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
 
 
-def compile_seconds(model, optimizer, cfg: MelodiConfig, batch_size: int, length: int) -> float:
+def compile_seconds(model, optimizer, cfg, batch_size: int, length: int) -> float:
   """Time to lower and compile the train step for a segment of `length` tokens."""
   init = jax.jit(_abstract_state(model, optimizer, batch_size, length))
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -175,7 +223,7 @@ def compile_seconds(model, optimizer, cfg: MelodiConfig, batch_size: int, length
 
 def run(args: argparse.Namespace) -> dict:
   cfg = config_from_args(args)
-  model = MelodiDecoder(cfg)
+  model = architectures.build_decoder(cfg)
   optimizer = training_optimizer()
   length, bsz = args.segment_length, args.batch_size
   params, opt_state, mem = jax.jit(_abstract_state(model, optimizer, bsz, length))(
@@ -188,8 +236,10 @@ def run(args: argparse.Namespace) -> dict:
   start = time.perf_counter()
   compiled = step.lower(params, opt_state, mem, batches[0], jax.random.PRNGKey(0)).compile()
   compile_sec = time.perf_counter() - start
-  flop_terms = analytic_flops(args, cfg)
-  flops = flop_terms['total']
+  # Models without analytic FLOPs yet report no FLOPs and no MFU.
+  known = args.model in flops_lib.ANALYTIC_FLOPS
+  flop_terms = analytic_flops(args, cfg) if known else None
+  flops = flop_terms['total'] if known else None
 
   times = []
   for i in range(args.steps + 1):  # step 0 warms up
@@ -212,6 +262,7 @@ def run(args: argparse.Namespace) -> dict:
   peak_tflops = _peak_tflops(args)
   result = {
     'device': jax.devices()[0].device_kind,
+    'model': args.model,
     'config': {k: v for k, v in vars(args).items() if k != 'json'},
     'params': n_params,
     'tokens_per_sec': bsz * length / step_sec,
@@ -219,9 +270,9 @@ def run(args: argparse.Namespace) -> dict:
     'compile_sec': compile_sec,
     'peak_bytes': int(peak),
     'flops_per_step': flops,
-    'flops_per_token': flops / (bsz * length),
+    'flops_per_token': flops / (bsz * length) if flops else None,
     'flops_by_term': flop_terms,
-    'mfu': flops / step_sec / (peak_tflops * 1e12) if peak_tflops else None,
+    'mfu': flops / step_sec / (peak_tflops * 1e12) if flops and peak_tflops else None,
     'final_loss': float(loss),
   }
   windows = [int(w) for w in args.compile_windows.split(',') if w.strip()]
@@ -234,9 +285,10 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
   args = parse_args(argv)
   result = run(args)
-  for key in ('device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
+  for key in ('model', 'device', 'params', 'tokens_per_sec', 'step_sec_median', 'compile_sec'):
     print(f'{key:18s} {result[key]}')
-  print(f'{"flops_per_token":18s} {result["flops_per_token"]:.4g}')
+  per_token = result['flops_per_token']
+  print(f'{"flops_per_token":18s} {"n/a" if per_token is None else f"{per_token:.4g}"}')
   print(f'{"peak_bytes":18s} {result["peak_bytes"] / 2**20:.1f} MiB')
   print(f'{"mfu":18s} {result["mfu"]}')
   for w, sec in result['compile_sec_by_windows'].items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -392,7 +393,8 @@ def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, f
   num_segments = int(meta['num_segments'])
   tokens0 = z['seg0/input_tokens']
   model = arch.decoder(cfg)
-  variables = model.init(jax.random.PRNGKey(0), tokens0, tokens0, enable_dropout=False)
+  init = jax.jit(functools.partial(model.init, enable_dropout=False))  # eager init is slow
+  variables = init(jax.random.PRNGKey(0), tokens0, tokens0)
   params = map_parameters(reference, variables['params'], arch.param_rules)
   mem = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
 

@@ -1,0 +1,130 @@
+"""The T5X plumbing serves every architecture unchanged (needs T5X).
+
+For each architecture (MELODI, Transformer-XL with and without its cache, Memorizing Transformer,
+Block-Recurrent Transformer) at a tiny size: every logical axis name of its parameters and carried
+state has a partitioning rule and every parameter axis an Adafactor factor rule, T5X builds its
+train state, and `MemoryDecoderModel.loss_fn` carries its memory from one chunk to the next with
+the same tree, shapes and dtypes (what T5X's compiled train step requires).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+
+import seqio  # noqa: E402
+from flax.core import unfreeze  # noqa: E402
+from flax.linen import partitioning as nn_partitioning  # noqa: E402
+from t5x import adafactor, train_state  # noqa: E402
+
+from melodi_t5x import architectures, t5x_model  # noqa: E402
+from melodi_t5x import config as config_lib  # noqa: E402
+from melodi_t5x import partitioning as melodi_partitioning  # noqa: E402
+
+V, B, W = 64, 2, 8
+SIZES = dict(
+  num_layers=2, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64, vocab_size=V, window_length=W
+)
+
+
+def _configs():
+  yield (
+    'melodi',
+    config_lib.MelodiConfig(
+      **SIZES,
+      summary_size=4,
+      short_term_memory_size=4,
+      long_term_memory_layers=(1,),
+      long_term_memory_increment_size=2,
+      long_term_memory_windows=4,
+    ),
+  )
+  yield 'xl', config_lib.XLConfig(**SIZES)
+  yield 'xl_nocache', config_lib.XLConfig(**SIZES, use_cache=False)
+  yield 'memorizing', config_lib.MemorizingConfig(**SIZES, memory_layer_index=0, memory_size=64)
+  yield 'brt', config_lib.BRTConfig(**SIZES, recurrent_layer_index=0, num_states=4)
+
+
+CONFIGS = dict(_configs())
+
+
+def _model(cfg) -> t5x_model.MemoryDecoderModel:
+  return t5x_model.MemoryDecoderModel(
+    module=architectures.build_decoder(cfg),
+    vocabulary=seqio.PassThroughVocabulary(V),
+    optimizer_def=adafactor.Adafactor(
+      decay_rate=0.8, logical_factor_rules=melodi_partitioning.logical_factor_rules()
+    ),
+  )
+
+
+def _initial_variables(model, length: int = 2 * W):
+  shapes = {'decoder_input_tokens': (B, length), 'decoder_target_tokens': (B, length)}
+  types = {k: jnp.int32 for k in shapes}
+  return model.get_initial_variables(jax.random.PRNGKey(0), shapes, types)
+
+
+def _axis_names(axes_tree) -> set[str]:
+  names = set()
+  for spec in jax.tree_util.tree_leaves(
+    unfreeze(nn_partitioning.get_axis_names(axes_tree)), is_leaf=lambda x: isinstance(x, tuple)
+  ):
+    names.update(n for n in spec if n is not None)
+  return names
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_every_axis_has_rules_and_t5x_builds_the_train_state(name):
+  model = _model(CONFIGS[name])
+  variables = jax.eval_shape(lambda: _initial_variables(model))
+  assert ('memory' in variables) == (name != 'xl_nocache')
+  rule_names = {logical for logical, _ in melodi_partitioning.logical_axis_rules()}
+  factor_names = set(melodi_partitioning.logical_factor_rules())
+  param_axes = _axis_names(variables['params_axes'])
+  memory_axes = _axis_names(variables.get('memory_axes', {}))
+  assert param_axes - rule_names == set() and memory_axes - rule_names == set()
+  assert param_axes - factor_names == set()
+  assert 'batch' in memory_axes or name == 'xl_nocache'
+  state = jax.eval_shape(
+    lambda: train_state.FlaxOptimTrainState.create(model.optimizer_def, _initial_variables(model))
+  )
+  assert set(state.flax_mutables) == ({'memory'} if 'memory' in variables else set())
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_loss_fn_carries_memory_with_unchanged_tree(name):
+  model = _model(CONFIGS[name])
+  variables = jax.jit(
+    lambda: {k: v for k, v in _initial_variables(model).items() if not k.endswith('_axes')}
+  )()
+  mutables = {k: v for k, v in variables.items() if k == 'memory'}
+  tokens = np.random.RandomState(0).randint(1, V, (3, B, 2 * W + 1)).astype(np.int32)
+
+  @jax.jit
+  def step(params, mutables, chunk, index, sos):
+    batch = {
+      'decoder_input_tokens': chunk[:, :-1],
+      'decoder_target_tokens': chunk[:, 1:],
+      'decoder_loss_weights': jnp.ones(chunk[:, 1:].shape, jnp.float32),
+      'start_of_sequence': sos,
+      'document_id': jnp.arange(B),  # row r streams document r: chunk 0, then chunk 1
+      'chunk_index': jnp.full((B,), index),
+    }
+    loss, (_, new) = model.loss_fn(params, batch, None, mutables)
+    return loss, new
+
+  params = variables['params']
+  _, after_first = step(params, mutables, tokens[0], 0, jnp.ones(B, bool))
+  assert jax.tree_util.tree_structure(after_first) == jax.tree_util.tree_structure(mutables)
+  for new, old in zip(jax.tree_util.tree_leaves(after_first), jax.tree_util.tree_leaves(mutables)):
+    assert new.shape == old.shape and new.dtype == old.dtype
+  carried, _ = step(params, after_first, tokens[1], 1, jnp.zeros(B, bool))
+  reset, _ = step(params, after_first, tokens[1], 1, jnp.ones(B, bool))
+  if name == 'xl_nocache':
+    assert float(carried) == float(reset)  # nothing is carried
+  else:
+    assert abs(float(carried) - float(reset)) > 1e-6  # the first chunk's memory is read
