@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from tasks import vocab as vocab_lib
 from tasks.preprocessors import START_OF_DOCUMENT_ID
 
 MEMORY = 'memory'
@@ -29,7 +30,9 @@ class PromptFeatureConverter(seqio.DecoderFeatureConverter):
 
   `decoder_input_tokens = [START_OF_DOCUMENT_ID, prompt, continuation[:-1]]` and
   `decoder_causal_attention` is 1 on the first len(prompt) + 1 positions. Task feature lengths
-  must sum to a multiple of the model's window (the module is initialised at that length).
+  must sum to a multiple of the model's window (the module is initialised at that length). The
+  start token is 1, the EOS of every vocabulary here (training starts documents with EOS); bind
+  `bos_id` for a vocabulary with another EOS id.
   """
 
   def __init__(self, pack: bool = False, bos_id: int = START_OF_DOCUMENT_ID, **kwargs):
@@ -54,10 +57,10 @@ def continue_document(
 ) -> np.ndarray:
   """Continues one document given by its `tokens` (no start token); returns the new tokens.
 
-  The model reads `[START_OF_DOCUMENT_ID, tokens]`. Whole segments of `segment_length` inputs
-  (a multiple of the window) run through the training path with memory carried; the rest of the
-  prompt (< one segment) is read by `predict_batch_with_aux`'s prefill, which continues that
-  memory; then `max_new_tokens` tokens are sampled with `decoder_params` (e.g.
+  The model reads `[EOS, tokens]` (a document's first input in training). Whole segments of
+  `segment_length` inputs (a multiple of the window) run through the training path with memory
+  carried; the rest of the prompt (< one segment) is read by `predict_batch_with_aux`'s prefill,
+  which continues that memory; then `max_new_tokens` tokens are sampled with `decoder_params` (e.g.
   `{'temperature': 0.0}` for greedy; `'topk'`). A `timings` dict receives `prompt_seconds`
   (streaming, compile included), `compile_seconds` and `decode_seconds` (prefill of the rest of
   the prompt and sampling, compiled).
@@ -65,7 +68,8 @@ def continue_document(
   timings = {} if timings is None else timings
   start = time.perf_counter()
   module = model.module
-  inputs = np.asarray([START_OF_DOCUMENT_ID, *tokens], np.int32)
+  start_id = vocab_lib.start_of_document_id(model.output_vocabulary)  # as in training
+  inputs = np.asarray([start_id, *tokens], np.int32)
   # The last prompt token is read by the first decoding step; everything before it is context.
   context = len(inputs) - 1
   streamed = context // segment_length * segment_length
