@@ -182,7 +182,9 @@ def start_of_document_id(vocabulary) -> int:
     )
   if ids['pad'] not in (0, -1, None):
     raise ValueError(f'vocabulary ids ({listed}): padding must be id 0; {fix}.')
-  if ids['eos'] is None or ids['eos'] <= 0 or ids['eos'] >= vocabulary.vocab_size:
+  if ids['eos'] is None or ids['eos'] < 0:  # no EOS (e.g. seqio.PassThroughVocabulary): T5's 1
+    return 1
+  if ids['eos'] == 0 or ids['eos'] >= vocabulary.vocab_size:
     raise ValueError(
       f'vocabulary ids ({listed}): a document starts with the EOS input, which needs a '
       f'non-zero EOS id below vocab_size={vocabulary.vocab_size}; {fix}.'
