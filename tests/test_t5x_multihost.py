@@ -173,6 +173,8 @@ def test_two_process_eval_covers_the_split_once(runs):
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top
   from tasks import streaming  # pylint: disable=g-import-not-at-top
 
+  from melodi_t5x import t5x_eval  # pylint: disable=g-import-not-at-top
+
   ckpt = str(runs / 'two' / f'checkpoint_{STEPS}')
   out_two, out_one = runs / 'eval_two', runs / 'eval_one'
   logs = [runs / 'eval_two_0.log', runs / 'eval_two_1.log']
@@ -192,8 +194,8 @@ def test_two_process_eval_covers_the_split_once(runs):
   )
   _wait(two, logs)
   _wait(one, [runs / 'eval_one.log'])
-  rep_two = json.loads((out_two / f'local_books_step{STEPS}.json').read_text())
-  rep_one = json.loads((out_one / f'local_books_step{STEPS}.json').read_text())
+  rep_two = json.loads(open(t5x_eval.report_path(str(out_two), 'local_books', STEPS)).read())
+  rep_one = json.loads(open(t5x_eval.report_path(str(out_one), 'local_books', STEPS)).read())
   # The split's real tokens, counted from the document stream itself (every chunk once).
   stream = streaming.DocumentStreamIterator(
     'local_books', split='validation', batch_size=4, chunk_length=EVAL_LENGTH, shuffle=False,
