@@ -90,3 +90,15 @@ def test_timing_table(tmp_path, capsys):
   md = capsys.readouterr().out
   row = next(x for x in md.splitlines() if x.startswith('| Transformer-XL |'))
   assert '| 250.0 | 16384 | missing | missing | 151.0M | TPU |' in row
+
+
+def test_tiny_sweep_prints_memory_in_thousands(tmp_path, capsys):
+  """The tiny rehearsal models carry a few thousand floats: K floats, never a column of 0.0."""
+  paper_tables.main(['--sweep=main', f'--model_dir_root={tmp_path}', '--size=tiny'])
+  carried = capsys.readouterr().out.split('## Same checkpoints')[0]
+  assert '| Model | Memory (K floats) |' in carried
+  for exp in experiments.sweep('main', size='tiny'):
+    floats = paper_tables.memory_floats(exp)[1]
+    assert 0 < floats < 1e6, (exp.name, floats)
+    label = experiments.MODELS[exp.model].label
+    assert f'| {label} | {floats / 1e3:.1f} |' in carried, label

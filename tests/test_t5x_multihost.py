@@ -171,9 +171,8 @@ def test_two_process_training_equals_one_process(runs):
 
 def test_two_process_eval_covers_the_split_once(runs):
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top
-  from tasks import streaming  # pylint: disable=g-import-not-at-top
-
   from melodi_t5x import t5x_eval  # pylint: disable=g-import-not-at-top
+  from tasks import streaming  # pylint: disable=g-import-not-at-top
 
   ckpt = str(runs / 'two' / f'checkpoint_{STEPS}')
   out_two, out_one = runs / 'eval_two', runs / 'eval_one'

@@ -156,8 +156,16 @@ def _cell(run: dict[str, Any] | None, mode: str) -> str:
   return f'{ppl:.2f}' if ppl is not None else run['status'][mode]
 
 
-def _mem(value: float | None) -> str:
-  return f'{value:.1f}' if value is not None else 'n/a'
+def _memory_column(runs: Sequence[dict[str, Any]]):
+  """Header and formatter of the memory column: M floats (paper), K floats for tiny models."""
+  exact = [r['memory_floats'] for r in runs if r['memory_floats'] is not None]
+  if exact and max(exact) < 1e6:  # would print as 0.0M or 0.1M: the tiny rehearsal sizes
+    return 'Memory (K floats)', lambda r: f'{r["memory_floats"] / 1e3:.1f}'
+  return 'Memory (M floats)', lambda r: f'{r["memory_mfloats"]:.1f}'
+
+
+def _mem(run: dict[str, Any], fmt) -> str:
+  return fmt(run) if run['memory_floats'] is not None else 'n/a'
 
 
 def main_table(runs: Sequence[dict[str, Any]], mode: str) -> str:
@@ -165,26 +173,27 @@ def main_table(runs: Sequence[dict[str, Any]], mode: str) -> str:
   columns = list(dict.fromkeys(r['column'] for r in runs))
   rows = list(dict.fromkeys(r['row'] for r in runs))
   by_cell = {(r['row'], r['column']): r for r in runs}
+  header, fmt = _memory_column(runs)
   lines = [
-    '| Model | Memory (M floats) | ' + ' | '.join(columns) + ' |',
+    f'| Model | {header} | ' + ' | '.join(columns) + ' |',
     '|---|---:|' + '---:|' * len(columns),
   ]
   for row in rows:
-    mem = next(r['memory_mfloats'] for r in runs if r['row'] == row)
+    mem = _mem(next(r for r in runs if r['row'] == row), fmt)
     cells = [_cell(by_cell.get((row, c)), mode) for c in columns]
-    lines.append(f'| {row} | {_mem(mem)} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {row} | {mem} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
 def ablation_table(runs: Sequence[dict[str, Any]]) -> str:
+  header, fmt = _memory_column(runs)
   lines = [
-    '| Setting | Memory (M floats) | Perplexity (carried) | Perplexity (reset) | Run |',
+    f'| Setting | {header} | Perplexity (carried) | Perplexity (reset) | Run |',
     '|---|---:|---:|---:|---|',
   ]
   for r in runs:
     lines.append(
-      f'| {r["row"]} | {_mem(r["memory_mfloats"])} | {_cell(r, "carried")} | '
-      f'{_cell(r, "reset")} | {r["name"]} |'
+      f'| {r["row"]} | {_mem(r, fmt)} | {_cell(r, "carried")} | {_cell(r, "reset")} | {r["name"]} |'
     )
   return '\n'.join(lines)
 
