@@ -65,6 +65,12 @@ def test_timing_and_single_experiment_jobs():
   for job in timing:
     assert job.module == 'melodi_t5x.tools.bench' and '--num-layers' in job.flags
     assert job.flags[job.flags.index('--num-layers') + 1] == '12'
+  # Every paper-size timing job's flags build the config it times (nothing is compiled).
+  from melodi_t5x.tools import bench  # pylint: disable=g-import-not-at-top
+
+  for job in timing:
+    cfg = bench.config_from_args(bench.parse_args(list(job.flags)))
+    assert (cfg.num_layers, cfg.embed_dim, cfg.window_length) == (12, 1024, 512)
   one = jobs_lib.sweep_jobs(ROOT, experiment='gin/experiments/ablations/coverage/fifo016.gin')
   assert [j.kind for j in one] == ['train', 'eval_carried', 'eval_reset']
   with pytest.raises(ValueError, match='not an experiment file'):
@@ -74,6 +80,27 @@ def test_timing_and_single_experiment_jobs():
   with pytest.raises(ValueError, match='divide the batch'):
     jobs_lib.check_topology('v5e', '4x6')
   assert jobs_lib.check_topology('v4', '2x2x4') == 16
+
+
+def test_tiny_timing_jobs_time_the_tiny_models():
+  """`--sweep=timing --size=tiny --local`: the rehearsal models' sizes (gin/models/*_tiny.gin)."""
+  from melodi_t5x.tools import bench  # pylint: disable=g-import-not-at-top
+
+  timing = jobs_lib.sweep_jobs(ROOT, sweep='timing', size='tiny')
+  assert len(timing) == 2 * len(experiments.TIMING_MODELS)
+  by_model = {}
+  for job in timing:
+    cfg = bench.config_from_args(bench.parse_args(list(job.flags)))
+    assert (cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.window_length) == (2, 64, 256, 32)
+    by_model[job.name.split('/')[1]] = cfg
+  # MELODI S192+L32 at 1/16: S12 + L2, long-term layer 1, FIFO of 16 windows (melodi_tiny.gin).
+  melodi = by_model['melodi_s192_l32']
+  assert (melodi.summary_size, melodi.short_term_memory_size) == (12, 12)
+  assert melodi.long_term_memory_increment_size == 2
+  assert melodi.long_term_memory_layers == (1,) and melodi.long_term_memory_windows == 16
+  assert by_model['memorizing'].memory_size == 1024 and by_model['brt'].num_states == 32
+  with pytest.raises(ValueError, match='--task does not apply'):
+    jobs_lib.sweep_jobs(ROOT, sweep='timing', size='tiny', task='local_books')
 
 
 def _launch(*args):

@@ -162,29 +162,38 @@ def experiment_jobs(
   return jobs
 
 
-# Benchmark flags of the timed models at the paper's timing size (12 layers, d=1024).
-def timing_flags(model: str) -> list[str]:
+# The tiny CPU models of gin/models/*_tiny.gin (d=64, 2 heads of 32, MLP 256, fp32) as bench flags.
+_TINY_BENCH_FLAGS = (
+  *('--embed-dim', '64', '--num-heads', '2', '--head-dim', '32', '--mlp-dim', '256'),
+  *('--vocab-size', '4096', '--dtype', 'float32', '--memory-size', '1024', '--num-states', '32'),
+  *('--memory-layer-index', '0', '--recurrent-layer-index', '0', '--compile-windows', ''),
+)
+# Long-term FIFO of the MELODI models, in windows (paper: 128; gin/models/melodi_tiny.gin: 16).
+_FIFO_WINDOWS = {'paper': 128, 'tiny': 16}
+
+
+def timing_flags(model: str, size: str = 'paper') -> list[str]:
+  """Benchmark flags of a timed model: the paper's timing size (12 layers, d=1024) or tiny."""
   spec = experiments.MODELS[model]
+  scale = experiments.SCALES[size]
   family = {'MelodiConfig': 'melodi', 'XLConfig': 'xl', 'MemorizingConfig': 'memorizing'}.get(
     spec.config_class, 'brt'
   )
-  flags = ['--model', family, '--num-layers', '12']
+  layers = 12 if size == 'paper' else scale.num_layers
+  flags = ['--model', family, '--num-layers', str(layers)]
+  if size != 'paper':
+    flags += [*_TINY_BENCH_FLAGS, '--window-length', str(scale.window)]
+    flags += ['--segment-length', str(scale.segment)]
+    flags += ['--long-term-memory-layer', str(scale.long_term_layer)]
   if spec.melodi_memory:
-    s, inc = spec.melodi_memory
-    flags += [
-      '--summary-size',
-      str(s),
-      '--short-term-memory-size',
-      str(s),
-      '--long-term-memory-increment-size',
-      str(inc),
-      '--long-term-memory-size',
-      str(128 * inc),
-    ]
+    s, inc = (scale.tokens(t) for t in spec.melodi_memory)
+    flags += ['--summary-size', str(s), '--short-term-memory-size', str(s)]
+    flags += ['--long-term-memory-increment-size', str(inc)]
+    flags += ['--long-term-memory-size', str(_FIFO_WINDOWS[size] * inc)]
   return flags
 
 
-def timing_jobs(root: str, topology: str = '') -> list[JobSpec]:
+def timing_jobs(root: str, topology: str = '', size: str = 'paper') -> list[JobSpec]:
   """One benchmark job per timed model and step kind (train step, eval step), JSON in root."""
   jobs = []
   for model in experiments.TIMING_MODELS:
@@ -195,7 +204,7 @@ def timing_jobs(root: str, topology: str = '') -> list[JobSpec]:
           name=f'timing/{model}/{step}',
           kind=f'timing_{step}',
           module='melodi_t5x.tools.bench',
-          flags=(*timing_flags(model), '--step', step, '--json', out),
+          flags=(*timing_flags(model, size), '--step', step, '--json', out),
           model_dir=f'{root.rstrip("/")}/timing',
           topology=topology,
         )
@@ -231,7 +240,9 @@ def sweep_jobs(
       raise ValueError('--experiment runs a committed file: --size and --task do not apply.')
     exps = [experiments.find_experiment(experiment)]
   elif sweep == 'timing':
-    return timing_jobs(root, timing_topology)
+    if task:
+      raise ValueError('--task does not apply to the timing sweep (it runs on synthetic tokens).')
+    return timing_jobs(root, timing_topology, size)
   else:
     exps = experiments.sweep(sweep, size=size, dataset=task if size != 'paper' else None)
     if size == 'paper' and task:
