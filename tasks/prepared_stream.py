@@ -26,22 +26,21 @@ and step. Consequences:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from clu.data import dataset_iterator
-from etils import epath
 
 from tasks import prepared as prepared_lib
+from tasks import streaming
 from tasks.preprocessors import START_OF_DOCUMENT_ID
 
 STATE_VERSION = 1
 STATE_KIND = 'prepared'
 
 
-class PreparedStreamIterator(dataset_iterator.DatasetIterator):
+class PreparedStreamIterator(streaming.ChunkStream):
   """Per-row document streaming over a prepared split, with a global, seekable schedule.
 
   Args:
@@ -162,28 +161,6 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
   # ----------------------------------------------------------------------------------------------
   # DatasetIterator interface.
 
-  @property
-  def batch_size(self) -> int:
-    return self._batch_size
-
-  @property
-  def chunk_length(self) -> int:
-    return self._chunk_length
-
-  @property
-  def element_spec(self) -> dict[str, dataset_iterator.ArraySpec]:
-    b, n = self._batch_size, self._chunk_length
-    spec = dataset_iterator.ArraySpec
-    return {
-      'decoder_input_tokens': spec(np.int32, (b, n)),
-      'decoder_target_tokens': spec(np.int32, (b, n)),
-      'decoder_loss_weights': spec(np.float32, (b, n)),
-      'start_of_sequence': spec(np.bool_, (b,)),
-      'document_id': spec(np.int64, (b,)),
-      'chunk_index': spec(np.int32, (b,)),
-      'row_valid': spec(np.bool_, (b,)),
-    }
-
   def reset(self) -> None:
     """Goes back to the beginning of the stream."""
     self._epoch = 0
@@ -196,13 +173,14 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
     if not self._fill_rows():
       raise StopIteration
     b, n = self._batch_size, self._chunk_length
-    inputs = np.zeros((b, n), np.int32)
-    targets = np.zeros((b, n), np.int32)
-    weights = np.zeros((b, n), np.float32)
-    sos = np.ones((b,), np.bool_)
-    doc_ids = np.full((b,), -1, np.int64)
-    chunk_index = np.full((b,), -1, np.int32)
-    valid = np.zeros((b,), np.bool_)
+    batch = streaming.padding_batch(b, n)
+    inputs, targets = batch['decoder_input_tokens'], batch['decoder_target_tokens']
+    weights, sos, valid = (
+      batch['decoder_loss_weights'],
+      batch['start_of_sequence'],
+      batch['row_valid'],
+    )
+    doc_ids, chunk_index = batch['document_id'], batch['chunk_index']
     index = self._data.index
     for r in range(b):
       row = self._rows[self._first_row + r]
@@ -219,18 +197,7 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
       chunk_index[r] = c
       valid[r] = True
     self._advance_rows()
-    return {
-      'decoder_input_tokens': inputs,
-      'decoder_target_tokens': targets,
-      'decoder_loss_weights': weights,
-      'start_of_sequence': sos,
-      'document_id': doc_ids,
-      'chunk_index': chunk_index,
-      'row_valid': valid,
-    }
-
-  def get_next(self) -> dict[str, np.ndarray]:
-    return next(self)
+    return batch
 
   # ----------------------------------------------------------------------------------------------
   # State.
@@ -332,17 +299,6 @@ class PreparedStreamIterator(dataset_iterator.DatasetIterator):
     self._exhausted = bool(state['exhausted'])
     self._step = int(state['step'])
 
-  def save(self, filename: epath.PathLike) -> None:
-    """Writes the state as JSON (T5X calls this when it checkpoints the dataset)."""
-    epath.Path(filename).write_text(json.dumps(self.get_state()))
-
-  def restore(self, filename: epath.PathLike) -> None:
-    """Reads a state written by `save`."""
-    path = epath.Path(filename)
-    if not path.exists():
-      raise FileNotFoundError(f'No iterator state at {filename}.')
-    self.set_state(json.loads(path.read_text()))
-
 
 def make_task_stream(
   task_name: str,
@@ -382,8 +338,6 @@ def make_task_stream(
       name=task_name,
       start_id=vocab_lib.start_of_document_id(tasks.vocabulary(task_name)),
     )
-  from tasks import streaming  # pylint: disable=g-import-not-at-top
-
   return streaming.DocumentStreamIterator(
     task_name,
     split=split,

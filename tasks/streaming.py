@@ -166,7 +166,59 @@ def check_token_ids(
     )
 
 
-class DocumentStreamIterator(dataset_iterator.DatasetIterator):
+def padding_batch(batch_size: int, chunk_length: int) -> dict[str, np.ndarray]:
+  """A batch `[batch_size, chunk_length]` of padding rows, to be filled row by row by a stream."""
+  b, n = batch_size, chunk_length
+  return {
+    'decoder_input_tokens': np.zeros((b, n), np.int32),
+    'decoder_target_tokens': np.zeros((b, n), np.int32),
+    'decoder_loss_weights': np.zeros((b, n), np.float32),
+    'start_of_sequence': np.ones((b,), np.bool_),
+    'document_id': np.full((b,), -1, np.int64),
+    'chunk_index': np.full((b,), -1, np.int32),
+    'row_valid': np.zeros((b,), np.bool_),
+  }
+
+
+class ChunkStream(dataset_iterator.DatasetIterator):
+  """What every per-row document stream shares: the batch layout and JSON state files.
+
+  Subclasses set `_batch_size` and `_chunk_length` and implement `__next__`, `get_state` and
+  `set_state`; T5X checkpoints the stream through `save` / `restore`.
+  """
+
+  _batch_size: int
+  _chunk_length: int
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def chunk_length(self) -> int:
+    return self._chunk_length
+
+  @property
+  def element_spec(self) -> dict[str, dataset_iterator.ArraySpec]:
+    batch = padding_batch(self._batch_size, self._chunk_length)
+    return {k: dataset_iterator.ArraySpec(v.dtype.type, v.shape) for k, v in batch.items()}
+
+  def get_next(self) -> dict[str, np.ndarray]:
+    return next(self)
+
+  def save(self, filename: epath.PathLike) -> None:
+    """Writes the state as JSON (T5X calls this when it checkpoints the dataset)."""
+    epath.Path(filename).write_text(json.dumps(self.get_state()))
+
+  def restore(self, filename: epath.PathLike) -> None:
+    """Reads a state written by `save`."""
+    path = epath.Path(filename)
+    if not path.exists():
+      raise FileNotFoundError(f'No iterator state at {filename}.')
+    self.set_state(json.loads(path.read_text()))
+
+
+class DocumentStreamIterator(ChunkStream):
   """Per-row document streaming over chunked documents, with restorable position.
 
   Args:
@@ -325,28 +377,6 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
   # ----------------------------------------------------------------------------------------------
   # DatasetIterator interface.
 
-  @property
-  def batch_size(self) -> int:
-    return self._batch_size
-
-  @property
-  def chunk_length(self) -> int:
-    return self._chunk_length
-
-  @property
-  def element_spec(self) -> dict[str, dataset_iterator.ArraySpec]:
-    b, n = self._batch_size, self._chunk_length
-    spec = dataset_iterator.ArraySpec
-    return {
-      'decoder_input_tokens': spec(np.int32, (b, n)),
-      'decoder_target_tokens': spec(np.int32, (b, n)),
-      'decoder_loss_weights': spec(np.float32, (b, n)),
-      'start_of_sequence': spec(np.bool_, (b,)),
-      'document_id': spec(np.int64, (b,)),
-      'chunk_index': spec(np.int32, (b,)),
-      'row_valid': spec(np.bool_, (b,)),
-    }
-
   def reset(self) -> None:
     """Goes back to the beginning of the stream."""
     self._epoch = 0
@@ -357,14 +387,15 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
     self._step = 0
 
   def __next__(self) -> dict[str, np.ndarray]:
-    b, n = self._batch_size, self._chunk_length
-    inputs = np.zeros((b, n), np.int32)
-    targets = np.zeros((b, n), np.int32)
-    weights = np.zeros((b, n), np.float32)
-    sos = np.ones((b,), np.bool_)
-    doc_ids = np.full((b,), -1, np.int64)
-    chunk_index = np.full((b,), -1, np.int32)
-    valid = np.zeros((b,), np.bool_)
+    b = self._batch_size
+    batch = padding_batch(b, self._chunk_length)
+    inputs, targets = batch['decoder_input_tokens'], batch['decoder_target_tokens']
+    weights, sos, valid = (
+      batch['decoder_loss_weights'],
+      batch['start_of_sequence'],
+      batch['row_valid'],
+    )
+    doc_ids, chunk_index = batch['document_id'], batch['chunk_index']
     for r in range(b):
       if self._rows[r] is None:
         doc = self._take_document()
@@ -387,18 +418,7 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
         self._rows[r] = None
     self._step += 1
     check_token_ids(inputs, targets, self._vocab_size, doc_ids)
-    return {
-      'decoder_input_tokens': inputs,
-      'decoder_target_tokens': targets,
-      'decoder_loss_weights': weights,
-      'start_of_sequence': sos,
-      'document_id': doc_ids,
-      'chunk_index': chunk_index,
-      'row_valid': valid,
-    }
-
-  def get_next(self) -> dict[str, np.ndarray]:
-    return next(self)
+    return batch
 
   # ----------------------------------------------------------------------------------------------
   # State.
@@ -501,14 +521,3 @@ class DocumentStreamIterator(dataset_iterator.DatasetIterator):
     self._exhausted = bool(state['exhausted'])
     self._stream = None if self._exhausted else live
     self._step = int(state['step'])
-
-  def save(self, filename: epath.PathLike) -> None:
-    """Writes the state as JSON (T5X calls this when it checkpoints the dataset)."""
-    epath.Path(filename).write_text(json.dumps(self.get_state()))
-
-  def restore(self, filename: epath.PathLike) -> None:
-    """Reads a state written by `save`."""
-    path = epath.Path(filename)
-    if not path.exists():
-      raise FileNotFoundError(f'No iterator state at {filename}.')
-    self.set_state(json.loads(path.read_text()))
