@@ -85,9 +85,11 @@ def test_ablation_table_and_plot(tmp_path, capsys):
 def test_timing_table(tmp_path, capsys):
   (tmp_path / 'timing').mkdir()
   result = {'step_sec_median': 0.25, 'tokens_per_sec': 16384.0, 'params': 151e6, 'device': 'TPU'}
+  result['config'] = {'num_layers': 12, 'embed_dim': 1024}  # as bench --json writes it
   (tmp_path / 'timing' / 'xl_train.json').write_text(json.dumps(result))
   paper_tables.main(['--sweep=timing', f'--model_dir_root={tmp_path}'])
   md = capsys.readouterr().out
+  assert '## timing (12 layers, d=1024)' in md  # the size the results were measured at
   row = next(x for x in md.splitlines() if x.startswith('| Transformer-XL |'))
   assert '| 250.0 | 16384 | missing | missing | 151.0M | TPU |' in row
 

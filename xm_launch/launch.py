@@ -166,7 +166,11 @@ def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> list[str]:
     if exp is not None and _SIZE.value != 'paper':
       with open(os.path.join(job.model_dir, 'experiment.gin'), 'w') as f:
         f.write(experiments.render(exp))
-    log = os.path.join(job.model_dir, f'{job.kind}.log')
+    # Timing jobs share one directory: their logs are named by model and step.
+    stem = (
+      job.name.split('/', 1)[1].replace('/', '_') if job.kind.startswith('timing_') else job.kind
+    )
+    log = os.path.join(job.model_dir, f'{stem}.log')
     tick = time.time()
     print(f'[{job.name}] {job.shell()}\n  log: {log}', flush=True)
     cmd = [sys.executable, *job.command[1:]]

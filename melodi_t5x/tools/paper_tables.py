@@ -290,7 +290,16 @@ def build(sweep: str, root: str, size: str, task: str | None, train_steps: int |
   """(markdown, json-able dict, runs) of one sweep."""
   if sweep == 'timing':
     md, rows = timing_table(root)
-    return f'## timing (12 layers, d=1024)\n\n{md}\n', {'sweep': sweep, 'timing': rows}, []
+    sizes = sorted(
+      {
+        (r[step]['config']['num_layers'], r[step]['config']['embed_dim'])
+        for r in rows
+        for step in experiments.TIMING_STEPS
+        if r[step] and 'config' in r[step]
+      }
+    )
+    what = ', '.join(f'{n} layers, d={d}' for n, d in sizes) or 'no results yet'
+    return f'## timing ({what})\n\n{md}\n', {'sweep': sweep, 'timing': rows}, []
   exps = experiments.sweep(sweep, size=size, dataset=task if size != 'paper' else None)
   runs = collect(exps, root, train_steps)
   if sweep == 'main':
