@@ -26,6 +26,12 @@ windows of a segment; the S carried in from the previous segment is a constant. 
 document start S is the learned `initial_state` (not zeros), and the XL caches are zeros.
 The state block has no dropout (as in the reference, whose state update runs in "pure" mode),
 and the two cross-attentions have no attention dropout.
+
+Incremental decoding (T5X's `prefill` / `decode` calls) uses the XL decoder's cache and hooks; the
+recurrent layer also caches S, the keys/values of S and the keys/values of the previous window
+(see `BRTDecoder.decode_cache_specs`). The prefill runs the training path, in which a prompt
+window updates S only if the row's prompt covers it; a decode call that completes a window runs
+the state update over `[previous window; this window]` from the cache, as the training path does.
 """
 
 from __future__ import annotations
@@ -34,8 +40,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from melodi_t5x import memory
-from melodi_t5x.architectures.xl import KV, XLDecoder, XLLayer, with_previous_window
+from melodi_t5x import decoding, memory
+from melodi_t5x.architectures.xl import (
+  KV,
+  XLDecoder,
+  XLLayer,
+  window_before,
+  with_previous_window,
+)
 from melodi_t5x.config import BRTConfig
 from melodi_t5x.layers import Dense, TransformerBlock, l2_normalize, param
 
@@ -91,9 +103,8 @@ class StateBlock(TransformerBlock):
       The updated state [B, N, D], and the keys and values [B, N, H, K] of the state *before*
       the update (what this window's tokens attend to).
     """
-    hs = self.attn_norm(state) + self.position_embeddings.astype(state.dtype)[None]
+    hs, (k, v) = self.state_kv(state)
     q, q2 = self.queries(hs), l2_normalize(self.heads(self.query2(hs)))
-    k, v = self.keys_values(hs)
     o_self = self.attention(q, k, v, None, None, True)
     o_cross = self.attention(q2, keys, values, None, None, True, self.temperature2)
     o = jnp.concatenate([o_self, o_cross], axis=-2)  # [B, N, 2H, K]
@@ -101,10 +112,22 @@ class StateBlock(TransformerBlock):
     g = jax.nn.sigmoid(self.gate_bias).astype(state.dtype)
     return g * state + (1.0 - g) * u.astype(state.dtype), (k, v)
 
+  def state_kv(self, state: Array) -> tuple[Array, KV]:
+    """The normed state with positions `hs: [B, N, D]` and its keys and values [B, N, H, K]."""
+    hs = self.attn_norm(state) + self.position_embeddings.astype(state.dtype)[None]
+    return hs, self.keys_values(hs)
 
-def _state_step(block: StateBlock, state: Array, window_kv: KV) -> tuple[Array, KV]:
-  """nn.scan body: carry S over windows; emit the keys/values of S before each update."""
-  new_state, state_kv = block(state, *window_kv)
+
+def _state_step(block: StateBlock, state: Array, xs) -> tuple[Array, KV]:
+  """nn.scan body: carry S over windows; emit the keys/values of S before each update.
+
+  `xs` is one window's (keys, values, complete): `complete: [B]` (prefill only, else None)
+  marks the rows whose prompt covers the window; the others keep S.
+  """
+  keys, values, complete = xs
+  new_state, state_kv = block(state, keys, values)
+  if complete is not None:
+    new_state = decoding.select_rows(complete, new_state, state)
   return new_state, state_kv
 
 
@@ -132,15 +155,26 @@ class RecurrentLayer(XLLayer):
     self, x: Array, cache: KV, state: Array, deterministic: bool
   ) -> tuple[Array, KV, Array]:
     """x: [B, T, D]; cache: 2 x [B, W, H, K]; state: S [B, N, D] -> (y, new cache, new S)."""
+    y, (k, v), state = self.forward(x, cache, state, deterministic)
+    w = self.config.window_length
+    return y, (k[:, -w:], v[:, -w:]), state
+
+  def forward(
+    self, x: Array, cache: KV, state: Array, deterministic: bool, complete: Array | None = None
+  ) -> tuple[Array, KV, Array]:
+    """As `__call__`, but returns the keys and values [B, T, H, K] of every token.
+
+    `complete: [B, T/W]` (prefill) marks the windows that update S per row (default: all).
+    """
     w = self.config.window_length
     batch, length = x.shape[:2]
     n = length // w
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
-    q2 = l2_normalize(self.heads(self.query2(a)))  # [B, T, H, K]
     o_self = self.sliding_attention(q, k, v, cache, deterministic)  # [B, T, H, K]
 
     window_kv = (with_previous_window(k, cache[0], w), with_previous_window(v, cache[1], w))
+    xs = (*window_kv, complete)
     scan = nn.scan(
       _state_step,
       variable_broadcast=['params', 'params_axes'],
@@ -149,17 +183,30 @@ class RecurrentLayer(XLLayer):
       out_axes=1,
       length=n,
     )
-    new_state, (state_k, state_v) = scan(self.state_block, state, window_kv)  # [B, n, N, H, K]
+    new_state, state_kv = scan(self.state_block, state, xs)  # 2 x [B, n, N, H, K]
 
     def per_window(t: Array) -> Array:  # [B, n, ...] -> [B * n, ...]
       return t.reshape(batch * n, *t.shape[2:])
 
-    q2 = q2.reshape(batch * n, w, *q2.shape[2:])
-    o_cross = self.attention(
-      q2, per_window(state_k), per_window(state_v), None, None, True, self.temperature2
-    ).reshape(o_self.shape)
-    o = jnp.concatenate([o_self, o_cross], axis=-2)  # [B, T, 2H, K]
-    return self.residual_mlp(x, o, deterministic), (k[:, -w:], v[:, -w:]), new_state
+    a_windows = a.reshape(batch * n, w, a.shape[-1])
+    o_cross = self.cross_attention(a_windows, tuple(map(per_window, state_kv)))
+    o = jnp.concatenate([o_self, o_cross.reshape(o_self.shape)], axis=-2)  # [B, T, 2H, K]
+    return self.residual_mlp(x, o, deterministic), (k, v), new_state
+
+  def cross_attention(self, a: Array, state_kv: KV) -> Array:
+    """Normed tokens `a: [B', W', D]` over the keys/values [B', N, H, K] of S -> [B', W', H, K]."""
+    q2 = l2_normalize(self.heads(self.query2(a)))
+    return self.attention(q2, *state_kv, None, None, True, self.temperature2)
+
+  def decode_step(self, x: Array, cache: KV, state_kv: KV) -> tuple[Array, KV]:
+    """One token `x: [B, 1, D]` after the W tokens of `cache`, reading S through `state_kv`.
+
+    Returns y: [B, 1, D] and the cache shifted by one (as `XLLayer.decode_step`).
+    """
+    a = self.normed_input(x, True)
+    o_self, cache = self.decode_attention(a, cache)
+    o = jnp.concatenate([o_self, self.cross_attention(a, state_kv)], axis=-2)  # [B, 1, 2H, K]
+    return self.residual_mlp(x, o, True), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +240,81 @@ class BRTDecoder(XLDecoder):
     if index != self.config.recurrent_layer_index:
       return super().run_layer(index, x, sos, deterministic)
     layer = self.layers[index]
-    state = self.recurrent_state.start_segment(sos, initial=layer.initial_state).astype(x.dtype)
-    x, cache, state = layer(x, self.read_cache(index, sos, x.dtype), state, deterministic)
+    cache = self.read_cache(index, sos, x.dtype)
+    x, cache, state = layer(x, cache, self.start_state(sos, x.dtype), deterministic)
     self.write_cache(index, cache)
     self.recurrent_state.end_segment(jax.lax.stop_gradient(state))
     return x
+
+  def start_state(self, sos: Array, dtype) -> Array:
+    """S [B, N, D] at the start of a segment: carried, or the learned initial state at `sos`."""
+    initial = self.layers[self.config.recurrent_layer_index].initial_state
+    return self.recurrent_state.start_segment(sos, initial=initial).astype(dtype)
+
+  # -- incremental decoding (the XL decoder's cache and hooks) -----------------------------------
+
+  def decode_cache_specs(self) -> tuple[decoding.Spec, ...]:
+    """The XL cache, plus for the recurrent layer: S, its keys/values, the previous window's."""
+    cfg = self.config
+    kv = (cfg.num_heads, cfg.head_dim)
+    window = ((cfg.window_length, *kv), ('length', 'heads', 'kv'), cfg.dtype)
+    states = ((cfg.num_states, *kv), ('memory_length', 'heads', 'kv'), cfg.dtype)
+    return super().decode_cache_specs() + (
+      # S before the current window's update, and its keys/values (what the tokens read).
+      ('recurrent_state', (cfg.num_states, cfg.embed_dim), ('memory_length', 'embed'), cfg.dtype),
+      ('state_keys', *states),
+      ('state_values', *states),
+      # Keys/values of the window before the current one (the XL cache before the first window).
+      ('previous_keys', *window),
+      ('previous_values', *window),
+    )
+
+  def prefill_layer(
+    self, index: int, x: Array, sos: Array, lengths: Array, state: dict[str, Array]
+  ) -> Array:
+    if index != self.config.recurrent_layer_index:
+      return super().prefill_layer(index, x, sos, lengths, state)
+    w = self.config.window_length
+    layer = self.layers[index]
+    cache = self.read_cache(index, sos, x.dtype)
+    # Window j updates S only where the row's prompt covers it: S is then the state before the
+    # window holding position lengths[b] (the next token's window).
+    complete = jnp.arange(1, x.shape[1] // w + 1)[None, :] * w <= lengths[:, None]  # [B, n]
+    x, kv, s = layer.forward(x, cache, self.start_state(sos, x.dtype), True, complete)
+    for name, before, new in zip(('keys', 'values'), cache, kv):
+      state[f'{name}_{index}'] = window_before(before, new, lengths)
+      state[f'previous_{name}'] = window_before(before, new, lengths // w * w)
+    state['recurrent_state'] = s
+    state['state_keys'], state['state_values'] = layer.state_block.state_kv(s)[1]
+    return x
+
+  def decode_layer(self, index: int, x: Array, state: dict[str, Array]) -> Array:
+    if index != self.config.recurrent_layer_index:
+      return super().decode_layer(index, x, state)
+    layer = self.layers[index]
+    window = (state[f'keys_{index}'], state[f'values_{index}'])
+    x, window = layer.decode_step(x, window, (state['state_keys'], state['state_values']))
+    state[f'keys_{index}'], state[f'values_{index}'] = window
+    # Rows whose token completes a window: the cached last W tokens are exactly that window.
+    done = (state['index'] + 1) % self.config.window_length == 0
+    names = ('recurrent_state', 'state_keys', 'state_values', 'previous_keys', 'previous_values')
+    old = {name: state[name] for name in names}
+    new = nn.cond(jnp.any(done), _end_window, lambda _, s, __: s, layer, old, window)
+    state.update(decoding.select_rows(done, new, old))
+    return x
+
+
+def _end_window(layer: RecurrentLayer, s: dict[str, Array], window: KV) -> dict[str, Array]:
+  """The state update at the end of a window with keys/values `window` (2 x [B, W, H, K])."""
+  previous = (s['previous_keys'], s['previous_values'])
+  keys, values = (jnp.concatenate([p, c], axis=1) for p, c in zip(previous, window))  # [B, 2W, ...]
+  state, _ = layer.state_block(s['recurrent_state'], keys, values)
+  _, (state_keys, state_values) = layer.state_block.state_kv(state)
+  new = {
+    'recurrent_state': state,
+    'state_keys': state_keys,
+    'state_values': state_values,
+    'previous_keys': window[0],
+    'previous_values': window[1],
+  }
+  return {name: value.astype(s[name].dtype) for name, value in new.items()}

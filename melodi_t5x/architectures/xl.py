@@ -76,6 +76,15 @@ def with_previous_window(x: Array, first_previous: Array, window: int) -> Array:
   return jnp.concatenate([windowed(previous, window), windowed(x, window)], axis=2)
 
 
+def window_before(first_previous: Array, x: Array, end: Array) -> Array:
+  """Rows' W entries before position `end: [B]` of x: [B, T, ...] -> [B, W, ...].
+
+  `first_previous: [B, W, ...]` stands before position 0 (the XL cache), so `end` may be 0..T.
+  """
+  full = jnp.concatenate([first_previous.astype(x.dtype), x], axis=1)
+  return decoding.slice_rows(full, end, first_previous.shape[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks.
 # ---------------------------------------------------------------------------------------------
@@ -128,16 +137,20 @@ class XLLayer(TransformerBlock):
 
     Returns y: [B, 1, D] and the cache shifted by one (oldest dropped, this token appended).
     """
+    o, cache = self.decode_attention(self.normed_input(x, True), cache)
+    return self.residual_mlp(x, o, True), cache
+
+  def decode_attention(self, a: Array, cache: KV) -> tuple[Array, KV]:
+    """The sliding attention of one normed token `a: [B, 1, D]`: (o: [B, 1, H, K], new cache)."""
     cfg = self.config
     w = cfg.window_length
-    a = self.normed_input(x, True)
     q, kv = self.queries(a), self.keys_values(a)
     bucket = t5_bucket(
       w - np.arange(w), cfg.relative_position_buckets, cfg.relative_position_max_distance
     )
     o = self.attention(q, *cache, self.position_bias(bucket[None]), None, True)
     cache = tuple(jnp.concatenate([c[:, 1:], n.astype(c.dtype)], axis=1) for c, n in zip(cache, kv))
-    return self.residual_mlp(x, o, True), cache
+    return o, cache
 
 
 def xl_cache_state(config) -> memory.CarriedState:
@@ -165,11 +178,7 @@ class XLDecoder(nn.Module):
     if cfg.use_cache:
       self.cache_keys = {str(i): xl_cache_state(cfg) for i in range(cfg.num_layers)}
       self.cache_values = {str(i): xl_cache_state(cfg) for i in range(cfg.num_layers)}
-    kv = ((cfg.window_length, cfg.num_heads, cfg.head_dim), ('length', 'heads', 'kv'), cfg.dtype)
-    self.decode_state = decoding.DecodeCache(
-      (('index', (), (), 'int32'),)
-      + tuple((f'{name}_{i}', *kv) for i in range(cfg.num_layers) for name in ('keys', 'values'))
-    )
+    self.decode_state = decoding.DecodeCache(self.decode_cache_specs())
 
   def __call__(
     self,
@@ -195,13 +204,11 @@ class XLDecoder(nn.Module):
     reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
     """
     del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    hooks = ('make_layer', 'run_layer', 'after_layer')  # overridden by the other baselines
-    if (decode or prefill) and any(
-      getattr(type(self), h) is not getattr(XLDecoder, h) for h in hooks
-    ):
+    if (decode or prefill) and not self.decodes_incrementally():
       raise NotImplementedError(
-        f'{type(self).__name__} has no incremental decoding (only the plain XL stack keeps a '
-        'decoding cache); use teacher-forced scoring (decode=False).'
+        f'{type(self).__name__} has no incremental decoding (it changes the XL stack without '
+        'the decoding hooks prefill_layer/decode_layer); use teacher-forced scoring '
+        '(decode=False).'
       )
     if prefill:
       return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
@@ -259,6 +266,25 @@ class XLDecoder(nn.Module):
   #
   # Cache (collection `cache`): `index` (tokens read, [B]) and per layer the keys and values of the
   # last W tokens, oldest first ([B, W, H, K]; zero before the document start, as the XL cache).
+  # A decoder that changes the stack (the training hooks above) decodes only if it also overrides
+  # the decoding hooks `decode_cache_specs`, `prefill_layer` and `decode_layer` (see brt.py).
+
+  def decodes_incrementally(self) -> bool:
+    """False for a subclass that overrides a training hook but no decoding hook."""
+    overrides = lambda hooks: any(
+      getattr(type(self), h) is not getattr(XLDecoder, h) for h in hooks
+    )
+    training = ('make_layer', 'run_layer', 'after_layer')
+    return not overrides(training) or overrides(('prefill_layer', 'decode_layer'))
+
+  def decode_cache_specs(self) -> tuple[decoding.Spec, ...]:
+    """The cache arrays (name, shape without batch, logical axes, dtype): see above."""
+    cfg = self.config
+    kv = ((cfg.window_length, cfg.num_heads, cfg.head_dim), ('length', 'heads', 'kv'), cfg.dtype)
+    layers = tuple(
+      (f'{name}_{i}', *kv) for i in range(cfg.num_layers) for name in ('keys', 'values')
+    )
+    return (('index', (), (), 'int32'),) + layers
 
   def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
     """Reads a prompt into the cache; logits [B, L, V] (valid at positions < lengths[b]).
@@ -277,15 +303,25 @@ class XLDecoder(nn.Module):
     padded = jnp.pad(tokens, ((0, 0), (0, -length % w)))  # whole windows for the training path
     x = jnp.take(self.embedding, padded, axis=0).astype(jnp.dtype(cfg.dtype))
     state = {'index': lengths}
-    for i, layer in enumerate(self.layers):
-      cache = self.read_cache(i, sos, x.dtype)
-      x, kv = layer.forward(x, cache, True)
-      for name, before, new in zip(('keys', 'values'), cache, kv):
-        # Keys/values of positions lengths-W .. lengths-1 (the carried cache before position 0).
-        state[f'{name}_{i}'] = decoding.slice_rows(jnp.concatenate([before, new], 1), lengths, w)
+    for i in range(cfg.num_layers):
+      x = self.prefill_layer(i, x, sos, lengths, state)
     self.decode_state.read(batch)
     self.decode_state.write(state)
     return tied_logits(self.final_norm(x[:, :length]), self.embedding, cfg)
+
+  def prefill_layer(
+    self, index: int, x: Array, sos: Array, lengths: Array, state: dict[str, Array]
+  ) -> Array:
+    """Layer `index` over the padded prompt `x: [B, L', D]` (training path, carried XL cache).
+
+    Writes the layer's cache arrays into `state`: the keys/values of positions
+    lengths-W .. lengths-1 (the carried cache stands before position 0).
+    """
+    cache = self.read_cache(index, sos, x.dtype)
+    x, kv = self.layers[index].forward(x, cache, True)
+    for name, before, new in zip(('keys', 'values'), cache, kv):
+      state[f'{name}_{index}'] = window_before(before, new, lengths)
+    return x
 
   def decode_step(self, tokens: Array) -> Array:
     """Logits [B, 1, V] of the next token after `tokens: [B, 1]`.
@@ -305,10 +341,19 @@ class XLDecoder(nn.Module):
       )
     state = self.decode_state.read(batch)
     x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, 1, D]
-    for i, layer in enumerate(self.layers):
-      x, (state[f'keys_{i}'], state[f'values_{i}']) = layer.decode_step(
-        x, (state[f'keys_{i}'], state[f'values_{i}'])
-      )
+    for i in range(cfg.num_layers):
+      x = self.decode_layer(i, x, state)
     state['index'] = state['index'] + 1
     self.decode_state.write(state)
     return tied_logits(self.final_norm(x), self.embedding, cfg)
+
+  def decode_layer(self, index: int, x: Array, state: dict[str, Array]) -> Array:
+    """Layer `index` on the token at position `state['index']`, `x: [B, 1, D]`.
+
+    Updates the layer's cache arrays in `state` (the last W keys/values shift by one).
+    """
+    keys, values = f'keys_{index}', f'values_{index}'
+    x, (state[keys], state[values]) = self.layers[index].decode_step(
+      x, (state[keys], state[values])
+    )
+    return x
