@@ -3,7 +3,8 @@
 Greedy continuations must be deterministic and be, token after token, the argmax of the
 teacher-forced scores of prompt + continuation; sampled tokens must lie in the top-k of those
 scores; rows of one batch have different prompt lengths; a long prompt streamed through memory
-segment by segment continues exactly as when it is read in one prefill.
+segment by segment continues exactly as when it is read in one prefill (MELODI, and the
+Block-Recurrent Transformer, whose decoding goes through the same generic path).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from melodi_t5x import t5x_generate, t5x_model  # noqa: E402
-from melodi_t5x.config import MelodiConfig  # noqa: E402
+from melodi_t5x.architectures.brt import BRTDecoder  # noqa: E402
+from melodi_t5x.config import BRTConfig, MelodiConfig  # noqa: E402
 from melodi_t5x.model import MelodiDecoder  # noqa: E402
 from melodi_t5x.tools import generate as generate_cli  # noqa: E402
 
@@ -41,20 +43,31 @@ CFG = MelodiConfig(
   long_term_memory_increment_size=2,
   long_term_memory_windows=3,
 )
+BRT = BRTConfig(
+  num_layers=2,
+  embed_dim=32,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  vocab_size=97,
+  window_length=8,
+  recurrent_layer_index=0,
+  num_states=4,
+)
 L = 40  # decoder length: prompt (with the start token) + continuation
 PROMPTS = (13, 16, 5)  # prompt tokens per row: mid-window, on a boundary, short
 
 
-def _model():
+def _model(module):
   vocab = seqio.PassThroughVocabulary(size=CFG.vocab_size, eos_id=1)
-  model = t5x_model.MemoryDecoderModel(MelodiDecoder(CFG), vocab, optimizer_def=None)
+  model = t5x_model.MemoryDecoderModel(module, vocab, optimizer_def=None)
   shapes = {'decoder_input_tokens': (3, L), 'decoder_target_tokens': (3, L)}
   types = {k: jnp.int32 for k in shapes}
   params = model.get_initial_variables(jax.random.PRNGKey(0), shapes, types)['params']
   return model, params
 
 
-MODEL, PARAMS = _model()
+MODEL, PARAMS = _model(MelodiDecoder(CFG))
 
 
 def _batch(seed: int = 0):
@@ -135,18 +148,21 @@ def test_several_decodes_and_input_checks():
     MODEL.predict_batch_with_aux(PARAMS, {'decoder_input_tokens': batch['decoder_input_tokens']})
 
 
-def test_streamed_prompt_continues_the_whole_document():
+@pytest.mark.parametrize('kind', ['melodi', 'brt'])
+def test_streamed_prompt_continues_the_whole_document(kind):
   # A 45-token document: 2 segments of 16 inputs streamed with memory, the rest prefilled, then
   # greedy decoding: the continuation is the argmax of teacher forcing over the whole document.
+  model, params = (MODEL, PARAMS) if kind == 'melodi' else _model(BRTDecoder(BRT))
   doc = list(np.random.RandomState(3).randint(2, CFG.vocab_size, 45))
   greedy = {'temperature': 0.0, 'topk': 0, 'eos_id': -1}  # -1: never stop early
   timings = {}
   streamed = t5x_generate.continue_document(
-    MODEL, PARAMS, doc, segment_length=16, max_new_tokens=12, decoder_params=greedy, timings=timings
+    model, params, doc, segment_length=16, max_new_tokens=12, decoder_params=greedy, timings=timings
   )
   assert streamed.shape == (12,) and timings['decode_seconds'] > 0
   seq = jnp.asarray([[1, *doc, *streamed]])[:, :56]  # 7 windows
-  scores = np.asarray(_teacher_forced(PARAMS, seq))[0, 45:56]  # position 45 reads doc[-1]
+  logits = model.module.apply({'params': params}, seq, enable_dropout=False)
+  scores = np.asarray(jax.nn.log_softmax(logits))[0, 45:56]  # position 45 reads doc[-1]
   np.testing.assert_array_equal(np.argmax(scores, -1), streamed[:11])
 
 
