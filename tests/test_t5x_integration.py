@@ -364,23 +364,29 @@ def test_eval_perplexity_equals_direct_streaming(work):
   params, _ = _load(work / 'run_a' / f'checkpoint_{TRAIN_STEPS}')
   module = _module()
   test_docs = _make_docs()['test']
+
+  @jax.jit
+  def score_chunk(memory, inputs, targets, sos):  # one row, one chunk: (logits, new memory)
+    logits, new = module.apply(
+      {'params': params, 'memory': memory},
+      inputs,
+      targets,
+      start_of_sequence=sos,
+      enable_dropout=False,
+      mutable=['memory'],
+    )
+    return logits, new['memory']
+
   total, count = {'carried': 0.0, 'reset': 0.0}, 0
   for doc in test_docs:
     inputs, targets = _chunks(doc)
+    # Any memory tree of the right shape: chunk 0 starts the document, which resets it.
+    empty = module.init(jax.random.PRNGKey(0), inputs[:1], targets[:1], enable_dropout=False)
     for mode in total:
-      memory = module.init(jax.random.PRNGKey(0), inputs[:1], targets[:1], enable_dropout=False)[
-        'memory'
-      ]
+      memory = empty['memory']
       for c in range(len(inputs)):
-        logits, new = module.apply(
-          {'params': params, 'memory': memory},
-          inputs[c : c + 1],
-          targets[c : c + 1],
-          start_of_sequence=np.array([c == 0 or mode == 'reset']),
-          enable_dropout=False,
-          mutable=['memory'],
-        )
-        memory = new['memory']
+        sos = np.array([c == 0 or mode == 'reset'])
+        logits, memory = score_chunk(memory, inputs[c : c + 1], targets[c : c + 1], sos)
         mask = targets[c] > 0
         total[mode] += float(_nll(logits, targets[c : c + 1])[0][mask].astype(np.float64).sum())
         count += int(mask.sum()) if mode == 'carried' else 0
