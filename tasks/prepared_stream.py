@@ -174,13 +174,6 @@ class PreparedStreamIterator(streaming.ChunkStream):
       raise StopIteration
     b, n = self._batch_size, self._chunk_length
     batch = streaming.padding_batch(b, n)
-    inputs, targets = batch['decoder_input_tokens'], batch['decoder_target_tokens']
-    weights, sos, valid = (
-      batch['decoder_loss_weights'],
-      batch['start_of_sequence'],
-      batch['row_valid'],
-    )
-    doc_ids, chunk_index = batch['document_id'], batch['chunk_index']
     index = self._data.index
     for r in range(b):
       row = self._rows[self._first_row + r]
@@ -188,14 +181,18 @@ class PreparedStreamIterator(streaming.ChunkStream):
         continue
       ordinal, c = row[2], row[3]
       length = int(self._lengths[ordinal])
-      targets[r], inputs[r] = prepared_lib.chunk_at(
+      targets, inputs = prepared_lib.chunk_at(
         lambda lo, hi, o=ordinal: self._data.read(o, lo, hi), length, c, n, self._start_id
       )
-      weights[r, : min(n, length - c * n)] = 1.0  # real tokens, marked by position
-      sos[r] = c == 0
-      doc_ids[r] = index[ordinal]['document_id']
-      chunk_index[r] = c
-      valid[r] = True
+      streaming.put_row(
+        batch,
+        r,
+        inputs=inputs,
+        targets=targets,
+        weights=np.arange(n) < length - c * n,  # real tokens, marked by position
+        document_id=index[ordinal]['document_id'],
+        chunk_index=c,
+      )
     self._advance_rows()
     return batch
 

@@ -180,6 +180,26 @@ def padding_batch(batch_size: int, chunk_length: int) -> dict[str, np.ndarray]:
   }
 
 
+def put_row(
+  batch: dict[str, np.ndarray],
+  row: int,
+  *,
+  inputs: np.ndarray,
+  targets: np.ndarray,
+  weights: np.ndarray,
+  document_id: int,
+  chunk_index: int,
+) -> None:
+  """Writes chunk `chunk_index` of a document (inputs, targets, weights: [L]) into a batch row."""
+  batch['decoder_input_tokens'][row] = inputs
+  batch['decoder_target_tokens'][row] = targets
+  batch['decoder_loss_weights'][row] = weights
+  batch['start_of_sequence'][row] = chunk_index == 0
+  batch['document_id'][row] = document_id
+  batch['chunk_index'][row] = chunk_index
+  batch['row_valid'][row] = True
+
+
 class ChunkStream(dataset_iterator.DatasetIterator):
   """What every per-row document stream shares: the batch layout and JSON state files.
 
@@ -389,13 +409,6 @@ class DocumentStreamIterator(ChunkStream):
   def __next__(self) -> dict[str, np.ndarray]:
     b = self._batch_size
     batch = padding_batch(b, self._chunk_length)
-    inputs, targets = batch['decoder_input_tokens'], batch['decoder_target_tokens']
-    weights, sos, valid = (
-      batch['decoder_loss_weights'],
-      batch['start_of_sequence'],
-      batch['row_valid'],
-    )
-    doc_ids, chunk_index = batch['document_id'], batch['chunk_index']
     for r in range(b):
       if self._rows[r] is None:
         doc = self._take_document()
@@ -405,19 +418,26 @@ class DocumentStreamIterator(ChunkStream):
     for r, row in enumerate(self._rows):
       if row is None:
         continue
-      c = row.next_chunk
-      targets[r] = row.document.targets[c]
-      inputs[r] = row.document.inputs[c]
-      weights[r] = row.document.weights[c]
-      sos[r] = c == 0
-      doc_ids[r] = row.document.document_id
-      chunk_index[r] = c
-      valid[r] = True
+      c, doc = row.next_chunk, row.document
+      put_row(
+        batch,
+        r,
+        inputs=doc.inputs[c],
+        targets=doc.targets[c],
+        weights=doc.weights[c],
+        document_id=doc.document_id,
+        chunk_index=c,
+      )
       row.next_chunk += 1
       if row.next_chunk == row.document.num_chunks:
         self._rows[r] = None
     self._step += 1
-    check_token_ids(inputs, targets, self._vocab_size, doc_ids)
+    check_token_ids(
+      batch['decoder_input_tokens'],
+      batch['decoder_target_tokens'],
+      self._vocab_size,
+      batch['document_id'],
+    )
     return batch
 
   # ----------------------------------------------------------------------------------------------
