@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_configs import DIMS, MELODI_MEMORY
 
 from melodi_t5x.architectures.brt import BRTDecoder
 from melodi_t5x.architectures.xl import XLDecoder
@@ -24,27 +25,12 @@ from melodi_t5x.config import BRTConfig, MelodiConfig, XLConfig
 from melodi_t5x.model import MelodiDecoder
 
 # Window 8, long-term FIFO of 3 windows: 64 tokens are 8 windows, so the FIFO wraps.
-MELODI = MelodiConfig(
-  num_layers=3,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  summary_size=4,
-  short_term_memory_size=4,
-  long_term_memory_layers=(1,),
-  long_term_memory_increment_size=2,
-  long_term_memory_windows=3,
-)
+MELODI = MelodiConfig(num_layers=3, **DIMS, **MELODI_MEMORY)
 # Masked empty memory, a memory-free layer and the long-term layer at the bottom.
 MELODI_MASKED = dataclasses.replace(
   MELODI, mask_empty_memory=True, no_memory_layers=(2,), long_term_memory_layers=(0,)
 )
-XL = XLConfig(
-  num_layers=2, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64, vocab_size=97, window_length=8
-)
+XL = XLConfig(num_layers=2, **DIMS)
 DECODERS = {'melodi': (MelodiDecoder, MELODI), 'melodi_masked': (MelodiDecoder, MELODI_MASKED)}
 DECODERS['xl'] = (XLDecoder, XL)
 # Block-Recurrent: the recurrent layer in the middle of 3 layers, and at the bottom of 2.

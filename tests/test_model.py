@@ -10,25 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from tiny_configs import DIMS, MELODI_MEMORY
 
 from melodi_t5x.config import MelodiConfig
 from melodi_t5x.model import MelodiDecoder
 
 # 3 layers, long-term layer in the middle, FIFO of 3 windows so that it wraps quickly.
-CFG = MelodiConfig(
-  num_layers=3,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  summary_size=4,
-  short_term_memory_size=4,
-  long_term_memory_layers=(1,),
-  long_term_memory_increment_size=2,
-  long_term_memory_windows=3,
-)
+CFG = MelodiConfig(num_layers=3, **DIMS, **MELODI_MEMORY)
 B = 2
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_configs import DIMS, MELODI_MEMORY
 
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import MelodiConfig, XLConfig
@@ -15,32 +16,9 @@ from melodi_t5x.model import MelodiDecoder
 
 # Long-term layer, dropout on (remat must replay the same dropout masks), 4 windows per segment.
 MELODI = MelodiConfig(
-  num_layers=2,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  summary_size=4,
-  short_term_memory_size=4,
-  long_term_memory_layers=(1,),
-  long_term_memory_increment_size=2,
-  long_term_memory_windows=3,
-  dropout_rate=0.1,
-  attention_dropout_rate=0.1,
+  num_layers=2, **DIMS, **MELODI_MEMORY, dropout_rate=0.1, attention_dropout_rate=0.1
 )
-XL = XLConfig(
-  num_layers=2,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  dropout_rate=0.1,
-  attention_dropout_rate=0.1,
-)
+XL = XLConfig(num_layers=2, **DIMS, dropout_rate=0.1, attention_dropout_rate=0.1)
 B, T = 2, 32
 # Names of jax.checkpoint's primitive across jax versions.
 _REMAT = {'checkpoint', 'remat', 'remat2'}

@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tiny_configs import DIMS, MELODI_MEMORY  # noqa: E402
 
 from melodi_t5x import t5x_generate, t5x_model  # noqa: E402
 from melodi_t5x.architectures.brt import BRTDecoder  # noqa: E402
@@ -29,31 +30,8 @@ from melodi_t5x.config import BRTConfig, MelodiConfig  # noqa: E402
 from melodi_t5x.model import MelodiDecoder  # noqa: E402
 from melodi_t5x.tools import generate as generate_cli  # noqa: E402
 
-CFG = MelodiConfig(
-  num_layers=2,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  summary_size=4,
-  short_term_memory_size=4,
-  long_term_memory_layers=(1,),
-  long_term_memory_increment_size=2,
-  long_term_memory_windows=3,
-)
-BRT = BRTConfig(
-  num_layers=2,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  recurrent_layer_index=0,
-  num_states=4,
-)
+CFG = MelodiConfig(num_layers=2, **DIMS, **MELODI_MEMORY)
+BRT = BRTConfig(num_layers=2, **DIMS, recurrent_layer_index=0, num_states=4)
 L = 40  # decoder length: prompt (with the start token) + continuation
 PROMPTS = (13, 16, 5)  # prompt tokens per row: mid-window, on a boundary, short
 
