@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
 pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
 
 from melodi_t5x import experiments  # noqa: E402

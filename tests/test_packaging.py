@@ -17,9 +17,13 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = ['pyproject.toml', 'setup.py', 'README.md', 'melodi_t5x', 'tasks', 'xm_launch', 'gin']
 HAS_T5X = importlib.util.find_spec('t5x') is not None
+
+pytestmark = pytest.mark.slow
 
 # Run in the venv, from an unrelated cwd, before anything of melodi_t5x is imported: T5X's order
 # (search paths, then the flag's gin file, whose first import is melodi_t5x.t5x_gin).

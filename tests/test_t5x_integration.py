@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
 pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
 
 import jax  # noqa: E402

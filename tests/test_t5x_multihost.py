@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow
 pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
 
 import numpy as np  # noqa: E402
