@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -68,6 +69,26 @@ def _run(cmd, cwd, env=None):
   return proc.stdout
 
 
+def _venv_seeing_this_interpreter(venv) -> str:
+  """A venv whose `import` finds this interpreter's packages after its own; returns its python.
+
+  `venv --system-site-packages` would expose the *base* interpreter's site-packages, which is not
+  where the stack lives when the tests run inside a virtualenv. Instead the child gets a `.pth`
+  that runs `site.addsitedir` on each site-packages folder of the running interpreter (virtualenv
+  or system install alike), so their own `.pth` files (editable installs such as t5x's) apply too,
+  behind the child's own site-packages where the wheel is installed.
+  """
+  _run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], REPO)
+  python = str(venv / 'bin' / 'python')
+  purelib = _run([python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'], REPO)
+  parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
+  assert parents, 'the running interpreter has no site-packages folder'
+  lines = [f'import site; site.addsitedir({p!r})' for p in parents]
+  with open(os.path.join(purelib.strip(), '_melodi_test_parent_site.pth'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return python
+
+
 def _repo_gin_files() -> list[str]:
   out = []
   for folder, _, files in os.walk(os.path.join(REPO, 'gin')):
@@ -107,8 +128,7 @@ def test_wheel_ships_gin_files_and_parses_outside_the_repo(tmp_path):
     assert not any(n.startswith('gin/') for n in names)
 
   venv = tmp_path / 'venv'
-  _run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip', str(venv)], REPO)
-  python = str(venv / 'bin' / 'python')
+  python = _venv_seeing_this_interpreter(venv)
   _run(pip + ['--python', python, 'install', '--no-deps', '--force-reinstall', str(wheel)], REPO)
 
   elsewhere = tmp_path / 'elsewhere'
@@ -132,3 +152,17 @@ def test_wheel_ships_gin_files_and_parses_outside_the_repo(tmp_path):
   assert (got['num_layers'], got['embed_dim']) == (2, 64)
   if HAS_T5X:
     assert got['train_steps'] == 400  # gin/quickstart.gin itself
+
+
+def test_child_venv_sees_the_packages_of_a_parent_virtualenv(tmp_path):
+  """The child venv of the wheel test, built from inside a virtualenv, still imports the stack."""
+  parent = _venv_seeing_this_interpreter(tmp_path / 'parent')
+  tests = os.path.dirname(os.path.abspath(__file__))
+  make_child = (
+    f'import sys; sys.path.insert(0, {tests!r}); import test_packaging as t; import pathlib; '
+    f'print(t._venv_seeing_this_interpreter(pathlib.Path({str(tmp_path / "child")!r})))'
+  )
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  child = _run([parent, '-c', make_child], tmp_path, env).strip().splitlines()[-1]
+  out = _run([child, '-c', 'import sys, gin, jax; print(sys.prefix)'], tmp_path, env)
+  assert out.strip().splitlines()[-1] == str(tmp_path / 'child')
