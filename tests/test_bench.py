@@ -43,6 +43,7 @@ def test_bench_eval_step(tmp_path):
   assert math.isfinite(result['final_nll_per_token']) and result['final_nll_per_token'] > 0
 
 
+@pytest.mark.slow
 def test_remat_sweep_reports_memory_for_every_setting(tmp_path, capsys):
   out = tmp_path / 'sweep.json'
   # One layer without long-term memory: three cheap compiles.
@@ -58,6 +59,7 @@ def test_remat_sweep_reports_memory_for_every_setting(tmp_path, capsys):
   assert 'peak estimate GiB' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', ['xl', 'memorizing', 'brt'])
 def test_bench_runs_every_baseline(model, tmp_path):
   out = tmp_path / 'bench.json'

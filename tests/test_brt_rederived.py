@@ -18,6 +18,9 @@ import pytest
 
 from melodi_t5x.tools import check_reference
 
+# Slow tier: a second reference configuration (its own compile); the fast tier checks one fixture.
+pytestmark = pytest.mark.slow
+
 META = dict(
   model='brt',
   num_layers=3,

@@ -166,6 +166,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['t5x.train', 't5x.eval'])
 def test_full_gin_with_t5x(script):
   """Mode file + experiment parse completely, as in `python -m <script>`; the decoder builds."""

@@ -225,6 +225,7 @@ def rederived(tmp_path_factory):
   return _rederived_fixture(str(tmp_path_factory.mktemp('mem') / 'memorizing_rederived.npz'))
 
 
+@pytest.mark.slow
 def test_parity_tool_on_a_second_configuration(rederived, tmp_path, capsys):
   z = np.load(rederived)
   # The batch-wide index wrapped and the rows were reset at different segments.
@@ -240,6 +241,7 @@ def test_parity_tool_on_a_second_configuration(rederived, tmp_path, capsys):
   assert len(errors['forward']) == 4 * 11 and len(errors['gradient']) == 4 * 49
 
 
+@pytest.mark.slow
 def test_memory_slot_layout_differs_but_fifo_order_matches(rederived):
   """The reset rows' memories compare equal only in FIFO order (the write indices differ)."""
   ref = np.load(rederived)['seg1/state/layer_stack/side_layer/recurrent_memory/memory_keys_train']
@@ -255,6 +257,7 @@ def test_memory_slot_layout_differs_but_fifo_order_matches(rederived):
   )
 
 
+@pytest.mark.slow
 def test_wrong_memory_mapping_fails_on_the_second_configuration(rederived, capsys):
   side = 'layer_stack/side_layer/tbase/'
   swap = [side + 'pre_attn_layernorm/scale', side + 'pre_ffn_layernorm/scale']

@@ -28,6 +28,8 @@ def test_parity_tool_passes_on_golden_fixture(tmp_path, capsys):
 
 # Fixtures made with meliad cc1aef5 beyond the shared one (tests/data/FIXTURES.md): b = 4 layers,
 # long-term layer 2, FIFO wraps; c = S != M, H*Dh != d, long-term layer 0; d = no long-term layer.
+# The slow tier: each needs its own compile; the fast tier keeps one fixture per architecture.
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['melodi_tiny_b', 'melodi_tiny_c', 'melodi_tiny_d'])
 def test_parity_on_other_reference_configurations(name, capsys):
   assert check_reference.main([str(FIXTURE.parent / f'{name}.npz')]) == 0

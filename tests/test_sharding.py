@@ -7,6 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Slow tier: a subprocess with two host CPU devices.
+pytestmark = pytest.mark.slow
+
 _SCRIPT = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np

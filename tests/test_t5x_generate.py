@@ -126,7 +126,7 @@ def test_several_decodes_and_input_checks():
     MODEL.predict_batch_with_aux(PARAMS, {'decoder_input_tokens': batch['decoder_input_tokens']})
 
 
-@pytest.mark.parametrize('kind', ['melodi', 'brt'])
+@pytest.mark.parametrize('kind', ['melodi', pytest.param('brt', marks=pytest.mark.slow)])
 def test_streamed_prompt_continues_the_whole_document(kind):
   # A 45-token document: 2 segments of 16 inputs streamed with memory, the rest prefilled, then
   # greedy decoding: the continuation is the argmax of teacher forcing over the whole document.
@@ -154,6 +154,7 @@ def test_prompt_feature_converter_starts_documents_like_training():
     t5x_generate.PromptFeatureConverter(pack=True)
 
 
+@pytest.mark.slow
 def test_generate_cli_continues_a_text_file(tmp_path, capsys):
   # The quickstart model (gin/models/melodi_tiny.gin, local_books vocabulary), random weights.
   model = generate_cli.load_model(['gin/models/melodi_tiny.gin'], [], 'local_books')

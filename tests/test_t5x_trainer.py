@@ -12,6 +12,7 @@ must equal scoring each document alone, chunk after chunk. The subprocess runs o
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -114,8 +115,13 @@ def _train_one(trainer, batch):
 
 def _direct(trainer, state, batch):
   """Loss and new memory of `batch` from `state`, without T5X's train step."""
-  loss, (_, new) = trainer._model.loss_fn(state.params, batch, None, state.flax_mutables)
+  loss, (_, new) = _loss_fn(trainer._model)(state.params, batch, state.flax_mutables)
   return float(loss), jax.tree_util.tree_map(np.asarray, new)
+
+
+@functools.cache
+def _loss_fn(model):
+  return jax.jit(lambda params, batch, mutables: model.loss_fn(params, batch, None, mutables))
 
 
 def _assert_trees_close(a, b, **tol):

@@ -164,6 +164,7 @@ def test_no_token_lost_or_duplicated_over_a_split(local_sp):
   assert sum(int((np.concatenate(c) != 0).sum()) for c in got.values()) == expected_total
 
 
+@pytest.mark.slow
 def test_import_needs_no_data_and_vocab_found_from_any_directory(tmp_path):
   code = (
     'import tasks, seqio\n'

@@ -380,23 +380,15 @@ def relative_error(ours, reference) -> float:
   return float(diff / scale) if scale > 0 else float(diff)
 
 
-def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, float]]:
-  """Replays the fixture; returns {category: {array name: relative error}}."""
-  z = np.load(path)
-  meta = json.loads(str(z['config_json']))
-  arch = architecture(meta)
-  cfg = arch.config_from_fixture(meta)
-  reference = {k[len('param/') :]: z[k] for k in z.files if k.startswith('param/')}
-  if swap:
-    a, b = swap
-    reference[a], reference[b] = reference[b], reference[a]
-  num_segments = int(meta['num_segments'])
-  tokens0 = z['seg0/input_tokens']
-  model = arch.decoder(cfg)
+@functools.cache
+def _programs(decoder: Callable[[Any], Any], cfg) -> tuple[Callable, Callable]:
+  """Jitted (init, value-and-grad step) of one decoder config, shared by every run of it.
+
+  A second run of the same fixture (e.g. with `--swap`, or the same configuration in another
+  test) reuses the compiled programs instead of tracing and compiling them again.
+  """
+  model = decoder(cfg)
   init = jax.jit(functools.partial(model.init, enable_dropout=False))  # eager init is slow
-  variables = init(jax.random.PRNGKey(0), tokens0, tokens0)
-  params = map_parameters(reference, variables['params'], arch.param_rules)
-  mem = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
 
   def loss_fn(params, mem, tokens, sos, targets, mask):
     logits, new = model.apply(
@@ -412,7 +404,25 @@ def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, f
     token_losses = nll * mask
     return jnp.sum(token_losses), (logits, token_losses, new['memory'])
 
-  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  return init, jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+
+
+def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, float]]:
+  """Replays the fixture; returns {category: {array name: relative error}}."""
+  z = np.load(path)
+  meta = json.loads(str(z['config_json']))
+  arch = architecture(meta)
+  cfg = arch.config_from_fixture(meta)
+  reference = {k[len('param/') :]: z[k] for k in z.files if k.startswith('param/')}
+  if swap:
+    a, b = swap
+    reference[a], reference[b] = reference[b], reference[a]
+  num_segments = int(meta['num_segments'])
+  tokens0 = z['seg0/input_tokens']
+  init, step = _programs(arch.decoder, cfg)
+  variables = init(jax.random.PRNGKey(0), tokens0, tokens0)
+  params = map_parameters(reference, variables['params'], arch.param_rules)
+  mem = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
   errors: dict[str, dict[str, float]] = {'forward': {}, 'gradient': {}}
   for k in range(num_segments):
     seg = f'seg{k}/'
