@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -564,7 +565,10 @@ def launch(
       submit = dataclasses.replace(
         submit, argv=tuple(context if a == '<context>' else a for a in submit.argv)
       )
-      done = call(submit)
+      try:
+        done = call(submit)
+      finally:
+        shutil.rmtree(context, ignore_errors=True)
       if done.returncode:
         raise LaunchError(f'the image build failed:\n{done.stderr[-2000:]}')
   creds = call(credential_command(cloud))
