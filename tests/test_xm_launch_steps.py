@@ -199,3 +199,29 @@ def test_run_module_maps_a_missing_prepared_split_to_config_error(tiny_module, m
   monkeypatch.setenv('PROBE_RAISE', 'other')  # any other error propagates (retried by the JobSet)
   with pytest.raises(RuntimeError, match='boom'):
     steps.run_module('melodi_step_probe', [], distributed=False)
+
+
+@pytest.mark.slow
+def test_local_prepare_rerun_skips_finished_steps(tmp_path):
+  """`--sweep=prepare --local` twice: the second run finds every split's meta.json."""
+  import os
+  import subprocess
+
+  from melodi_t5x import experiments
+
+  cmd = [
+    sys.executable, '-m', 'xm_launch.launch', '--sweep=prepare', '--task=local_books', '--local',
+    f'--model_dir_root={tmp_path}',
+  ]  # fmt: skip
+  env = dict(os.environ, PYTHONPATH=experiments.REPO_ROOT, JAX_PLATFORMS='cpu')
+  first = subprocess.run(cmd, cwd=experiments.REPO_ROOT, env=env, capture_output=True, text=True)
+  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+  assert first.stdout.count(' running: python -m tasks.prepare --task=local_books') == 3
+  for split in ('train', 'validation', 'test'):
+    assert (tmp_path / 'prepared' / 'local_books' / split / 'meta.json').exists()
+  again = subprocess.run(cmd, cwd=experiments.REPO_ROOT, env=env, capture_output=True, text=True)
+  assert again.returncode == 0
+  assert ' running: ' not in again.stdout
+  for split in ('train', 'validation', 'test'):
+    meta = tmp_path / 'prepared' / 'local_books' / split / 'meta.json'
+    assert f'[prepare/local_books/prepare_{split}] skipped: {meta} exists' in again.stdout
