@@ -530,3 +530,26 @@ def test_missing_prepared_split_names_the_launcher_command(tmp_path):
     f'python -m xm_launch.launch --sweep=prepare --task=local_books --prepared_root={tmp_path}'
     in text
   )
+
+
+@pytest.mark.parametrize(
+  'accelerator, accelerator_type', [('v5e', 'v5litepod-32'), ('v4', 'v4-32'), ('v6e', 'v6e-32')]
+)
+def test_tpu_vm_fallback(capsys, accelerator, accelerator_type):
+  import shlex
+
+  args = ['--sweep=branching', f'--accelerator={accelerator}', *CLOUD, '--image=r/p/m:1']
+  code, out = _launch([*args, '--emit=tpu-vm'], capsys)
+  assert code == 0, out
+  _, plans = _sweep_jobsets('branching', accelerator)
+  lines = [line.strip() for line in out.splitlines()]
+  creates = [x for x in lines if x.startswith('gcloud compute tpus queued-resources create')]
+  assert len(creates) == 3 and all(f'--accelerator-type={accelerator_type}' in x for x in creates)
+  sshes = [x.split('    # ')[0] for x in lines if x.startswith('gcloud compute tpus tpu-vm ssh')]
+  assert len(sshes) == 3
+  for ssh, p in zip(sshes, plans):
+    argv = shlex.split(ssh)
+    assert argv[5] == p.name and '--worker=all' in argv
+    remote = shlex.split(argv[-1][len('--command=') :])
+    assert 'JOB_COMPLETION_INDEX=$(curl' in remote  # each worker's number as the pod index
+    assert remote[-1] == _plan_of(p.manifest)[1]['command'][-1]  # the JobSet's own plan

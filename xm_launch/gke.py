@@ -647,3 +647,63 @@ def jobset_states(
       state = 'Suspended (queued)' if conditions.get('Suspended') == 'True' else 'Active'
     out[item['metadata']['name']] = {'state': state, 'restarts': status.get('restarts', 0)}
   return out
+
+
+# -- fallback: TPU VMs without GKE ---------------------------------------------------------------
+
+# accelerator -> (--accelerator-type name of a slice of N chips, TPU VM runtime version).
+_TPU_VM = {
+  'v5e': (lambda chips: f'v5litepod-{chips}', 'v2-alpha-tpuv5-lite'),
+  'v6e': (lambda chips: f'v6e-{chips}', 'v2-alpha-tpuv6e'),
+  'v4': (lambda chips: f'v4-{2 * chips}', 'tpu-ubuntu2204-base'),  # named by TensorCores
+  'v5p': (lambda chips: f'v5p-{2 * chips}', 'v2-alpha-tpuv5'),
+}
+_WORKER_NUMBER = (
+  '$(curl -s -H Metadata-Flavor:Google '
+  'http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)'
+)
+
+
+def tpu_vm_commands(
+  plan: JobSetPlan, tpu: TpuSlice, cloud: CloudConfig, image: str, spot: bool = False
+) -> list[Command]:
+  """A queued resource of the slice, the step runner on every worker over ssh, then delete.
+
+  Each worker pulls the job image and runs the JobSet's command in it (host network, privileged),
+  with its worker number as the pod index.
+  """
+  name_type, runtime = _TPU_VM[tpu.accelerator]
+  where = (f'--project={cloud.project}', f'--zone={cloud.zone}')
+  create = (
+    'gcloud', 'compute', 'tpus', 'queued-resources', 'create', plan.name, f'--node-id={plan.name}',
+    *where, f'--accelerator-type={name_type(tpu.chips)}', f'--runtime-version={runtime}',
+  )  # fmt: skip
+  [rjob] = plan.manifest['spec']['replicatedJobs']
+  [container] = rjob['template']['spec']['template']['spec']['containers']
+  registry = image.split('/', 1)[0]
+  remote = (
+    f'sudo gcloud auth configure-docker {registry} --quiet && sudo docker run --rm --privileged '
+    f'--net=host -e {steps_lib.WORKER_ENV}={_WORKER_NUMBER} '
+    + shlex.join([image, *container['command']])
+  )
+  return [
+    Command(create + (('--spot',) if spot else ()), f'request a {tpu.accelerator} {tpu.topology}'),
+    Command(
+      (
+        'gcloud',
+        'compute',
+        'tpus',
+        'tpu-vm',
+        'ssh',
+        plan.name,
+        *where,
+        '--worker=all',
+        f'--command={remote}',
+      ),
+      'run the steps on every worker (once the queued resource is ACTIVE)',
+    ),  # fmt: skip
+    Command(
+      ('gcloud', 'compute', 'tpus', 'queued-resources', 'delete', plan.name, *where, '--force'),
+      'release the slice',
+    ),
+  ]

@@ -83,6 +83,10 @@ _BASE_IMAGE = flags.DEFINE_string('base_image', jobs_lib.BASE_IMAGE, 'base of th
 _MAX_RESTARTS = flags.DEFINE_integer('max_restarts', 10, 'JobSet restarts (preemptions, crashes)')
 _CHECK_NODES = flags.DEFINE_bool('check_nodes', True, "preflight: the slice's nodes exist")
 _NAME_PREFIX = flags.DEFINE_string('name_prefix', 'melodi', 'prefix of the JobSet names')
+_EMIT = flags.DEFINE_enum(
+  'emit', 'jobset', ['jobset', 'tpu-vm'], 'tpu-vm: print queued-resource + ssh commands instead'
+)
+_SPOT = flags.DEFINE_bool('spot', False, '--emit=tpu-vm: spot TPU VMs')
 
 
 def prepared_root() -> str | None:
@@ -215,12 +219,36 @@ def print_plan(
     print(f'  {cmd.shell()}    # {cmd.purpose}')
 
 
+def print_tpu_vm(jobs, plans, cloud: gke.CloudConfig, image: str, build: bool) -> None:
+  """The TPU-VM fallback: per JobSet, a queued resource, the step runner over ssh, delete."""
+  train_slice, timing_slice = slices()
+  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  trains = sum(j.kind == 'train' for j in jobs)
+  print(
+    f'{len(jobs)} steps ({trains} train) -> {len(plans)} TPU VM slices of {tpu.accelerator} '
+    f'{tpu.topology} ({tpu.hosts} workers x {tpu.chips_per_host} chips)'
+  )
+  print('TPU-VM fallback: nothing is run; run these yourself (docs/experiments.md).')
+  if build:
+    print('# the job image (once):')
+    for cmd in gke.image_commands(cloud, image, '<git archive HEAD + Dockerfile>')[1:]:
+      print(f'  {cmd.shell()}')
+  for p in plans:
+    tpu = timing_slice if p.group == 'timing' else train_slice
+    print(f'\n# [{p.name}] {p.group}: ' + ', '.join(j.kind for j in p.jobs))
+    for cmd in gke.tpu_vm_commands(p, tpu, cloud, image, spot=_SPOT.value):
+      print(f'  {cmd.shell()}    # {cmd.purpose}')
+
+
 def run_gke(jobs: Sequence[jobs_lib.JobSpec]) -> None:
   cloud = cloud_config()
   gke.check_cloud_config(cloud)
   image, build = image_name(cloud)
   plans = jobsets(jobs, image)
   manifest_dir = _MANIFEST_DIR.value or tempfile.mkdtemp(prefix='melodi-jobsets-')
+  if _EMIT.value == 'tpu-vm':
+    print_tpu_vm(jobs, plans, cloud, image, build)
+    return
   paths = gke.write_manifests(plans, manifest_dir)
   if _DRY_RUN.value:
     print_plan(jobs, plans, paths, cloud, image, build, manifest_dir)
