@@ -93,7 +93,7 @@ def test_long_layers_family_end_to_end(tmp_path):
   for name in ('one_l64', 'two_l32'):
     run = root / 'long_layers' / name
     assert (
-      f'[long_layers/{name}/train] skipped: {run}/checkpoint_{STEPS}/checkpoint exists'
+      f'[long_layers/{name}/train] skipped: {run}/checkpoint_{STEPS}/commit_success.txt exists'
       in again.stdout
     )
     assert (

@@ -163,7 +163,8 @@ def _check_steps(sweep, plan, pods):
     assert os.path.exists(os.path.join(REPO, g)), g
   n = _train_steps_of(gin_files[1])
   model_dir = plan.steps[0].output.rsplit('/checkpoint_', 1)[0]
-  assert train.output == f'{model_dir}/checkpoint_{n}/checkpoint'
+  assert train.output == f'{model_dir}/checkpoint_{n}/commit_success.txt'  # Orbax's marker
+  assert train.done_if == f'{model_dir}/checkpoint_{n}/checkpoint'  # the legacy checkpointer's
   assert f'--gin.MODEL_DIR="{model_dir}"' in train.args
   assert f'--gin.tasks.PreparedDataConfig.root="{ROOT}/prepared"' in train.args
   for e in evals:

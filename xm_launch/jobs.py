@@ -151,7 +151,16 @@ def model_dir(
 
 
 def checkpoint_marker(model_dir_: str, steps: int) -> str:
-  """The file T5X writes last into the final checkpoint (`checkpoint_<N>/checkpoint`)."""
+  """The file that marks a finished checkpoint: Orbax's `checkpoint_<N>/commit_success.txt`.
+
+  T5X saves through Orbax, which writes it into a finalized checkpoint (before the atomic rename
+  on local disks; last on GCS, where renames are not atomic).
+  """
+  return f'{model_dir_}/checkpoint_{steps}/commit_success.txt'
+
+
+def legacy_checkpoint_marker(model_dir_: str, steps: int) -> str:
+  """The same for T5X's legacy checkpointer: the msgpack file it writes last."""
   return f'{model_dir_}/checkpoint_{steps}/checkpoint'
 
 
@@ -203,6 +212,7 @@ def experiment_jobs(
     model_dir=mdir,
     topology=topology,
     output=checkpoint_marker(mdir, steps),
+    done_if=legacy_checkpoint_marker(mdir, steps),
     group=base,
   )
   jobs = [train]

@@ -7,10 +7,11 @@ Every pod of a JobSet (and `python -m xm_launch.launch --local`) runs
 
 where the plan is `Plan.to_json()`: the steps (train, then one eval per memory mode on the final
 checkpoint; or the data preparation of a task), each a module with its arguments and the file
-whose existence means it is done (`<model_dir>/checkpoint_<TRAIN_STEPS>/checkpoint`, the eval
-report `<model_dir>/eval/<task>_step<TRAIN_STEPS>_<mode>.json`, a prepared split's
-`meta.json`). A restarted JobSet therefore resumes at the first unfinished step, and T5X resumes
-that step from its last checkpoint. A failed step stops the chain: the runner exits with the
+whose existence means it is done (the final checkpoint's
+`<model_dir>/checkpoint_<TRAIN_STEPS>/commit_success.txt`, the eval report
+`<model_dir>/eval/<task>_step<TRAIN_STEPS>_<mode>.json`, a prepared split's `meta.json`). A
+restarted JobSet therefore resumes at the first unfinished step, and T5X resumes that step from
+its last checkpoint. A failed step stops the chain: the runner exits with the
 step's status. A plan that cannot run (unknown module, missing gin file) exits with
 `CONFIG_ERROR` (78), which the JobSet's pod failure policy does not retry.
 
@@ -200,7 +201,7 @@ def run_plan(
     if rc:
       log(f'{tag} FAILED with exit status {rc} after {time.time() - tick:.0f} s; stopping')
       return rc
-    if output and not exists(output):
+    if output and not exists(output) and not (done_if and exists(done_if)):
       log(f'{tag} FAILED: exit status 0 but {output} is missing; stopping')
       return 1
     log(f'{tag} done in {time.time() - tick:.0f} s')
