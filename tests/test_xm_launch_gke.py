@@ -375,6 +375,11 @@ FAKE = textwrap.dedent(
   if argv[:2] == ['get', 'nodes']:
     count = 3 if broken == 'nodes' else 8
     print('\\n'.join(f'node/gke-tpu-{{i}}' for i in range(count))); sys.exit(0)
+  if argv[:2] == ['get', 'jobsets']:
+    names = sorted(f[len('created-'):] for f in os.listdir(state) if f.startswith('created-'))
+    items = [{{'metadata': {{'name': n}}, 'status': {{'restarts': 1, 'terminalState': 'Completed'
+              if n.endswith('one-l64') else ''}}}} for n in names]
+    print(json.dumps({{'items': items}})); sys.exit(0)
   if argv[:1] == ['create']:
     name = json.loads(stdin)['metadata']['name']
     if done('created-' + name):
@@ -554,3 +559,26 @@ def test_tpu_vm_fallback(capsys, accelerator, accelerator_type):
     remote = shlex.split(argv[-1][len('--command=') :])
     assert 'JOB_COMPLETION_INDEX=$(curl' in remote  # each worker's number as the pod index
     assert remote[-1] == _plan_of(p.manifest)[1]['command'][-1]  # the JobSet's own plan
+
+
+def test_status_lists_jobsets_and_finished_steps(tmp_path, capsys, fake_cloud):
+  root = tmp_path / 'runs'
+  sweep = ['--sweep=long_layers', '--project=p', '--zone=us-east5-b', '--cluster=c',
+           f'--model_dir_root={root}', '--image=img:1', '--noprepared']  # fmt: skip
+  code, out = _launch(sweep, capsys)
+  assert code == 0, out
+  # one_l64 trained and evaluated with carried memory; two_l32 has nothing yet.
+  run = root / 'long_layers' / 'one_l64'
+  (run / 'checkpoint_200000').mkdir(parents=True)
+  (run / 'checkpoint_200000' / 'commit_success.txt').write_text('ok')
+  (run / 'eval').mkdir()
+  (run / 'eval' / 'pg19_t5_step200000_carried.json').write_text('{}')
+  code, out = _launch([*sweep, '--status'], capsys)
+  assert code == 0, out
+  lines = {line.split()[0]: line for line in out.splitlines() if line.startswith('melodi-')}
+  one, two = lines['melodi-long-layers-one-l64'], lines['melodi-long-layers-two-l32']
+  assert 'Completed' in one and 'train:done eval_carried:done eval_reset:-' in one
+  assert 'Active' in two and 'train:- eval_carried:- eval_reset:-' in two
+  assert '0 of 2 JobSets have every step done' in out
+  assert fake_cloud()[-1]['argv'][:2] == ['get', 'jobsets']
+  assert 'melodi-t5x/sweep=long_layers' in fake_cloud()[-1]['argv']

@@ -1,4 +1,4 @@
-"""Validation of the launcher's JobSet manifests against `schema/jobset_v1alpha2.json`.
+"""Validation of the launcher's JobSet manifests against `jobset_v1alpha2.json` (this folder).
 
 The schema is written in this repository from the JobSet v0.10.1 API (the version `xpk cluster
 create` installs) and the Kubernetes batch/v1 Job and core/v1 Pod fields the manifests use. Every
@@ -15,9 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-SCHEMA_PATH = os.path.join(
-  os.path.dirname(os.path.abspath(__file__)), 'schema', 'jobset_v1alpha2.json'
-)
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'jobset_v1alpha2.json')
 
 
 @functools.cache
