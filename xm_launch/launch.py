@@ -213,7 +213,9 @@ def print_plan(
   commands.append(gke.credential_command(cloud))
   tasks = jobs_lib.sweep_tasks(_SWEEP.value, _EXPERIMENT.value, _SIZE.value)
   prepared = gke.prepared_markers(root, tasks) if _SWEEP.value != 'prepare' else []
-  commands += gke.preflight_commands(cloud, [slices()[0]], prepared)
+  train_slice, timing_slice = slices()
+  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  commands += gke.preflight_commands(cloud, [tpu], prepared)
   commands += [gke.create_command(cloud, path) for path in paths]
   for cmd in commands:
     print(f'  {cmd.shell()}    # {cmd.purpose}')
