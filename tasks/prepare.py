@@ -39,6 +39,14 @@ from tasks import prepared as prepared_lib
 WORKER_DIR = 'worker-{:05d}-of-{:05d}'
 
 
+class MissingPreparedSplitError(FileNotFoundError):
+  """`tasks.PreparedDataConfig.root` is set but the split is not prepared there.
+
+  A configuration error: training and evaluation refuse to start (the launcher's step runner does
+  not retry it).
+  """
+
+
 def split_dir(root: str, task_name: str, split: str) -> str:
   """Folder of a prepared split under a root."""
   return os.path.join(str(root), task_name, split)
@@ -164,11 +172,14 @@ def open_for_task(root: str, task_name: str, split: str) -> prepared_lib.Prepare
   try:
     data = prepared_lib.PreparedSplit(path)
   except FileNotFoundError:
-    raise FileNotFoundError(
+    raise MissingPreparedSplitError(
       f'tasks.PreparedDataConfig.root = {root!r}, but split {split!r} of task {task_name!r} is '
       f'not prepared there ({path}/meta.json is missing). Prepare it with `python -m '
       f'tasks.prepare --task={task_name} --split={split} --out={root}` (with the same task '
-      'settings), or unset tasks.PreparedDataConfig.root to read the task on the fly.'
+      'settings; every split of the task on a GKE cluster: `python -m xm_launch.launch '
+      f'--sweep=prepare --task={task_name} --prepared_root={root} --project=... --zone=... '
+      '--cluster=... --model_dir_root=...`), or unset tasks.PreparedDataConfig.root to read the '
+      'task on the fly.'
     ) from None
   vocab = tasks.vocabulary(task_name)
   meta = data.meta

@@ -1,4 +1,5 @@
-"""A tiny ablation family end to end on CPU: launcher --local -> t5x.train -> t5x.eval -> tables.
+"""A tiny ablation family end to end on CPU: launcher --local -> t5x.train -> t5x.eval -> tables,
+then a rerun that the step runner skips entirely.
 
 The `long_layers` family at the tiny size (2 grid points: one long-term layer with L=4 vs two with
 L=2) on a small `text_corpus` written here, a few training steps each, then `t5x.eval` of the final
@@ -85,3 +86,18 @@ def test_long_layers_family_end_to_end(tmp_path):
   for r in table['runs']:
     assert f'{r["perplexity"]["carried"]:.2f}' in md
   assert 'Perplexity (carried)' in proc.stdout  # the launcher printed the table
+
+  # A rerun runs nothing: the step runner finds every final checkpoint and report.
+  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  for name in ('one_l64', 'two_l32'):
+    run = root / 'long_layers' / name
+    assert (
+      f'[long_layers/{name}/train] skipped: {run}/checkpoint_{STEPS}/commit_success.txt exists'
+      in again.stdout
+    )
+    assert (
+      f'[long_layers/{name}/eval_carried] skipped: '
+      f'{run}/eval/text_corpus_step{STEPS}_carried.json exists' in again.stdout
+    )
+  assert ' running: ' not in again.stdout

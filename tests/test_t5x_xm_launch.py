@@ -1,18 +1,13 @@
-"""The launcher: job lists of every sweep, the --dry_run CLI, and the XManager job specs.
+"""The launcher's job lists: every sweep, timing, one experiment file, the job image.
 
-The XManager test builds the real `xmanager` objects (jobs, requirements, the job image's
-Dockerfile) without contacting any cloud. xmanager's dependencies conflict with the training
-stack, so it lives in its own virtualenv (requirements-xm.txt; .ci/run builds it and points
-$XM_PYTHON at its interpreter); the test skips when neither that nor this Python has xmanager.
+The GKE manifests, the dry run and a launch against fake clouds are in test_xm_launch_gke.py; the
+step runner in test_xm_launch_steps.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -103,109 +98,24 @@ def test_tiny_timing_jobs_time_the_tiny_models():
     jobs_lib.sweep_jobs(ROOT, sweep='timing', size='tiny', task='local_books')
 
 
-def _launch(*args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run(
-    [sys.executable, '-m', 'xm_launch.launch', *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout
-
-
-def test_dry_run_cli():
-  out = _launch('--sweep=main', f'--model_dir_root={ROOT}', '--accelerator=v6e', '--dry_run')
-  assert out.startswith('54 jobs (18 train), 18 run dirs')
-  assert len(re.findall(r'^\[main/.*/train\]$', out, flags=re.M)) == 18
-  assert out.count('accelerator: v6e 4x8') == 54
-  assert 'RUN python -m pip install --no-deps -r requirements-t5x.txt' in out
-  out = _launch('--sweep=coverage', f'--model_dir_root={ROOT}', '--noeval', '--dry_run')
-  assert out.startswith('7 jobs (7 train), 7 run dirs')
-
-
-def _xm_python() -> str | None:
-  """A Python with xmanager: $XM_PYTHON (set by .ci/run), else this one."""
-  for python in (os.environ.get('XM_PYTHON'), sys.executable):
-    if python and os.path.exists(python):
-      ok = subprocess.run([python, '-c', 'import xmanager'], capture_output=True).returncode == 0
-      if ok:
-        return python
-  return None
-
-
-XM_SCRIPT = r"""
-import json, sys
-from absl import flags
-from xmanager import xm, xm_local
-from xmanager.cloud import build_image
-from xmanager.xm_local import executables as local_executables
-from xm_launch import jobs as jobs_lib, launch
-
-flags.FLAGS(['launch', '--sweep=main', '--model_dir_root=gs://bucket/melodi', '--accelerator=v5e'])
-specs = launch.build_jobs()
-container = launch.xm_container(xm, xm_local)
-image = local_executables.GoogleContainerRegistryImage(
-  name='melodi', image_path='gcr.io/project/melodi:test')
-jobs = [launch.xm_job(xm, xm_local, s, image, 'v5e') for s in specs]
-spec = container.executable_spec
-dockerfile = open(build_image._create_dockerfile(spec, xm.SequentialArgs(), {})).read()
-entrypoint = open(build_image._create_entrypoint(spec)).read()
-print(json.dumps({
-  'jobs': [{
-    'name': j.name,
-    'args': xm.merge_args(image.args, j.args).to_list(str),
-    'accelerator': str(j.executor.requirements.accelerator),
-    'topology': j.executor.requirements.topology.name,
-    'chips': j.executor.requirements.task_requirements[j.executor.requirements.accelerator],
-    'executor': type(j.executor).__name__,
-  } for j in jobs],
-  'dockerfile': dockerfile,
-  'entrypoint': entrypoint,
-}))
-"""
-
-
-def test_xmanager_job_specs_and_container():
-  python = _xm_python()
-  if python is None:
-    pytest.skip(
-      'xmanager not installed: python -m venv VENV && VENV/bin/pip install -r requirements-xm.txt, '
-      'then XM_PYTHON=VENV/bin/python (.ci/run does this)'
-    )
-  out = subprocess.run(
-    [python, '-c', XM_SCRIPT],
-    cwd=REPO,
-    env=dict(os.environ, PYTHONPATH=REPO),
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout
-  data = json.loads(out.strip().splitlines()[-1])
-  jobs = data['jobs']
-  assert len(jobs) == 54 and len({j['name'] for j in jobs}) == 54
-  for job in jobs:
-    assert job['executor'] == 'Kubernetes'
-    assert (job['accelerator'], job['topology'], job['chips']) == ('TPU_V5E', '4x8', 32)
-    assert job['args'][0] in ('t5x.train', 't5x.eval')
-    for arg in job['args']:
-      if arg.startswith('--gin_file='):
-        assert os.path.exists(os.path.join(REPO, arg.split('=', 1)[1])), arg
-  # The job image: python -m <module> <args>, the full stack installed in this order.
-  assert 'python -m "$@"' in data['entrypoint']
-  dockerfile = data['dockerfile']
-  assert dockerfile.lstrip().startswith(f'FROM {jobs_lib.BASE_IMAGE}')
+def test_job_image_dockerfile():
+  """The job image: the full stack in this order, the Cloud SDK (T5X moves GCS checkpoints with
+  `gcloud storage mv`), files copied from the repository (the build context)."""
+  dockerfile = jobs_lib.dockerfile()
+  assert dockerfile.startswith(f'FROM {jobs_lib.BASE_IMAGE}\n')
   steps = [
+    'google-cloud-cli',
     'RUN python -m pip install -r requirements.txt',
     'RUN python -m pip install --no-deps -r requirements-t5x.txt',
     'RUN python -m pip install -r requirements-tpu.txt',
+    'COPY . ./',
     'RUN python -m pip install --no-deps -e .',
-    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks"',
+    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks, xm_launch.steps"',
   ]
   positions = [dockerfile.index(s) for s in steps]
   assert positions == sorted(positions)
-  for name in re.findall(r'COPY \S+/(requirements[\w-]*\.txt)', dockerfile):
+  copied = re.findall(r'^COPY (.+) \./$', dockerfile, flags=re.M)[0].split()
+  for name in copied:
     assert os.path.exists(os.path.join(REPO, name)), name
 
 

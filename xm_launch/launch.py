@@ -1,67 +1,126 @@
-r"""Launches the experiment suite: one job per experiment gin file, on Cloud TPU with XManager.
+r"""Launches the experiment suite on Cloud TPU slices (GKE + JobSet), or rehearses it on this CPU.
 
-  # the paper's main table: 18 training jobs (+ 2 eval jobs each on the final checkpoint)
-  python -m xm_launch.launch --sweep=main --model_dir_root=gs://BUCKET/melodi \
-    --accelerator=v5e --topology=4x8 [--noeval] [--dry_run]
-  # one ablation family (memory_tradeoff, coverage, window, short_layers, long_layers, branching),
-  # the timing benchmarks, or one experiment file
-  python -m xm_launch.launch --sweep=coverage --model_dir_root=gs://BUCKET/melodi ...
-  python -m xm_launch.launch --sweep=timing --model_dir_root=gs://BUCKET/melodi --accelerator=v6e
+  # the paper's main table: 18 JobSets (train, then eval carried and reset on the final checkpoint)
+  python -m xm_launch.launch --sweep=main --accelerator=v5e --topology=4x8 \
+    --project=P --zone=Z --cluster=C --model_dir_root=gs://BUCKET/melodi [--image=IMAGE] \
+    [--binding=...] [--seeds=0,1,2] [--dry_run] [--manifest_dir=DIR] [--status]
+  # the data stage first: the prepared splits the paper sweeps read (<root>/prepared by default)
+  python -m xm_launch.launch --sweep=prepare --task=pg19_t5 --accelerator=v5e ... \
+    --binding=tasks.Pg19T5Config.data_dir="'gs://BUCKET/tfds'"
+  # an ablation family, the timing benchmarks, one experiment file
+  python -m xm_launch.launch --sweep=coverage ...
+  python -m xm_launch.launch --sweep=timing --accelerator=v6e ...
   python -m xm_launch.launch --experiment=gin/experiments/main/pg19_t5_xl.gin ...
-  # local rehearsal on this machine's CPU (tiny models, then the tables)
+  # local rehearsal on this machine's CPU (tiny models, the same step runner, then the tables)
   python -m xm_launch.launch --sweep=main --size=tiny --task=local_books --local \
     --model_dir_root=/tmp/melodi_rehearsal
 
-Runs land in `<model_dir_root>/<sweep>/<experiment>` (checkpoints, `eval/` reports); print the
-tables with `python -m melodi_t5x.tools.paper_tables --sweep=... --model_dir_root=...`.
-`--dry_run` prints every job (command line, gin files, bindings, accelerator, container) and
-contacts nothing; `xmanager` is imported only for a real launch (requirements-xm.txt).
+One JobSet per experiment (and seed): one slice, one pod per TPU VM, every pod running the step
+runner (`xm_launch.steps`), which skips steps whose output exists. Runs land in
+`<model_dir_root>/<sweep>/<experiment>[/seed<N>]`. `--dry_run` contacts nothing: it writes the
+manifests, prints a summary, each JobSet's steps and the commands a real launch runs.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Sequence
 
 from absl import app, flags
 
 from melodi_t5x import experiments
+from xm_launch import gke
 from xm_launch import jobs as jobs_lib
+from xm_launch import schema as schema_lib
+from xm_launch import steps as steps_lib
 
-_SWEEP = flags.DEFINE_string('sweep', None, f'one of {experiments.sweep_names()}')
+_SWEEP = flags.DEFINE_string('sweep', None, f'one of {[*experiments.sweep_names(), "prepare"]}')
 _EXPERIMENT = flags.DEFINE_string('experiment', None, 'one committed experiment gin file')
 _ROOT = flags.DEFINE_string('model_dir_root', None, 'runs go to <root>/<sweep>/<experiment>')
 _ACCELERATOR = flags.DEFINE_enum('accelerator', 'v5e', sorted(jobs_lib.ACCELERATORS), 'TPU type')
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice topology (default: 32 cores)')
-_TIMING_TOPOLOGY = flags.DEFINE_string('timing_topology', None, 'slice of the timing jobs')
-_EVAL = flags.DEFINE_bool('eval', True, 'add eval jobs on the final checkpoint of each run')
+_TIMING_TOPOLOGY = flags.DEFINE_string('timing_topology', None, 'slice of the timing sweep')
+_EVAL = flags.DEFINE_bool('eval', True, 'eval steps on the final checkpoint of each run')
 _EVAL_MODES = flags.DEFINE_list('eval_modes', list(experiments.MEMORY_MODES), 'memory modes')
-_BINDINGS = flags.DEFINE_multi_string('binding', [], 'extra gin binding NAME=VALUE (all jobs)')
-_SEED = flags.DEFINE_integer('seed', 0, 'RANDOM_SEED of the runs')
+_BINDINGS = flags.DEFINE_multi_string('binding', [], 'extra gin binding NAME=VALUE (all steps)')
+_SEEDS = flags.DEFINE_string(
+  'seeds',
+  '0',
+  'replicate seeds, e.g. 0,1,2: with more than one (or one other than 0) each run '
+  'goes to <run dir>/seed<N> with RANDOM_SEED=DATA_SEED=N',
+)
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', None, 'override TRAIN_STEPS')
 _SIZE = flags.DEFINE_enum('size', 'paper', sorted(experiments.SCALES), 'model size of the sweep')
-_TASK = flags.DEFINE_string('task', None, 'task of a --size=tiny sweep (default local_books)')
-_LOCAL = flags.DEFINE_bool('local', False, 'run the jobs here, one after another (CPU)')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print the jobs; contact nothing')
-_IMAGE = flags.DEFINE_string('base_image', jobs_lib.BASE_IMAGE, 'base image of the job container')
-_TITLE = flags.DEFINE_string('title', None, 'XManager experiment title (default melodi_<sweep>)')
+_TASK = flags.DEFINE_string('task', None, 'task of --sweep=prepare, or of a --size=tiny sweep')
+_PREPARED = flags.DEFINE_bool(
+  'prepared', None, 'read prepared splits (default: yes for paper sweeps, no for tiny ones)'
+)
+_PREPARED_ROOT = flags.DEFINE_string(
+  'prepared_root', None, 'root of the prepared splits (default <model_dir_root>/prepared)'
+)
+_PREPARE_WORKERS = flags.DEFINE_integer(
+  'prepare_workers', None, '--sweep=prepare: workers per split (default: the pods of the slice)'
+)
+_LOCAL = flags.DEFINE_bool('local', False, 'run the steps here, one chain after another (CPU)')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'write the manifests, print; contact nothing')
+_STATUS = flags.DEFINE_bool('status', False, "list the sweep's JobSets and their finished steps")
+_MANIFEST_DIR = flags.DEFINE_string('manifest_dir', None, 'where manifests go (default: a tmp dir)')
+_PROJECT = flags.DEFINE_string('project', None, 'Google Cloud project')
+_ZONE = flags.DEFINE_string('zone', None, 'zone of the TPU node pools')
+_CLUSTER = flags.DEFINE_string('cluster', None, 'GKE cluster')
+_CLUSTER_LOCATION = flags.DEFINE_string(
+  'cluster_location', '', "cluster location for get-credentials (default: the zone's region)"
+)
+_NAMESPACE = flags.DEFINE_string('namespace', 'default', 'Kubernetes namespace')
+_QUEUE = flags.DEFINE_string('queue', gke.DEFAULT_QUEUE, "Kueue LocalQueue ('' : none)")
+_IMAGE = flags.DEFINE_string('image', None, 'job image (default: build this commit)')
+_REGISTRY = flags.DEFINE_string(
+  'registry', '', 'Artifact Registry repository (default <region>-docker.pkg.dev/<project>/melodi)'
+)
+_BASE_IMAGE = flags.DEFINE_string('base_image', jobs_lib.BASE_IMAGE, 'base of the job image')
+_MAX_RESTARTS = flags.DEFINE_integer('max_restarts', 10, 'JobSet restarts (preemptions, crashes)')
+_CHECK_NODES = flags.DEFINE_bool('check_nodes', True, "preflight: the slice's nodes exist")
+_NAME_PREFIX = flags.DEFINE_string('name_prefix', 'melodi', 'prefix of the JobSet names')
+_EMIT = flags.DEFINE_enum(
+  'emit', 'jobset', ['jobset', 'tpu-vm'], 'tpu-vm: print queued-resource + ssh commands instead'
+)
+_SPOT = flags.DEFINE_bool('spot', False, '--emit=tpu-vm: spot TPU VMs')
+
+
+def prepared_root() -> str | None:
+  """Where training reads prepared splits from (None: on the fly)."""
+  use = _PREPARED.value
+  if use is None:
+    use = _SIZE.value == 'paper' or bool(_PREPARED_ROOT.value) or _SWEEP.value == 'prepare'
+  if not use:
+    return None
+  return _PREPARED_ROOT.value or f'{(_ROOT.value or "").rstrip("/")}/prepared'
+
+
+def slices() -> tuple[gke.TpuSlice, gke.TpuSlice]:
+  accelerator = _ACCELERATOR.value
+  train = gke.tpu_slice(accelerator, _TOPOLOGY.value or jobs_lib.ACCELERATORS[accelerator])
+  timing = gke.tpu_slice(
+    accelerator, _TIMING_TOPOLOGY.value or jobs_lib.TIMING_TOPOLOGY[accelerator]
+  )
+  return train, timing
 
 
 def build_jobs() -> list[jobs_lib.JobSpec]:
-  """The jobs described by the command-line flags."""
-  accelerator = _ACCELERATOR.value
-  topology = _TOPOLOGY.value or jobs_lib.ACCELERATORS[accelerator][1]
-  timing_topology = _TIMING_TOPOLOGY.value or jobs_lib.TIMING_TOPOLOGY[accelerator]
-  if not _LOCAL.value:
-    jobs_lib.check_topology(accelerator, topology)
+  """The steps described by the command-line flags."""
+  local = _LOCAL.value
+  train_slice, timing_slice = (None, None) if local else slices()
+  if not local:
+    if _SWEEP.value != 'prepare':
+      jobs_lib.check_topology(_ACCELERATOR.value, train_slice.topology)
     if _SIZE.value != 'paper':
       raise ValueError(
         '--size=tiny runs exist only as files generated under the local model_dir_root; add '
         '--local (or use the committed paper-size sweeps on TPU).'
       )
+  workers = _PREPARE_WORKERS.value or (1 if local else train_slice.hosts)
   return jobs_lib.sweep_jobs(
     _ROOT.value,
     sweep=_SWEEP.value,
@@ -71,128 +130,232 @@ def build_jobs() -> list[jobs_lib.JobSpec]:
     eval_modes=_EVAL_MODES.value if _EVAL.value else (),
     bindings=_BINDINGS.value,
     train_steps=_TRAIN_STEPS.value,
-    seed=_SEED.value,
-    topology='cpu' if _LOCAL.value else topology,
-    timing_topology='cpu' if _LOCAL.value else timing_topology,
+    seeds=jobs_lib.parse_seeds(_SEEDS.value),
+    topology='cpu' if local else train_slice.topology,
+    timing_topology='cpu' if local else timing_slice.topology,
+    prepared_root=prepared_root(),
+    prepare_workers=workers,
   )
 
 
-def dry_run(jobs: Sequence[jobs_lib.JobSpec]) -> None:
-  image = f'{_IMAGE.value} + container steps (xm_launch/jobs.py), entrypoint `python -m`'
-  accelerator = 'local CPU' if _LOCAL.value else _ACCELERATOR.value
-  dirs = {j.model_dir for j in jobs}
-  print(f'{len(jobs)} jobs ({sum(j.kind == "train" for j in jobs)} train), {len(dirs)} run dirs')
-  for job in jobs:
-    print(jobs_lib.describe(job, accelerator, image))
-  if not _LOCAL.value:
-    print('\ncontainer steps:')
-    for step in jobs_lib.container_steps(jobs_lib.project_dir_name()):
-      print(f'  {step}')
-
-
-# -- XManager ------------------------------------------------------------------------------------
-
-
-def xm_container(xm, xm_local):  # pylint: disable=invalid-name
-  """The packageable job image: this repository with the full stack (see container_steps)."""
-  return xm.python_container(
-    executor_spec=xm_local.Kubernetes.Spec(),
-    path=jobs_lib.REPO_ROOT,
-    base_image=_IMAGE.value,
-    docker_instructions=jobs_lib.container_steps(jobs_lib.project_dir_name()),
-    entrypoint=xm.CommandList([jobs_lib.ENTRYPOINT]),
+def cloud_config() -> gke.CloudConfig:
+  return gke.CloudConfig(
+    project=_PROJECT.value or '',
+    zone=_ZONE.value or '',
+    cluster=_CLUSTER.value or '',
+    cluster_location=_CLUSTER_LOCATION.value,
+    namespace=_NAMESPACE.value,
+    queue=_QUEUE.value,
+    registry=_REGISTRY.value,
+    check_nodes=_CHECK_NODES.value,
   )
 
 
-def xm_job(xm, xm_local, spec: jobs_lib.JobSpec, executable, accelerator: str):
-  """An `xm.Job` for one spec: the image's `python -m` gets the module and its arguments."""
-  resource = jobs_lib.ACCELERATORS[accelerator][0]
-  requirements = xm.JobRequirements(**{resource: xm.Topology(spec.topology)})
-  return xm.Job(
-    executable=executable,
-    executor=xm_local.Kubernetes(requirements=requirements),
-    args=[spec.module, *spec.args],
-    name=spec.name.replace('/', '-').replace('_', '-'),
+def image_name(cloud: gke.CloudConfig) -> tuple[str, bool]:
+  """(image, whether a launch builds it): --image, else <registry>/melodi-t5x:<commit>."""
+  if _IMAGE.value:
+    return _IMAGE.value, False
+  return f'{cloud.image_repository()}/melodi-t5x:{gke.git_commit()}', True
+
+
+def jobsets(jobs: Sequence[jobs_lib.JobSpec], image: str) -> list[gke.JobSetPlan]:
+  train_slice, timing_slice = slices()
+  plans = gke.build_jobsets(
+    jobs,
+    train_slice=train_slice,
+    timing_slice=timing_slice,
+    image=image,
+    queue=_QUEUE.value,
+    max_restarts=_MAX_RESTARTS.value,
+    prefix=_NAME_PREFIX.value,
+  )
+  for p in plans:
+    schema_lib.validate(p.manifest)
+  return plans
+
+
+def summary(jobs: Sequence[jobs_lib.JobSpec], plans: Sequence[gke.JobSetPlan]) -> str:
+  """'54 steps (18 train) -> 18 JobSets on v5e 4x8: 8 pods x google.com/tpu 4'."""
+  train_slice, timing_slice = slices()
+  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  trains = sum(j.kind == 'train' for j in jobs)
+  return f'{len(jobs)} steps ({trains} train) -> {len(plans)} JobSets on {tpu.summary()}'
+
+
+def print_plan(
+  jobs: Sequence[jobs_lib.JobSpec],
+  plans: Sequence[gke.JobSetPlan],
+  paths: Sequence[str],
+  cloud: gke.CloudConfig,
+  image: str,
+  build: bool,
+  manifest_dir: str,
+) -> None:
+  """The dry-run text: summary, the steps of each JobSet, the commands of a real launch."""
+  print(summary(jobs, plans))
+  print(f'manifests: {manifest_dir} ({len(paths)} files, schema {schema_lib.SCHEMA_PATH})')
+  print(f'image: {image}' + (' (built by the launch)' if build else ''))
+  root = prepared_root()
+  if root and _SWEEP.value != 'prepare':
+    print(f'data: prepared splits under {root} (tasks.PreparedDataConfig.root)')
+  for p in plans:
+    pods = p.manifest['spec']['replicatedJobs'][0]['template']['spec']['parallelism']
+    print(f'\n[{p.name}] {p.group}: {pods} pods')
+    for i, job in enumerate(p.jobs, 1):
+      who = '' if job.worker is None else f' (pod {job.worker} only)'
+      print(f'  {i}. {job.kind}{who}: {job.shell()}')
+      if job.output:
+        print(f'     done when: {job.output}')
+  print('\na real launch runs (nothing was contacted):')
+  commands = []
+  if build:
+    commands += gke.image_commands(cloud, image, '<git archive HEAD + Dockerfile>')
+  commands.append(gke.credential_command(cloud))
+  tasks = jobs_lib.sweep_tasks(_SWEEP.value, _EXPERIMENT.value, _SIZE.value)
+  prepared = gke.prepared_markers(root, tasks) if _SWEEP.value != 'prepare' else []
+  train_slice, timing_slice = slices()
+  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  commands += gke.preflight_commands(cloud, [tpu], prepared)
+  commands += [gke.create_command(cloud, path) for path in paths]
+  for cmd in commands:
+    print(f'  {cmd.shell()}    # {cmd.purpose}')
+
+
+def print_tpu_vm(jobs, plans, cloud: gke.CloudConfig, image: str, build: bool) -> None:
+  """The TPU-VM fallback: per JobSet, a queued resource, the step runner over ssh, delete."""
+  train_slice, timing_slice = slices()
+  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  trains = sum(j.kind == 'train' for j in jobs)
+  print(
+    f'{len(jobs)} steps ({trains} train) -> {len(plans)} TPU VM slices of {tpu.accelerator} '
+    f'{tpu.topology} ({tpu.hosts} workers x {tpu.chips_per_host} chips)'
+  )
+  print('TPU-VM fallback: nothing is run; run these yourself (docs/experiments.md).')
+  if build:
+    print('# the job image (once):')
+    for cmd in gke.image_commands(cloud, image, '<git archive HEAD + Dockerfile>')[1:]:
+      print(f'  {cmd.shell()}')
+  for p in plans:
+    tpu = timing_slice if p.group == 'timing' else train_slice
+    print(f'\n# [{p.name}] {p.group}: ' + ', '.join(j.kind for j in p.jobs))
+    for cmd in gke.tpu_vm_commands(p, tpu, cloud, image, spot=_SPOT.value):
+      print(f'  {cmd.shell()}    # {cmd.purpose}')
+
+
+def run_gke(jobs: Sequence[jobs_lib.JobSpec]) -> None:
+  cloud = cloud_config()
+  gke.check_cloud_config(cloud)
+  image, build = image_name(cloud)
+  plans = jobsets(jobs, image)
+  manifest_dir = _MANIFEST_DIR.value or tempfile.mkdtemp(prefix='melodi-jobsets-')
+  if _EMIT.value == 'tpu-vm':
+    print_tpu_vm(jobs, plans, cloud, image, build)
+    return
+  paths = gke.write_manifests(plans, manifest_dir)
+  if _DRY_RUN.value:
+    print_plan(jobs, plans, paths, cloud, image, build, manifest_dir)
+    return
+  if build:
+    dirty = gke.uncommitted_changes()
+    if dirty:
+      print(f'note: {len(dirty)} uncommitted changes are not in the image (it is built from HEAD)')
+  train_slice, timing_slice = slices()
+  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  tasks = jobs_lib.sweep_tasks(_SWEEP.value, _EXPERIMENT.value, _SIZE.value)
+  prepared = gke.prepared_markers(prepared_root(), tasks) if _SWEEP.value != 'prepare' else []
+  status = gke.launch(
+    plans,
+    paths,
+    cloud,
+    tpus=[tpu],
+    image=image,
+    build=build,
+    prepared=prepared,
+    make_context=lambda: gke.build_context(jobs_lib.dockerfile(_BASE_IMAGE.value)),
+  )
+  created = sum(v == 'created' for v in status.values())
+  print(f'{summary(jobs, plans)}: {created} created, {len(status) - created} already there')
+  print(
+    f'monitor: python -m xm_launch.launch --status (same flags); kubectl get jobsets -l '
+    f'{gke.SWEEP_LABEL}={gke.group_labels(plans[0].group)[gke.SWEEP_LABEL]}'
   )
 
 
-def launch_xm(jobs: Sequence[jobs_lib.JobSpec]) -> None:  # pragma: no cover - needs GCP
-  """One work unit per training job; its eval jobs run in a second work unit that waits for it."""
-  from xmanager import xm, xm_local  # pylint: disable=g-import-not-at-top
-
-  accelerator = _ACCELERATOR.value
-  title = _TITLE.value or f'melodi_{_SWEEP.value or "experiment"}'
-  with xm_local.create_experiment(experiment_title=title) as experiment:
-    [executable] = experiment.package([xm_container(xm, xm_local)])
-    units = {}
-    for spec in jobs:
-      job = xm_job(xm, xm_local, spec, executable, accelerator)
-      if spec.after is None:
-        units[spec.name] = experiment.add(job)
-        continue
-
-      async def after(unit, job=job, before=units[spec.after], **kwargs):
-        del kwargs
-        await (await before).wait_until_complete()  # raises if that job failed
-        await unit.add(job)
-
-      experiment.add(after)
-
-
-# -- local ---------------------------------------------------------------------------------------
+def print_status(jobs: Sequence[jobs_lib.JobSpec]) -> None:
+  """The sweep's JobSets on the cluster and which steps are done (their outputs exist)."""
+  cloud = cloud_config()
+  gke.check_cloud_config(cloud)
+  plans = jobsets(jobs, image='(status)')
+  sweep_label = gke.group_labels(plans[0].group)[gke.SWEEP_LABEL]
+  gke.run_command(list(gke.credential_command(cloud).argv))
+  states = gke.jobset_states(cloud, sweep_label)
+  finished = 0
+  for p in plans:
+    state = states.get(p.name, {'state': 'not submitted', 'restarts': 0})
+    done = [j for j in p.jobs if j.output and steps_lib.path_exists(j.output)]
+    finished += len(done) == len(p.jobs)
+    steps = ' '.join(f'{j.kind}:{"done" if j in done else "-"}' for j in p.jobs)
+    print(f'{p.name:42s} {state["state"]:20s} restarts={state["restarts"]}  {steps}')
+  print(f'{finished} of {len(plans)} JobSets have every step done')
 
 
 def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> list[str]:
-  """Runs the jobs one after another here (writes tiny experiment files first).
+  """Runs each group's steps here with the step runner (tiny experiment files written first).
 
-  A failed job is reported and the jobs that wait for it are skipped; the others still run (their
-  runs then show as missing in the tables). Returns the names of the failed and skipped jobs.
+  A failed step stops its group (the later steps of that experiment are not run); the other
+  groups still run. Returns the groups that failed.
   """
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([jobs_lib.REPO_ROOT, env.get('PYTHONPATH', '')])
-  env.setdefault('JAX_PLATFORMS', 'cpu')
+  env_path = os.pathsep.join([jobs_lib.REPO_ROOT, os.environ.get('PYTHONPATH', '')])
+  os.environ['PYTHONPATH'] = env_path
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   exps = {}
-  if _SWEEP.value and _SWEEP.value != 'timing':
+  if _SWEEP.value and _SWEEP.value not in ('timing', 'prepare'):
     for exp in experiments.sweep(_SWEEP.value, size=_SIZE.value, dataset=_TASK.value):
       exps[jobs_lib.run_dir(_ROOT.value, exp)] = exp
   failed = []
-  for job in jobs:
-    if job.after in failed:
-      print(f'[{job.name}] skipped: {job.after} failed', flush=True)
-      failed.append(job.name)
-      continue
-    os.makedirs(job.model_dir, exist_ok=True)
-    exp = exps.get(job.model_dir)
-    if exp is not None and _SIZE.value != 'paper':
-      with open(os.path.join(job.model_dir, 'experiment.gin'), 'w') as f:
-        f.write(experiments.render(exp))
-    # Timing jobs share one directory: their logs are named by model and step.
-    stem = (
-      job.name.split('/', 1)[1].replace('/', '_') if job.kind.startswith('timing_') else job.kind
-    )
-    log = os.path.join(job.model_dir, f'{stem}.log')
-    tick = time.time()
-    print(f'[{job.name}] {job.shell()}\n  log: {log}', flush=True)
-    cmd = [sys.executable, *job.command[1:]]
-    with open(log, 'w') as out:
-      rc = subprocess.run(cmd, cwd=jobs_lib.REPO_ROOT, env=env, stdout=out, stderr=out).returncode
-    print(f'  rc={rc} in {time.time() - tick:.0f} s', flush=True)
+  for group, members in jobs_lib.groups(jobs).items():
+    for job in members:
+      os.makedirs(job.model_dir, exist_ok=True)
+    if _SIZE.value != 'paper':
+      for run_dir, exp in exps.items():
+        if any(j.model_dir.startswith(run_dir) for j in members):
+          with open(os.path.join(run_dir, 'experiment.gin'), 'w') as f:
+            f.write(experiments.render(exp))
+    plan = jobs_lib.plan(group, members)
+    logs = {j.kind: _log_path(j) for j in members}
+
+    def run(step, worker, logs=logs):
+      log = logs[step.name]
+      print(f'  log: {log}', flush=True)
+      return steps_lib.run_subprocess(
+        steps_lib.module_command(step, worker), log, cwd=jobs_lib.REPO_ROOT
+      )
+
+    rc = steps_lib.run_plan(plan, run=run, log=lambda line: print(line, flush=True))
     if rc:
-      errors = [line for line in open(log) if 'Error' in line][-3:]
-      print(f'  FAILED; last errors in {log}:\n    ' + '    '.join(errors), flush=True)
-      failed.append(job.name)
+      failed.append(group)
   return failed
+
+
+def _log_path(job: jobs_lib.JobSpec) -> str:
+  # Timing jobs share one directory: their logs are named by model and step.
+  stem = job.name.split('/', 1)[1].replace('/', '_') if job.kind.startswith('timing_') else job.kind
+  return os.path.join(job.model_dir, f'{stem}.log')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   jobs = build_jobs()
-  if _DRY_RUN.value:
-    dry_run(jobs)
-  elif _LOCAL.value:
+  if _LOCAL.value:
+    if _DRY_RUN.value:
+      for group, members in jobs_lib.groups(jobs).items():
+        print(f'[{group}]')
+        for job in members:
+          print(f'  {job.kind}: {job.shell()}')
+      return
     failed = run_local(jobs)
-    if _SWEEP.value:
+    if _SWEEP.value and _SWEEP.value != 'prepare':
       from melodi_t5x.tools import paper_tables  # pylint: disable=g-import-not-at-top
 
       argv = [f'--sweep={_SWEEP.value}', f'--model_dir_root={_ROOT.value}']
@@ -201,9 +364,15 @@ def main(argv: Sequence[str]) -> None:
         argv.append(f'--train_steps={_TRAIN_STEPS.value}')
       paper_tables.main(argv)
     if failed:
-      raise SystemExit(f'{len(failed)} jobs failed or were skipped: {failed}')
+      raise SystemExit(f'{len(failed)} experiments stopped at a failed step: {failed}')
+  elif _STATUS.value:
+    print_status(jobs)
   else:
-    launch_xm(jobs)
+    try:
+      run_gke(jobs)
+    except gke.LaunchError as e:
+      print(f'launch stopped: {e}', file=sys.stderr)
+      raise SystemExit(1) from None
 
 
 if __name__ == '__main__':

@@ -1,0 +1,227 @@
+"""The step runner (`xm_launch.steps`): order, skipping finished steps, stopping on failure.
+
+In-process: the steps' processes are replaced by a recording function and the file system by a
+set of paths, except where a real module runs in this process (`run_module`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from xm_launch import steps
+
+
+def _plan(*step_list):
+  return steps.Plan('main/exp', tuple(step_list))
+
+
+TRAIN = steps.Step(
+  'train', 't5x.train', ('--gin_file=a.gin',), output='/r/checkpoint_60/checkpoint'
+)
+EVAL_C = steps.Step('eval_carried', 't5x.eval', ('--x',), output='/r/eval/t_step60_carried.json')
+EVAL_R = steps.Step('eval_reset', 't5x.eval', ('--x',), output='/r/eval/t_step60_reset.json')
+
+
+class FakeCluster:
+  """Files that exist, and the steps run (a successful step writes its output)."""
+
+  def __init__(self, files=(), fail=None):
+    self.files = set(files)
+    self.ran = []
+    self.fail = dict(fail or {})
+    self.lines = []
+
+  def exists(self, path):
+    return path in self.files
+
+  def run(self, step, worker):
+    self.ran.append((step.name, worker, tuple(step.command(worker))))
+    rc = self.fail.get(step.name, 0)
+    if not rc and step.output:
+      self.files.add(steps.fill(step.output, worker))
+    return rc
+
+  def __call__(self, plan, **kw):
+    return steps.run_plan(plan, exists=self.exists, run=self.run, log=self.lines.append, **kw)
+
+
+def test_runs_steps_in_order_then_skips_them_all():
+  cluster = FakeCluster()
+  plan = _plan(TRAIN, EVAL_C, EVAL_R)
+  assert cluster(plan) == 0
+  assert [r[0] for r in cluster.ran] == ['train', 'eval_carried', 'eval_reset']
+  assert cluster.ran[0][2] == ('python', '-m', 't5x.train', '--gin_file=a.gin')
+  # A restarted pod (or a re-launched sweep) runs nothing: every output exists.
+  cluster.ran.clear()
+  assert cluster(plan) == 0
+  assert cluster.ran == []
+  assert sum('skipped' in line for line in cluster.lines) == 3
+
+
+def test_resumes_at_the_first_unfinished_step():
+  cluster = FakeCluster(files={TRAIN.output, EVAL_C.output})
+  assert cluster(_plan(TRAIN, EVAL_C, EVAL_R)) == 0
+  assert [r[0] for r in cluster.ran] == ['eval_reset']
+  assert any(f'[main/exp/train] skipped: {TRAIN.output} exists' == x for x in cluster.lines)
+
+
+def test_a_failed_step_stops_the_chain_with_its_exit_status():
+  cluster = FakeCluster(fail={'eval_carried': 3})
+  assert cluster(_plan(TRAIN, EVAL_C, EVAL_R)) == 3
+  assert [r[0] for r in cluster.ran] == ['train', 'eval_carried']  # eval_reset never started
+  assert any('FAILED with exit status 3' in line for line in cluster.lines)
+
+
+def test_exit_zero_without_the_output_is_a_failure():
+  cluster = FakeCluster()
+  cluster.run = lambda step, worker: cluster.ran.append(step.name) or 0  # writes nothing
+  assert cluster(_plan(TRAIN, EVAL_C)) == 1
+  assert cluster.ran == ['train']
+  assert any('is missing' in line for line in cluster.lines)
+
+
+def test_worker_placeholders_worker_only_steps_and_waiting():
+  part = steps.Step(
+    'prepare_train',
+    'tasks.prepare',
+    ('--worker={worker}', '--num_workers=2'),
+    output='/p/worker-{worker:05d}-of-00002/done.json',
+    done_if='/p/meta.json',
+    distributed=False,
+  )
+  parts = ('/p/worker-00000-of-00002/done.json', '/p/worker-00001-of-00002/done.json')
+  final = steps.Step(
+    'finalize_train', 'tasks.prepare', ('--finalize',), output='/p/meta.json', worker=0,
+    wait_for=parts, distributed=False,
+  )  # fmt: skip
+  plan = _plan(part, final)
+  # Worker 1 writes its part and leaves the merge to worker 0.
+  cluster = FakeCluster()
+  assert cluster(plan, worker=1) == 0
+  assert cluster.ran == [('prepare_train', 1, ('python', '-m', 'tasks.prepare', '--worker=1',
+                                               '--num_workers=2'))]  # fmt: skip
+  assert '/p/worker-00001-of-00002/done.json' in cluster.files
+  # Worker 0 writes its part, then waits for worker 1's (polls), then merges.
+  cluster = FakeCluster()
+  slept = []
+
+  def sleep(seconds):
+    slept.append(seconds)
+    if len(slept) == 2:
+      cluster.files.add(parts[1])
+
+  assert cluster(plan, worker=0, sleep=sleep, poll_s=5) == 0
+  assert [r[0] for r in cluster.ran] == ['prepare_train', 'finalize_train']
+  assert slept == [5, 5]
+  # A part that never appears: worker 0 gives up after the timeout, without merging.
+  cluster = FakeCluster()
+  assert cluster(plan, worker=0, sleep=lambda s: None, poll_s=10, wait_timeout_s=30) == 1
+  assert [r[0] for r in cluster.ran] == ['prepare_train']
+  # Once merged, every worker skips its part (done_if).
+  cluster = FakeCluster(files={'/p/meta.json'})
+  assert cluster(plan, worker=1) == 0 and cluster.ran == []
+
+
+def test_plan_json_round_trip_and_errors():
+  plan = _plan(TRAIN, steps.Step('f', 'tasks.prepare', ('a',), worker=0, wait_for=('x',)))
+  assert steps.Plan.from_json(plan.to_json()) == plan
+  with pytest.raises(ValueError, match='unknown fields'):
+    steps.Plan.from_json('{"name": "x", "steps": [{"name": "a", "module": "m", "outptu": "o"}]}')
+  assert steps.main(['--plan={"name": "x", "steps": [{"name": "a"}]}']) == steps.CONFIG_ERROR
+
+
+def test_check_plan_names_missing_gin_files_and_modules(tmp_path):
+  (tmp_path / 'gin').mkdir()
+  (tmp_path / 'gin' / 'a.gin').write_text('')
+  good = steps.Step('train', 'json', ('--gin_file=gin/a.gin', '--gin_file=/abs/run/experiment.gin'))
+  bad = steps.Step('eval', 'no_such_module_xyz', ('--gin_file=gin/b.gin',))
+  assert steps.check_plan(_plan(good), str(tmp_path)) == []
+  problems = steps.check_plan(_plan(good, bad), str(tmp_path))
+  assert problems == [
+    'step eval: module no_such_module_xyz is not installed',
+    f'step eval: gin file gin/b.gin is not in {tmp_path}',
+  ]
+
+
+def test_module_command_and_worker_index():
+  step = steps.Step('train', 't5x.train', ('--w={worker}',))
+  assert steps.module_command(step, 3, distributed=True)[1:] == [
+    '-m', 'xm_launch.steps', '--module=t5x.train', '--distributed', '--', '--w=3',
+  ]  # fmt: skip
+  assert '--distributed' not in steps.module_command(step, 0, distributed=False)
+  prep = steps.Step('p', 'tasks.prepare', distributed=False)  # no JAX: never initializes
+  assert '--distributed' not in steps.module_command(prep, 0, distributed=True)
+  assert steps.worker_index({'JOB_COMPLETION_INDEX': '7'}) == 7
+  assert steps.worker_index({}) == 0
+  with pytest.raises(ValueError, match='not a pod index'):
+    steps.worker_index({'JOB_COMPLETION_INDEX': 'x'})
+
+
+@pytest.fixture
+def tiny_module(tmp_path, monkeypatch):
+  """A module `melodi_step_probe` that records its argv, or raises what PROBE_RAISE names."""
+  (tmp_path / 'melodi_step_probe.py').write_text(
+    'import os, sys\n'
+    'RECORD.append(list(sys.argv))\n'
+    "if os.environ.get('PROBE_RAISE') == 'missing':\n"
+    '  from tasks import prepare\n'
+    "  raise prepare.MissingPreparedSplitError('split test of task x is not prepared')\n"
+    "if os.environ.get('PROBE_RAISE') == 'other':\n"
+    "  raise RuntimeError('boom')\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  record = []
+  import builtins
+
+  monkeypatch.setattr(builtins, 'RECORD', record, raising=False)
+  monkeypatch.setattr(sys, 'argv', list(sys.argv))
+  return record
+
+
+def test_run_module_initializes_jax_distributed_first(tiny_module, monkeypatch):
+  calls = []
+  init = lambda: calls.append(('initialize', len(tiny_module)))
+  steps.run_module('melodi_step_probe', ['--a=1'], distributed=True, initialize=init)
+  assert calls == [('initialize', 0)]  # before the module ran
+  [argv] = tiny_module  # run as __main__ with the step's arguments (argv[0]: the module's file)
+  assert argv[0].endswith('melodi_step_probe.py') and argv[1:] == ['--a=1']
+  steps.run_module('melodi_step_probe', [], distributed=False, initialize=init)
+  assert len(calls) == 1  # --local: never
+
+
+def test_run_module_maps_a_missing_prepared_split_to_config_error(tiny_module, monkeypatch):
+  monkeypatch.setenv('PROBE_RAISE', 'missing')
+  with pytest.raises(SystemExit) as exit_info:
+    steps.run_module('melodi_step_probe', [], distributed=False)
+  assert exit_info.value.code == steps.CONFIG_ERROR
+  monkeypatch.setenv('PROBE_RAISE', 'other')  # any other error propagates (retried by the JobSet)
+  with pytest.raises(RuntimeError, match='boom'):
+    steps.run_module('melodi_step_probe', [], distributed=False)
+
+
+@pytest.mark.slow
+def test_local_prepare_rerun_skips_finished_steps(tmp_path):
+  """`--sweep=prepare --local` twice: the second run finds every split's meta.json."""
+  import os
+  import subprocess
+
+  from melodi_t5x import experiments
+
+  cmd = [
+    sys.executable, '-m', 'xm_launch.launch', '--sweep=prepare', '--task=local_books', '--local',
+    f'--model_dir_root={tmp_path}',
+  ]  # fmt: skip
+  env = dict(os.environ, PYTHONPATH=experiments.REPO_ROOT, JAX_PLATFORMS='cpu')
+  first = subprocess.run(cmd, cwd=experiments.REPO_ROOT, env=env, capture_output=True, text=True)
+  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+  assert first.stdout.count(' running: python -m tasks.prepare --task=local_books') == 3
+  for split in ('train', 'validation', 'test'):
+    assert (tmp_path / 'prepared' / 'local_books' / split / 'meta.json').exists()
+  again = subprocess.run(cmd, cwd=experiments.REPO_ROOT, env=env, capture_output=True, text=True)
+  assert again.returncode == 0
+  assert ' running: ' not in again.stdout
+  for split in ('train', 'validation', 'test'):
+    meta = tmp_path / 'prepared' / 'local_books' / split / 'meta.json'
+    assert f'[prepare/local_books/prepare_{split}] skipped: {meta} exists' in again.stdout
