@@ -40,6 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEGMENT = 32
 VOCAB = 64
 TRAIN_STEPS = 400
+CHECKPOINT_PERIOD = 'utils.SaveCheckpointConfig.period'
 TINY = dict(
   num_layers=2,
   embed_dim=32,
@@ -210,7 +211,9 @@ def work(tmp_path_factory):
     d,
     'train',
     [d / 'model.gin', d / 'train.gin'],
-    [('MODEL_DIR', str(d / 'run_a')), ('TRAIN_STEPS', TRAIN_STEPS)],
+    # Only checkpoints 0, 40 (the kill-and-resume run's end) and TRAIN_STEPS are read: save every
+    # 40 steps instead of train.gin's 10 (the interrupted run keeps 10).
+    [('MODEL_DIR', str(d / 'run_a')), ('TRAIN_STEPS', TRAIN_STEPS), (CHECKPOINT_PERIOD, 40)],
     d / 'train_a.log',
   )
   return d
