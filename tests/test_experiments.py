@@ -68,6 +68,40 @@ def test_sweeps_have_the_documented_grids():
     assert os.path.exists(os.path.join(REPO, f'gin/experiments/data/{exp.dataset}.gin'))
 
 
+def _table_entries(size):
+  return [e for name in SWEEP_SIZES for e in experiments.sweep(name, size=size)]
+
+
+@pytest.mark.parametrize('size', ['paper', 'tiny'])
+def test_identical_configurations_train_once(size):
+  """Issue 16 item 9: two table entries share a run exactly when their parsed configs are equal."""
+  runs_by_config = {}
+  for exp in _table_entries(size):
+    _need_model_file(exp)
+    cfg = _parsed_config(exp)
+    key = (type(cfg).__name__, repr(cfg), exp.dataset, exp.train_steps)
+    runs_by_config.setdefault(key, set()).add(exp.run_id)
+  shared = {k: runs for k, runs in runs_by_config.items() if len(runs) > 1}
+  assert not shared, f'identical configurations in several runs: {sorted(shared.values())}'
+  # Different configurations never share a run: as many runs as configurations.
+  runs = {e.run_id for e in _table_entries(size)}
+  assert len(runs) == len(runs_by_config)
+  if size == 'paper':
+    ablation_runs = {e.run_id for e in _table_entries(size) if e.run == 'ablation'}
+    entries = [e for e in _table_entries(size) if e.run == 'ablation']
+    assert (len(entries), len(ablation_runs)) == (47, 41)
+    aliases = {e.alias: e.run_id for e in entries if e.alias}
+    assert aliases == {
+      'fifo128': 'memory_tradeoff/s128_l64',
+      'melodi_s128_l64_w512': 'memory_tradeoff/s128_l64',
+      'short13': 'memory_tradeoff/s128_l64',
+      'one_l64': 'memory_tradeoff/s128_l64',
+      'separate': 'memory_tradeoff/s128_l64',
+      'melodi_s128_l0_w512': 'memory_tradeoff/s128_l00',
+    }
+    assert len(COMMITTED) == 18 + 41
+
+
 def test_spread_layers_matches_the_header():
   expected = {
     1: (6,),
