@@ -119,6 +119,21 @@ class PreparedStreamIterator(streaming.ChunkStream):
       self._orders[epoch] = order
     return order
 
+  def check_enough_documents(self, what: str = '') -> None:
+    """Raises unless the split holds at least one document per global batch row (training).
+
+    With fewer documents than rows a document would be streamed by several rows at once (its
+    next epoch's copy). Every host computes the same answer, so all of them stop at the start.
+    """
+    n = self._data.num_documents
+    if n < self._global_rows:
+      raise ValueError(
+        f'Prepared split {self._data.path!r} ({self._name}) has {n} document(s) for a global '
+        f'batch of {self._global_rows} rows{what}: every row streams its own document, so the '
+        'split needs at least as many documents as rows. Use a smaller batch (BATCH_SIZE) or add '
+        'documents.'
+      )
+
   def _take(self) -> list[int] | None:
     """The next document of the schedule as a row `[epoch, position, ordinal, next_chunk]`."""
     if self._exhausted:
