@@ -346,6 +346,8 @@ class UnitStream(clu_dataset_iterator.DatasetIterator):
       check = getattr(unit, 'check_enough_documents', None)
       if check is not None:
         check(f' (stream shard {u} of {self._num_units})')
+      if getattr(unit, 'GLOBAL_SCHEDULE', False):
+        return  # every unit of a global schedule (the prepared stream) answers the same
 
   def __next__(self) -> dict[str, np.ndarray]:
     batches = [next(self._units[u]) for u in sorted(self._units)]

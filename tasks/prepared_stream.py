@@ -56,6 +56,9 @@ class PreparedStreamIterator(streaming.ChunkStream):
     name: name of the source for messages and the state (e.g. the task name).
   """
 
+  # The schedule (and so the state and the document check) is the same on every host.
+  GLOBAL_SCHEDULE = True
+
   def __init__(
     self,
     split: prepared_lib.PreparedSplit | str,

@@ -127,3 +127,34 @@ def test_fewer_documents_than_rows_fails_on_every_host_at_start(corpus, processe
   for i in range(processes):
     with pytest.raises(ValueError, match='has [01] document'):
       t5x_data.get_dataset(Cfg(), i, processes)
+
+
+def test_prepared_stream_resumes_on_another_process_count(corpus, tmp_path):
+  """The prepared stream's position is global: any process's file restores every host."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from tasks import prepare  # pylint: disable=g-import-not-at-top
+
+  corpus(10)
+  root = str(tmp_path / 'prepared')
+  prepare.prepare('text_corpus', 'train', root)
+  gin.parse_config(f"tasks.PreparedDataConfig.root = '{root}'")
+  try:
+    hosts = _hosts(2)
+    _global(hosts, 4)
+    ckpt = tmp_path / 'checkpoint_4'
+    for i, host in enumerate(hosts):
+      host.save(_path(ckpt, i, 2))
+    expected = _global(hosts, 5)
+    one = _hosts(1)
+    one[0].restore(_path(ckpt, 0, 1))
+    _assert_same(_global(one, 5), expected)
+    corpus_docs = 3  # fewer documents than the 4 global rows: every host stops at the start
+    corpus(corpus_docs)
+    prepare.prepare('text_corpus', 'train', root + '3')
+    gin.parse_config(f"tasks.PreparedDataConfig.root = '{root}3'")
+    for i in range(2):
+      with pytest.raises(ValueError, match='3 document\\(s\\) for a global batch of 4 rows'):
+        t5x_data.get_dataset(Cfg(), i, 2)
+  finally:
+    gin.clear_config()

@@ -123,8 +123,8 @@ def _wait(procs, logs):
     assert rc == 0, f'rc={rc}; log {log}:\n' + open(log).read()[-4000:]
 
 
-def _run(script, gin_files, bindings, logs, processes):
-  _wait(_launch(script, gin_files, bindings, logs, processes), logs)
+def _run(script, gin_files, bindings, logs, processes, devices=None):
+  _wait(_launch(script, gin_files, bindings, logs, processes, devices), logs)
 
 
 def _metric(log, collection, name) -> dict[int, float]:
