@@ -7,7 +7,9 @@ same global batch (4 devices, `stream_shards=2`), to float tolerance; train-eval
 equals the one-process one; the eval report counts every token of the validation split exactly
 once (host 0 streams two plays, host 1 one: the hosts run different numbers of batches) and its
 perplexity equals a one-process, one-device eval; a two-process run killed after a checkpoint
-resumes exactly.
+resumes exactly; a two-process checkpoint resumed by one process, and a one-process checkpoint by
+two, continue exactly (T5X's per-process dataset files); `t5x.eval` with the model axis across the
+two processes (data=1 x model=2, one device each) counts every token once and equals one process.
 """
 
 from __future__ import annotations
