@@ -595,7 +595,14 @@ def _comment(text: str) -> list[str]:
 
 
 def render(exp: Experiment) -> str:
-  """The gin file of an experiment."""
+  """The gin file of an experiment (of the run that trains it, for an entry shared with another)."""
+  if exp.alias:
+    dataset = exp.dataset if exp.size != 'paper' else None
+    exp = next(
+      e
+      for e in sweep(exp.sweep, size=exp.size, dataset=dataset)
+      if e.name == exp.name and not e.alias
+    )
   steps = exp.train_steps
   k_steps = f'{steps // 1000}k' if steps % 1000 == 0 else str(steps)
   title = (

@@ -100,6 +100,11 @@ def test_identical_configurations_train_once(size):
       'melodi_s128_l0_w512': 'memory_tradeoff/s128_l00',
     }
     assert len(COMMITTED) == 18 + 41
+  for exp in _table_entries(size):  # a shared entry renders the file of the run that trains it
+    if exp.alias:
+      twin = [e for e in experiments.sweep(exp.sweep, size=size) if e.name == exp.name]
+      assert experiments.render(exp) == experiments.render(twin[0])
+      assert twin[0].alias == ''
 
 
 def test_spread_layers_matches_the_header():
