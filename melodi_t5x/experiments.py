@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,6 +161,10 @@ class Experiment:
   x: float | None = None
   # Plot series (one line per series).
   series: str = ''
+  # The entry's own name in its family when another experiment of the suite trains the same
+  # resolved configuration (then `sweep`/`name` are that experiment's: one run serves both
+  # tables); '' otherwise.
+  alias: str = ''
 
   @property
   def model_spec(self) -> Model:
@@ -181,6 +186,16 @@ class Experiment:
   @property
   def train_steps(self) -> int:
     return RUN_STEPS[self.run]
+
+  @property
+  def run_id(self) -> str:
+    """`<sweep>/<name>` of the run that trains this entry (its folder under model_dir_root)."""
+    return f'{self.sweep}/{self.name}'
+
+  @property
+  def table_name(self) -> str:
+    """The entry's name in its family's table."""
+    return self.alias or self.name
 
   def config_bindings(self) -> list[str]:
     """`config.<Class>.<field> = <value>` lines of this experiment's settings."""
@@ -271,7 +286,8 @@ def _memory_tradeoff(scale: Scale, dataset: str, run: str) -> list[Experiment]:
           tuple(melodi_memory(scale, s, inc)),
           row=label,
           column='perplexity',
-          series=f'S{s}',
+          # The paper's plot: one line per L, along which S varies.
+          series=f'L={inc}' if inc else 'L=0 (no long-term)',
         )
       )
   return out
@@ -438,6 +454,33 @@ S128+L64 (summary_branching). The paper reports a consistent gain of about 0.3 p
 branching.""",
 }
 ABLATION_DATASET = 'pg19_t5'
+# What the model files bind for the settings the grids vary: a grid binding equal to one of these
+# restates the default, so two experiments that differ only by such bindings train the same model.
+# tests/test_experiments.py checks every suite entry against its parsed configuration.
+_MELODI_PAPER_DEFAULTS = {
+  'window_length': 512,
+  'summary_size': 128,
+  'short_term_memory_size': 128,
+  'long_term_memory_layers': (6,),
+  'long_term_memory_increment_size': 64,
+  'long_term_memory_windows': 128,
+  'no_memory_layers': (),
+  'summary_branching': 'separate',
+}
+MODEL_FILE_DEFAULTS: dict[str, dict[str, Any]] = {
+  'gin/models/melodi_s128_l64.gin': _MELODI_PAPER_DEFAULTS,
+  'gin/models/melodi_tiny.gin': {
+    **_MELODI_PAPER_DEFAULTS,
+    'window_length': 32,
+    'summary_size': 8,
+    'short_term_memory_size': 8,
+    'long_term_memory_layers': (1,),
+    'long_term_memory_increment_size': 4,
+    'long_term_memory_windows': 16,
+  },
+  **{f'gin/models/{m}.gin': {'window_length': 512} for m in ('xl', 'brt', 'memorizing')},
+  **{f'gin/models/{m}_tiny.gin': {'window_length': 32} for m in ('xl', 'brt', 'memorizing')},
+}
 # Timing: the models the paper timed (12 layers, d=1024) with the benchmark CLI.
 TIMING_MODELS = MAIN_MODELS
 TIMING_STEPS = ('train', 'eval')
@@ -458,21 +501,69 @@ def sweep(name: str, size: str = 'paper', dataset: str | None = None) -> list[Ex
   """
   if size not in SCALES:
     raise ValueError(f'size={size!r}: must be one of {sorted(SCALES)}.')
-  scale = SCALES[size]
   if size == 'paper' and dataset is not None:
     raise ValueError(
       f'dataset={dataset!r} applies to size="tiny" only; the paper sweeps use the paper datasets.'
     )
+  if name == 'timing':
+    return []
+  if name != 'main' and name not in ABLATIONS:
+    raise ValueError(f'unknown sweep {name!r}; sweeps: {sweep_names()}.')
+  canonical = {}
+  for family in ('main', *ABLATIONS):  # the first entry of a configuration trains it
+    for exp in _grid(family, size, dataset):
+      canonical.setdefault(resolved_key(exp), exp)
+  return [_shared(exp, canonical[resolved_key(exp)]) for exp in _grid(name, size, dataset)]
+
+
+def _grid(name: str, size: str, dataset: str | None) -> list[Experiment]:
+  """The entries of a family's table, each as if it trained on its own."""
+  scale = SCALES[size]
   run = {'paper': None, 'tiny': 'tiny'}[size]
   if name == 'main':
     datasets = MAIN_DATASETS if size == 'paper' else (dataset or 'local_books',)
     return _main(scale, datasets, run or 'main')
-  if name in ABLATIONS:
-    default = ABLATION_DATASET if size == 'paper' else 'local_books'
-    return ABLATIONS[name](scale, dataset or default, run or 'ablation')
-  if name == 'timing':
-    return []
-  raise ValueError(f'unknown sweep {name!r}; sweeps: {sweep_names()}.')
+  default = ABLATION_DATASET if size == 'paper' else 'local_books'
+  return ABLATIONS[name](scale, dataset or default, run or 'ablation')
+
+
+def resolved_key(exp: Experiment) -> tuple[Any, ...]:
+  """What makes two experiments the same training run: model file, data, schedule, settings.
+
+  Bindings that restate the model file's value (`MODEL_FILE_DEFAULTS`) do not count.
+  """
+  settings = {**MODEL_FILE_DEFAULTS.get(exp.model_gin, {}), **dict(exp.overrides)}
+  return (
+    exp.model_gin,
+    exp.dataset,
+    exp.run,
+    tuple(sorted((k, repr(v)) for k, v in settings.items())),
+  )
+
+
+def shared_by(exp: Experiment) -> list[str]:
+  """`<family>/<entry>` of the other table entries that this experiment's run serves."""
+  dataset = exp.dataset if exp.size != 'paper' else None
+  return [
+    f'{family}/{other.alias}'
+    for family in ('main', *ABLATIONS)
+    for other in sweep(family, size=exp.size, dataset=dataset)
+    if other.alias and other.run_id == exp.run_id
+  ]
+
+
+def _shared(exp: Experiment, canonical: Experiment) -> Experiment:
+  """`exp` trained by `canonical` (same run dir and gin file), keeping its own table labels."""
+  if (canonical.sweep, canonical.name) == (exp.sweep, exp.name):
+    return exp
+  return dataclasses.replace(
+    exp,
+    sweep=canonical.sweep,
+    name=canonical.name,
+    model=canonical.model,
+    overrides=canonical.overrides,
+    alias=exp.name,
+  )
 
 
 def find_experiment(path: str) -> Experiment:
@@ -504,7 +595,14 @@ def _comment(text: str) -> list[str]:
 
 
 def render(exp: Experiment) -> str:
-  """The gin file of an experiment."""
+  """The gin file of an experiment (of the run that trains it, for an entry shared with another)."""
+  if exp.alias:
+    dataset = exp.dataset if exp.size != 'paper' else None
+    exp = next(
+      e
+      for e in sweep(exp.sweep, size=exp.size, dataset=dataset)
+      if e.name == exp.name and not e.alias
+    )
   steps = exp.train_steps
   k_steps = f'{steps // 1000}k' if steps % 1000 == 0 else str(steps)
   title = (
@@ -515,6 +613,13 @@ def render(exp: Experiment) -> str:
   lines = _comment(title)
   if exp.sweep in FAMILY_DOCS:
     lines += ['#', *_comment(FAMILY_DOCS[exp.sweep])]
+  also = shared_by(exp)
+  if also:
+    text = (
+      f'The same configuration is also the entry {", ".join(also)}: this one run serves those '
+      'tables (bindings that restate model-file defaults do not count).'
+    )
+    lines += ['#', *_comment(textwrap.fill(text, 98))]
   lines += [
     '#',
     '# Run it (the mode file goes first; MODEL_DIR/eval receives the perplexity reports):',
@@ -544,5 +649,9 @@ def render(exp: Experiment) -> str:
 
 
 def all_committed() -> list[Experiment]:
-  """Every experiment with a committed gin file (main and the ablation families)."""
-  return [exp for name in ('main', *ABLATIONS) for exp in sweep(name)]
+  """Every training run with a committed gin file (main and the ablation families), each once."""
+  out = {}
+  for name in ('main', *ABLATIONS):
+    for exp in sweep(name):
+      out.setdefault(exp.path, exp)
+  return list(out.values())

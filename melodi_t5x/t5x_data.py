@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -275,89 +275,219 @@ def _check_cfg(cfg, num_shards: int) -> None:
     )
 
 
-class RowConcatIterator(clu_dataset_iterator.DatasetIterator):
-  """Several endless document streams side by side: their batches concatenated along rows.
+UNITS_STATE_KIND = 'units'
+UNITS_STATE_VERSION = 1
 
-  State: `{'streams': [state of each stream]}` (JSON in `save`).
+
+def dataset_state_files(filename) -> list[epath.Path]:
+  """Every process's dataset-state file of the checkpoint that `filename` belongs to.
+
+  T5X writes one file per data shard: `<ckpt>/dataset/train_ds-000-of-001` on one process,
+  `<ckpt>/dataset/process_{i}-of-{n}/train_ds-{shard}-of-{shards}` on several (Orbax), or
+  `<ckpt>/train_ds-{shard}-of-{shards}` (the legacy checkpointer). A run restored with another
+  process count looks for a name that was never written; the files that were are found here.
+  """
+  path = epath.Path(filename)
+  prefix = path.name.split('-')[0]
+  folder = path.parent
+  if folder.name.startswith('process_'):
+    folder = folder.parent
+  if not folder.exists():
+    return []
+  found = list(folder.glob(f'{prefix}-*')) + list(folder.glob(f'process_*/{prefix}-*'))
+  return sorted(p for p in found if p.is_file())
+
+
+class UnitStream(clu_dataset_iterator.DatasetIterator):
+  """The global training batch as `num_units` document streams (units), one host's rows of it.
+
+  Unit u is `make_unit(u, num_units)`: a stream of `global_batch / num_units` rows (documents
+  sharded over the units). A host reads the units its rows `[shard_id * b, (shard_id + 1) * b)`
+  overlap (b = global_batch / num_shards) and slices its rows out of them, so the global batch
+  is the same for any number of hosts that divides it (two hosts holding the same unit produce the
+  same rows: a unit is deterministic).
+
+  State (`save`, JSON): the number of units, the global batch and the state of each unit this
+  host holds. `restore` reads this host's file, or (a run resumed on another number of
+  processes, whose file name T5X never wrote) every process's file of the checkpoint, and
+  continues with the saved unit layout: every row goes on with its document and chunk.
   """
 
-  def __init__(self, streams: Sequence[clu_dataset_iterator.DatasetIterator]):
-    self._streams = list(streams)
-    specs = [dict(s.element_spec) for s in self._streams]
-    self._spec = {
-      k: clu_dataset_iterator.ArraySpec(
-        v.dtype, (sum(sp[k].shape[0] for sp in specs), *v.shape[1:])
+  def __init__(
+    self, make_unit, *, global_batch: int, num_units: int, shard_id: int, num_shards: int
+  ):
+    if global_batch % num_shards:
+      raise ValueError(
+        f'batch_size={global_batch} is not divisible by the {num_shards} data shards (hosts).'
       )
-      for k, v in specs[0].items()
-    }
+    self._make_unit = make_unit
+    self._global_batch = int(global_batch)
+    self._shard_id, self._num_shards = int(shard_id), int(num_shards)
+    self._build(num_units)
+    self._check_documents()
+
+  def _build(self, num_units: int) -> None:
+    if self._global_batch % num_units:
+      raise ValueError(
+        f'{num_units} stream shards do not divide the global batch of {self._global_batch} rows '
+        '(t5x_data.get_dataset.stream_shards must divide batch_size).'
+      )
+    rows = self._global_batch // self._num_shards
+    per_unit = self._global_batch // num_units
+    self._lo, self._hi = self._shard_id * rows, (self._shard_id + 1) * rows
+    first, last = self._lo // per_unit, (self._hi - 1) // per_unit
+    self._num_units, self._rows_per_unit, self._first_unit = num_units, per_unit, first
+    self._units = {u: self._make_unit(u, num_units) for u in range(first, last + 1)}
+
+  def _check_documents(self) -> None:
+    """Every unit (also the other hosts') has a document per row: all hosts stop, or none."""
+    for u in range(self._num_units):
+      unit = self._units.get(u) or self._make_unit(u, self._num_units)
+      check = getattr(unit, 'check_enough_documents', None)
+      if check is not None:
+        check(f' (stream shard {u} of {self._num_units})')
+      if getattr(unit, 'GLOBAL_SCHEDULE', False):
+        return  # every unit of a global schedule (the prepared stream) answers the same
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batches = [next(s) for s in self._streams]
-    return {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
+    batches = [next(self._units[u]) for u in sorted(self._units)]
+    offset = self._first_unit * self._rows_per_unit
+    lo, hi = self._lo - offset, self._hi - offset
+    return {k: np.concatenate([b[k] for b in batches], axis=0)[lo:hi] for k in batches[0]}
 
   @property
   def element_spec(self):
-    return self._spec
+    spec = dict(next(iter(self._units.values())).element_spec)
+    rows = self._hi - self._lo
+    return {
+      k: clu_dataset_iterator.ArraySpec(v.dtype, (rows, *v.shape[1:])) for k, v in spec.items()
+    }
 
   def reset(self):
-    for s in self._streams:
-      s.reset()
+    for unit in self._units.values():
+      unit.reset()
 
   def get_state(self):
-    return {'streams': [s.get_state() for s in self._streams]}
+    return {
+      'kind': UNITS_STATE_KIND,
+      'version': UNITS_STATE_VERSION,
+      'num_units': self._num_units,
+      'global_batch': self._global_batch,
+      'units': {str(u): unit.get_state() for u, unit in self._units.items()},
+    }
 
   def set_state(self, state):
-    if len(state['streams']) != len(self._streams):
+    """Restores a (possibly merged) state; rebuilds the units if it has another layout."""
+    if state.get('kind') != UNITS_STATE_KIND:
+      state = self._legacy(state)
+    if state.get('version') != UNITS_STATE_VERSION:
+      raise ValueError(f'Unsupported data-position version {state.get("version")!r}.')
+    if state['global_batch'] != self._global_batch:
       raise ValueError(
-        f'The saved stream position has {len(state["streams"])} stream shards, this run has '
-        f'{len(self._streams)}: resume with the same t5x_data.get_dataset.stream_shards.'
+        f'The data position was saved with a global batch of {state["global_batch"]} rows; it is '
+        f'now {self._global_batch}. The position is kept per global row: resume with the same '
+        'global batch size (any number of hosts that divides it continues exactly).'
       )
-    for s, st in zip(self._streams, state['streams']):
-      s.set_state(st)
+    saved = {int(u): s for u, s in state['units'].items()}
+    kinds = {s.get('kind') for s in saved.values()}
+    if kinds == {'prepared'}:
+      # The prepared stream's state is the global schedule: any unit's copy restores every unit.
+      any_state = next(iter(saved.values()))
+      for unit in self._units.values():
+        unit.set_state(any_state)
+      return
+    if state['num_units'] != self._num_units:
+      logging.info(
+        'Data position saved as %d stream shards, this run has %d: continuing with %d.',
+        state['num_units'],
+        self._num_units,
+        state['num_units'],
+      )
+      self._build(int(state['num_units']))
+    missing = sorted(set(self._units) - set(saved))
+    if missing:
+      raise ValueError(
+        f'The saved data position has no state for stream shard(s) {missing} (it has '
+        f"{sorted(saved)}): the checkpoint lacks some processes' dataset files."
+      )
+    for u, unit in self._units.items():
+      unit.set_state(saved[u])
+
+  def _legacy(self, state):
+    """A position saved before `UnitStream` (one stream per host, or `{'streams': [...]}`)."""
+    states = state['streams'] if 'streams' in state else [state]
+    held = sorted(self._units)
+    if len(states) != len(held):
+      raise ValueError(
+        f'The saved data position holds {len(states)} stream(s); this host reads {len(held)}: '
+        'resume with the process count and stream_shards of the run that saved it.'
+      )
+    return {
+      'kind': UNITS_STATE_KIND,
+      'version': UNITS_STATE_VERSION,
+      'num_units': self._num_units,
+      'global_batch': self._global_batch,
+      'units': {str(u): s for u, s in zip(held, states)},
+    }
 
   def save(self, filename):
     epath.Path(filename).write_text(json.dumps(self.get_state()))
 
+  def _needed_units(self, num_units: int) -> set[int]:
+    per_unit = self._global_batch // num_units
+    return set(range(self._lo // per_unit, (self._hi - 1) // per_unit + 1))
+
   def restore(self, filename):
-    self.set_state(json.loads(epath.Path(filename).read_text()))
+    path = epath.Path(filename)
+    own = json.loads(path.read_text()) if path.exists() else None
+    if own is not None and (
+      own.get('kind') != UNITS_STATE_KIND  # written before UnitStream: same layout only
+      or {s.get('kind') for s in own['units'].values()} == {'prepared'}
+      or set(map(int, own['units'])) >= self._needed_units(int(own['num_units']))
+    ):
+      self.set_state(own)
+      return
+    files = dataset_state_files(filename)
+    if not files:
+      raise FileNotFoundError(
+        f"No data position at {filename} and no other process's dataset file next to it: the "
+        'checkpoint was saved without the dataset (utils.SaveCheckpointConfig.save_dataset).'
+      )
+    merged = None
+    for f in files:
+      state = json.loads(f.read_text())
+      if state.get('kind') != UNITS_STATE_KIND:
+        raise ValueError(
+          f'{f} holds a data position written before stream shards were saved per unit: resume '
+          'it with the process count that saved it.'
+        )
+      if merged is None:
+        merged = {**state, 'units': dict(state['units'])}
+      elif (state['num_units'], state['global_batch']) != (
+        merged['num_units'],
+        merged['global_batch'],
+      ):
+        raise ValueError(f'{f} and {files[0]} hold data positions of different layouts.')
+      for u, s in state['units'].items():
+        merged['units'].setdefault(u, s)
+    logging.info('Restoring the data position from %d dataset file(s): %s', len(files), files)
+    self.set_state(merged)
 
 
-def make_stream(
-  cfg, shard_id: int, num_shards: int, *, finite: bool, stream_shards: int | None = None
-):
-  """The document stream of a T5X `DatasetConfig` for one host's rows.
+def make_stream(cfg, shard_id: int, num_shards: int, *, finite: bool):
+  """The document stream of a T5X `DatasetConfig` for one host's (or one stream shard's) rows.
 
   Args:
     cfg: T5X `utils.DatasetConfig`.
-    shard_id: this host's data shard (T5X's `data_layout.shard_id`).
-    num_shards: number of data shards (hosts that read different data).
+    shard_id: this host's data shard (T5X's `data_layout.shard_id`), or stream shard.
+    num_shards: number of data shards (hosts that read different data), or stream shards.
     finite: one pass over the split (evaluation) instead of endless epochs.
-    stream_shards: None: one stream per host. An integer S (a multiple of `num_shards` dividing
-      the batch size): the documents are split into S streams of `batch_size / S` rows, and a
-      host reads its S / num_shards of them side by side. The global batch is then the same for
-      any number of hosts that divides S (e.g. a one-process run reproduces a two-host run).
 
   Returns:
     The prepared split when `tasks.PreparedDataConfig.root` is set
     (`tasks.prepared_stream.PreparedStreamIterator`: this host's rows only, restore by seeking),
-    otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`); or a
-    `RowConcatIterator` of such streams.
+    otherwise the task on the fly (`tasks.streaming.DocumentStreamIterator`).
   """
-  if stream_shards is not None:
-    if finite:
-      raise ValueError('stream_shards applies to the endless training stream only.')
-    if stream_shards % num_shards or cfg.batch_size % stream_shards:
-      raise ValueError(
-        f't5x_data.get_dataset.stream_shards={stream_shards} must be a multiple of the '
-        f'{num_shards} data shards (hosts) and divide batch_size={cfg.batch_size}.'
-      )
-    per_host = stream_shards // num_shards
-    return RowConcatIterator(
-      [
-        make_stream(cfg, shard_id * per_host + k, stream_shards, finite=False)
-        for k in range(per_host)
-      ]
-    )
   _check_cfg(cfg, num_shards)
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top  (registers the tasks)
   from tasks import prepared_stream  # pylint: disable=g-import-not-at-top
@@ -398,8 +528,10 @@ def get_dataset(
     feature_converter_cls: ignored (the batcher emits model features itself).
     num_epochs: must be None: the stream is endless (a new document order each epoch).
     continue_from_last_checkpoint: ignored; T5X restores the position from the checkpoint.
-    stream_shards: see `make_stream`; set it (e.g. to the largest host count) to make the global
-      batch independent of the number of hosts.
+    stream_shards: None: one document stream (unit) per host. An integer S dividing the batch:
+      the documents are split into S streams of `batch_size / S` rows. Either way the saved
+      position keeps this layout and a run resumed on another number of hosts continues it
+      (`UnitStream`); S fixes the global batch of a new run whatever the host count.
 
   Returns:
     A `clu` `DatasetIterator` of model-feature batches with `save`/`restore`.
@@ -410,7 +542,14 @@ def get_dataset(
       f'num_epochs={num_epochs}: the training document stream is endless (it re-reads the '
       'documents in a new order each epoch); bound training with TRAIN_STEPS instead.'
     )
-  stream = make_stream(cfg, shard_id, num_shards, finite=False, stream_shards=stream_shards)
+  _check_cfg(cfg, num_shards)
+  stream = UnitStream(
+    lambda u, n: make_stream(cfg, u, n, finite=False),
+    global_batch=cfg.batch_size,
+    num_units=stream_shards or num_shards,
+    shard_id=shard_id,
+    num_shards=num_shards,
+  )
   return KeySelectingIterator(stream, MODEL_KEYS)
 
 

@@ -168,6 +168,7 @@ class MemoryTrainer(trainer_lib.Trainer):
     report_dir: str | None = None,
     bucket_edges: Sequence[int] | None = None,
     memory_mode: str = 'carried',
+    stop_on_nonfinite: bool = True,
   ):
     """Constructor; the first nine arguments are T5X's (see `t5x.trainer.Trainer`).
 
@@ -187,7 +188,12 @@ class MemoryTrainer(trainer_lib.Trainer):
       bucket_edges: token offsets of the position-in-document buckets; default chunk 0, 1, 2-3,
         4-7, ... of the eval segment length, extended up to the longest document.
       memory_mode: 'carried' (memory flows from chunk to chunk of a document) or 'reset' (every
-        chunk starts from zero memory: what carried memory adds to this checkpoint).
+        chunk starts from zero memory: what carried memory adds to this checkpoint). In 'carried'
+        mode an eval pass fails if any row was reset because it did not continue its memory's
+        document (its perplexity would silently be a reset one).
+      stop_on_nonfinite: training stops with an error naming the step at the first step whose
+        loss or written memory holds a NaN / inf (a NaN in a row's memory would otherwise persist
+        until its document ends, and the run go on); False: train on.
     """
     if memory_mode not in MEMORY_MODES:
       raise ValueError(
@@ -226,7 +232,34 @@ class MemoryTrainer(trainer_lib.Trainer):
     self._memory_mode = memory_mode
     self._bucket_edges = list(bucket_edges) if bucket_edges else None
     self._streaming_step = None
+    self._stop_on_nonfinite = bool(stop_on_nonfinite)
     self.last_reports: dict[str, dict[str, Any]] = {}
+    # Rows reset by misalignment in the last `stream` pass (all hosts): count and first examples.
+    self.last_misaligned: dict[str, Any] = {'rows': 0, 'examples': []}
+
+  # -- training --------------------------------------------------------------------------------
+
+  def train(self, batch_iter, num_steps: int, start_step: int | None = None):
+    """T5X's `Trainer.train`, stopping at the first step with a non-finite loss or memory."""
+    if not self._stop_on_nonfinite:
+      return super().train(batch_iter, num_steps, start_step)
+    first = int(start_step if start_step is not None else jax.device_get(self.train_state.step))
+    inner = self._compiled_train_step or self._partitioned_train_step
+    guard = NonFiniteGuard(first)
+
+    def guarded_step(train_state, batch):
+      train_state, metrics = inner(train_state, batch)
+      guard.push(metrics)
+      return train_state, metrics
+
+    compiled = self._compiled_train_step
+    self._compiled_train_step = guarded_step
+    try:
+      summary = super().train(batch_iter, num_steps, start_step)
+    finally:
+      self._compiled_train_step = compiled
+    guard.drain()
+    return summary
 
   # -- the partitioned step --------------------------------------------------------------------
 
@@ -236,12 +269,14 @@ class MemoryTrainer(trainer_lib.Trainer):
     data_spec = self._partitioner.data_partition_spec
 
     def step(params, memory, batch):
-      logits, new_memory, _ = model.apply_with_memory(params, batch, memory)
+      logits, new_memory, intermediates = model.apply_with_memory(params, batch, memory)
       targets = batch['decoder_target_tokens']
+      no_rows = jnp.zeros(targets.shape[:1], bool)
       out = {
         'nll': t5x_model.token_nll(logits, targets),
         'correct': jnp.argmax(logits, axis=-1) == targets,
         'weights': t5x_model.loss_weights(batch),
+        'misaligned': intermediates.get(t5x_model.MISALIGNED_MASK, no_rows),
       }
       return out, new_memory
 
@@ -293,6 +328,7 @@ class MemoryTrainer(trainer_lib.Trainer):
         'seconds': time.time() - tick,
         'memory_mode': self._memory_mode,
         'hosts': jax.process_count(),
+        'misaligned_rows': self.last_misaligned['rows'],
       }
       summary = acc.summary(**extra, **getattr(dataset, 'report_info', {}))
       self.last_reports[name] = summary
@@ -323,13 +359,24 @@ class MemoryTrainer(trainer_lib.Trainer):
     rows. At the end the hosts' accumulators are combined, so every host returns the totals of
     every document of the split.
 
+    The memory holds the global batch: this host's rows times the number of data shards (hosts
+    that read different data). When the model axis spans hosts, several hosts hold the same rows
+    (a replica set); only the first host of each set counts them.
+
     Returns:
       The combined accumulator and the number of steps.
+
+    Raises:
+      ValueError: in 'carried' mode, if any row did not continue its memory's document (it was
+        reset, so its perplexity would be a reset one); counted in `last_misaligned` either way.
     """
     if self._streaming_step is None:
       self._streaming_step = self._make_streaming_step()
     num_hosts = jax.process_count()
+    layout = self._partitioner.get_data_layout()
+    counts_rows = bool(layout.is_first_host_in_replica_set)
     mesh, data_spec = self._partitioner.mesh, self._partitioner.data_partition_spec
+    misaligned, examples = 0, []
     iterator = _fresh_iterator(dataset)
     spec = getattr(iterator, 'element_spec', None) or getattr(dataset, 'element_spec', None)
     acc, memory, num_batches = None, None, 0
@@ -361,13 +408,22 @@ class MemoryTrainer(trainer_lib.Trainer):
           self._bucket_edges or report.default_bucket_edges(length, length + 1),
           grow=not self._bucket_edges,
         )
-        memory = self._zero_memory(flax_mutables, batch_size * num_hosts)
+        memory = self._zero_memory(flax_mutables, batch_size * layout.num_shards)
       if num_hosts > 1:
         dev = t5x_partitioning.host_local_array_to_global_array(dev, mesh, data_spec)
       out, memory = self._streaming_step(params, memory, dev)
       if num_hosts > 1:
         out = multihost_utils.global_array_to_host_local_array(out, mesh, data_spec)
       out = jax.tree_util.tree_map(np.asarray, out)
+      num_batches += 1
+      if not counts_rows:
+        continue  # another host of this replica set counts these rows
+      for r in np.flatnonzero(out['misaligned']):
+        misaligned += 1
+        if len(examples) < 4:
+          examples.append(
+            [num_batches, int(r), int(host['document_id'][r]), int(host['chunk_index'][r])]
+          )
       acc.add(
         out['nll'],
         out['weights'],
@@ -376,11 +432,23 @@ class MemoryTrainer(trainer_lib.Trainer):
         host.get('row_valid'),
         out['correct'],
       )
-      num_batches += 1
     if acc is None:
       raise ValueError('the eval dataset produced no batches; check its split and task name.')
     if num_hosts > 1:
+      if not counts_rows:
+        acc = report.PerplexityAccumulator(list(acc.bucket_edges), grow=acc.grow)
       acc = _combine_across_hosts(acc)
+      misaligned, examples = _combine_misaligned(misaligned, examples)
+    self.last_misaligned = {'rows': misaligned, 'examples': examples}
+    if misaligned and self._memory_mode == 'carried':
+      detail = ', '.join(f'batch {b} row {r}: document {d} chunk {c}' for b, r, d, c in examples)
+      raise ValueError(
+        f'Streaming eval (memory_mode carried): {misaligned} eval rows did not continue the '
+        f'document of their memory and were reset ({detail}); their perplexity would be a reset '
+        'one, not a carried one. Feed eval batches from the document stream '
+        '(train_eval_get_dataset_fn = @t5x_data.get_eval_datasets), whose row r of batch t+1 '
+        "continues row r of batch t, or evaluate with MEMORY_MODE = 'reset'."
+      )
     return acc, num_batches
 
   @staticmethod
@@ -411,6 +479,59 @@ def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.Perplexit
   for host in range(len(sizes)):
     combined.merge_state(json.loads(blobs[host, : int(sizes[host])].tobytes()))
   return combined
+
+
+def _combine_misaligned(count: int, examples: list[list[int]]) -> tuple[int, list[list[int]]]:
+  """Every host's misaligned-row count (summed) and up to 4 examples."""
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray(count, np.int64)))
+  padded = np.full((4, 4), -1, np.int64)
+  for i, e in enumerate(examples[:4]):
+    padded[i] = e
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, 4)
+  return int(counts.sum()), [list(map(int, e)) for e in gathered if e[0] >= 0][:4]
+
+
+class NonFiniteGuard:
+  """Checks each training step's loss and memory for NaN / inf, a few steps behind the device.
+
+  `push` takes the step's metrics (device values; nothing waits), `drain` checks the rest.
+  Checking a step only once a few later ones have been dispatched keeps the device busy.
+
+  Raises:
+    FloatingPointError: naming the first step whose loss or written memory is not finite.
+  """
+
+  LAG = 4
+
+  def __init__(self, first_step: int):
+    self._next = int(first_step)
+    self._pending: list[tuple[int, Any, Any]] = []
+
+  def push(self, metrics: Mapping[str, Any]) -> None:
+    loss = metrics.get('loss')
+    loss = getattr(loss, 'total', loss)
+    memory = metrics.get(t5x_model.NONFINITE_MEMORY)
+    memory = getattr(memory, 'total', memory)
+    self._next += 1
+    self._pending.append((self._next, loss, memory))
+    while len(self._pending) > self.LAG:
+      self._check(*self._pending.pop(0))
+
+  def drain(self) -> None:
+    while self._pending:
+      self._check(*self._pending.pop(0))
+
+  @staticmethod
+  def _check(step: int, loss, memory) -> None:
+    loss_value = None if loss is None else float(np.asarray(jax.device_get(loss)))
+    bad_memory = 0 if memory is None else int(np.asarray(jax.device_get(memory)))
+    if (loss_value is not None and not np.isfinite(loss_value)) or bad_memory:
+      raise FloatingPointError(
+        f'Training step {step}: loss {loss_value}, {bad_memory} non-finite values in the memory '
+        'it wrote. The run stops here (the last checkpoint before this step is intact; a NaN in '
+        "a row's memory would stay until its document ends). Lower the learning rate or check "
+        'the data of this step; t5x_eval.MemoryTrainer.stop_on_nonfinite = False trains on.'
+      )
 
 
 def _fresh_iterator(dataset: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:

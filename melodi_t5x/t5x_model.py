@@ -25,7 +25,8 @@ Metrics: T5X's base metrics (`loss_per_nonpadding_target_token`, `accuracy`, `cr
 ...), plus `cross_ent_loss_per_nonpadding_target_token` (NLL without z-loss), `perplexity`
 (exp of it), `memory/long_term_gate` (mean sigmoid gate of the long-term layers) and
 `memory/reset_fraction` (fraction of rows starting a document), `memory/misaligned_rows` (rows
-reset because they did not continue their memory's document, summed over steps).
+reset because they did not continue their memory's document, summed over steps),
+`memory/nonfinite_values` (NaN / inf values in the memory written, summed over steps).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ INTERMEDIATES = 'intermediates'
 # state belongs to. Handled here, never passed to the module.
 POSITION = 'stream_position'
 MISALIGNED_ROWS = 'memory/misaligned_rows'
+# Intermediate (not a metric): [B] bool, the rows reset because they broke their memory's document.
+MISALIGNED_MASK = 'memory/misaligned_mask'
+# Metric: non-finite (NaN / inf) values in the memory written by a training step.
+NONFINITE_MEMORY = 'memory/nonfinite_values'
 MISALIGNED_MODES = ('reset', 'error')
 
 Array = jax.Array
@@ -244,7 +249,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     updated = dict(updated)
     intermediates = dict(updated.pop(INTERMEDIATES, {}))
     if position is not None:
-      intermediates[MISALIGNED_ROWS] = misaligned
+      intermediates[MISALIGNED_ROWS] = jnp.sum(misaligned.astype(jnp.float32))
+      intermediates[MISALIGNED_MASK] = misaligned
     if flax_mutables is None:
       return logits, None, intermediates
     new = dict(incoming)
@@ -270,8 +276,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     """Checks that each row continues its memory's document; resets the rows that do not.
 
     Returns:
-      the batch with `start_of_sequence` set on misaligned rows, the number of misaligned rows
-      (float32 scalar) and the new `stream_position` (document key and next chunk of each row).
+      the batch with `start_of_sequence` set on misaligned rows, the misaligned rows ([B] bool)
+      and the new `stream_position` (document key and next chunk of each row).
     """
     missing = [k for k in ('document_id', 'chunk_index', 'start_of_sequence') if k not in batch]
     if missing:
@@ -295,7 +301,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       'document': jnp.where(valid, document, 0).astype(position['document'].dtype),
       'next_chunk': jnp.where(valid, chunk + 1, 0).astype(position['next_chunk'].dtype),
     }
-    return batch, jnp.sum(misaligned.astype(jnp.float32)), new_position
+    return batch, misaligned, new_position
 
   # -- loss and metrics ------------------------------------------------------------------------
 
@@ -317,6 +323,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     loss, metrics = self._loss_and_metrics(logits, batch, intermediates)
     if flax_mutables is None:
       return loss, metrics
+    metrics[NONFINITE_MEMORY] = metrics_lib.Sum(total=nonfinite_count(new_mutables.get(MEMORY)))
     return loss, (metrics, new_mutables)
 
   def eval_fn(self, params: PyTree, batch: Mapping[str, Array], flax_mutables: PyTree = None):
@@ -489,6 +496,16 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     if not return_all_decodes:  # the most likely sample (decodes are sorted by score)
       decodes, scores = decodes[:, -1], scores[:, -1]
     return models.remove_prefix(decodes, lengths), {'scores': scores}
+
+
+def nonfinite_count(tree: PyTree) -> Array:
+  """Number of NaN / inf values in the floating-point leaves of `tree` (float32 scalar)."""
+  counts = [
+    jnp.sum(~jnp.isfinite(x)).astype(jnp.float32)
+    for x in jax.tree_util.tree_leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+  return sum(counts, jnp.float32(0.0))
 
 
 def _raise_if_misaligned(misaligned, document, chunk, memory_document) -> None:

@@ -56,6 +56,9 @@ class PreparedStreamIterator(streaming.ChunkStream):
     name: name of the source for messages and the state (e.g. the task name).
   """
 
+  # The schedule (and so the state and the document check) is the same on every host.
+  GLOBAL_SCHEDULE = True
+
   def __init__(
     self,
     split: prepared_lib.PreparedSplit | str,
@@ -118,6 +121,21 @@ class PreparedStreamIterator(streaming.ChunkStream):
         self._orders.pop(min(self._orders))
       self._orders[epoch] = order
     return order
+
+  def check_enough_documents(self, what: str = '') -> None:
+    """Raises unless the split holds at least one document per global batch row (training).
+
+    With fewer documents than rows a document would be streamed by several rows at once (its
+    next epoch's copy). Every host computes the same answer, so all of them stop at the start.
+    """
+    n = self._data.num_documents
+    if n < self._global_rows:
+      raise ValueError(
+        f'Prepared split {self._data.path!r} ({self._name}) has {n} document(s) for a global '
+        f'batch of {self._global_rows} rows{what}: every row streams its own document, so the '
+        'split needs at least as many documents as rows. Use a smaller batch (BATCH_SIZE) or add '
+        'documents.'
+      )
 
   def _take(self) -> list[int] | None:
     """The next document of the schedule as a row `[epoch, position, ordinal, next_chunk]`."""

@@ -394,6 +394,25 @@ class DocumentStreamIterator(ChunkStream):
         self._next_ordinal = 0
     return None
 
+  def check_enough_documents(self, what: str = '') -> None:
+    """Raises unless this shard's split holds at least one document per batch row (training).
+
+    Each row streams its own document; with fewer documents than rows the same document would
+    be in several rows at once (a later epoch's copy), and a shard without documents would stop
+    on its first batch while other hosts wait for it. Reads at most `batch_size` documents.
+    """
+    count = 0
+    for _ in self._source_documents(0):
+      count += 1
+      if count >= self._batch_size:
+        return
+    raise ValueError(
+      f'Source {self._source_name!r} (split {self._split!r}) has {count} document(s) in shard '
+      f'{self._shard_id} of {self._num_shards}{what}, which streams {self._batch_size} batch '
+      'rows: every row streams its own document, so each shard needs at least as many documents '
+      'as rows. Use a smaller batch (BATCH_SIZE) or fewer hosts / stream shards, or add documents.'
+    )
+
   # ----------------------------------------------------------------------------------------------
   # DatasetIterator interface.
 

@@ -69,9 +69,14 @@ def test_long_layers_family_end_to_end(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-  for name, layers in (('one_l64', '(1,)'), ('two_l32', '(0, 1)')):
-    run = root / 'long_layers' / name
-    assert f'long_term_memory_layers = {layers}' in (run / 'experiment.gin').read_text()
+  # one_l64 is the tiny main S128+L64 configuration: it trains (once) in main's folder.
+  tiny = experiments.sweep('long_layers', size='tiny', dataset='text_corpus')
+  runs = {e.table_name: e.run_id for e in tiny}
+  assert runs['one_l64'] == 'main/text_corpus_melodi_s128_l64'
+  for name, layers in (('one_l64', None), ('two_l32', '(0, 1)')):
+    run = root / runs[name]
+    if layers:
+      assert f'long_term_memory_layers = {layers}' in (run / 'experiment.gin').read_text()
     assert (run / f'checkpoint_{STEPS}').is_dir()
     report = json.loads((run / 'eval' / f'text_corpus_step{STEPS}_carried.json').read_text())
     assert report['memory_mode'] == 'carried' and report['documents'] == 3

@@ -234,3 +234,31 @@ def test_quickstart_trains_any_architecture_with_one_binding(
     gin.clear_config(clear_constants=True)
   assert type(built).__name__ == expected_class
   assert built.config == dataclasses.replace(expected, dropout_rate=0.0, attention_dropout_rate=0.0)
+
+
+def _data_seed(gin_files, bindings):
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+    seed = gin.query_parameter('train/utils.DatasetConfig.seed')
+    while hasattr(seed, 'scoped_configurable_fn'):  # macro references (DATA_SEED -> RANDOM_SEED)
+      seed = seed.scoped_configurable_fn()
+    return seed
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+@pytest.mark.parametrize(
+  'gin_files',
+  [['quickstart.gin'], ['experiments/train.gin', 'experiments/ablations/coverage/fifo064.gin']],
+  ids=['quickstart', 'experiment'],
+)
+def test_data_seed_follows_random_seed_unless_set(gin_files, monkeypatch):
+  """Issue 16 item 4: seed replicates (RANDOM_SEED=N) also get their own document order."""
+  pytest.importorskip('t5x', reason='the run files include T5X run files: see docs/t5x.md')
+  monkeypatch.setattr(sys.modules['__main__'], 'train', _train, raising=False)
+  files = [os.path.join(GIN_DIR, g) for g in gin_files]
+  base = ["MODEL_DIR = '/tmp/unused'"]
+  assert _data_seed(files, base + ['RANDOM_SEED = 3']) == 3
+  assert _data_seed(files, base + ['RANDOM_SEED = 3', 'DATA_SEED = 7']) == 7
+  assert _data_seed(files, base + ['RANDOM_SEED = 0']) == 0

@@ -104,3 +104,68 @@ def test_tiny_sweep_prints_memory_in_thousands(tmp_path, capsys):
     assert 0 < floats < 1e6, (exp.name, floats)
     label = experiments.MODELS[exp.model].label
     assert f'| {label} | {floats / 1e3:.1f} |' in carried, label
+
+
+def _write_at(root, run_id, dataset, step, mode, ppl):
+  eval_dir = root / run_id / 'eval'
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  report = {'perplexity': ppl, 'tokens': 1000, 'checkpoint_step': step, 'memory_mode': mode}
+  (eval_dir / f'{dataset}_step{step}_{mode}.json').write_text(json.dumps(report))
+
+
+def test_seed_replicates_show_mean_and_spread(tmp_path, capsys):
+  """Issue 16 item 4: `<run_dir>/seed<N>` replicates -> mean ± sample std (n), min-max in JSON."""
+  exps = experiments.sweep('coverage')
+  for seed, ppl in ((0, 10.0), (1, 11.0), (2, 12.5)):
+    _write_at(tmp_path, f'{exps[0].run_id}/seed{seed}', exps[0].dataset, 200_000, 'carried', ppl)
+  _write_at(tmp_path, exps[1].run_id, exps[1].dataset, 200_000, 'carried', 9.0)  # one seed
+  out = tmp_path / 'out'
+  paper_tables.main(['--sweep=coverage', f'--model_dir_root={tmp_path}', f'--out_dir={out}'])
+  md = capsys.readouterr().out
+  rows = [x for x in md.splitlines() if x.startswith('| ') and 'windows' in x]
+  mean = (10.0 + 11.0 + 12.5) / 3
+  std = math.sqrt(((10 - mean) ** 2 + (11 - mean) ** 2 + (12.5 - mean) ** 2) / 2)
+  assert f'| 11.17 ± {std:.2f} (n=3) |' in rows[0]
+  assert '| 9.00 |' in rows[1] and '±' not in rows[1]
+  assert 'mean ± sample standard deviation' in md
+  run = json.loads((out / 'coverage.json').read_text())['runs'][0]
+  rep = run['replicates']['carried']
+  assert (rep['n'], rep['min'], rep['max']) == (3, 10.0, 12.5)
+  assert math.isclose(rep['mean'], mean) and math.isclose(rep['std'], std)
+  assert [r['replicate'] for r in rep['runs']] == ['seed0', 'seed1', 'seed2']
+
+
+def test_window_plot_is_the_increase_over_w512(tmp_path):
+  """Issue 16 item 10: the paper plots perplexity minus the same model's W=512 perplexity."""
+  ppl = {('melodi_s128_l64', 512): 10.0, ('melodi_s128_l64', 256): 10.5}
+  ppl |= {('melodi_s128_l64', 128): 11.5, ('xl', 512): 12.0, ('xl', 256): 13.0, ('xl', 128): 15.0}
+  for exp in experiments.sweep('window'):
+    key = (exp.model, int(exp.column[2:]))
+    if key in ppl:
+      _write_at(tmp_path, exp.run_id, exp.dataset, 200_000, 'carried', ppl[key])
+  out = tmp_path / 'out'
+  paper_tables.main(['--sweep=window', f'--model_dir_root={tmp_path}', f'--out_dir={out}'])
+  data = json.loads((out / 'window.json').read_text())
+  lines = data['plot']['series']
+  assert 'increase in perplexity over W=512' in data['plot']['ylabel']
+  assert lines['MELODI S128+L64'] == [[128, 1.5, 'W=128'], [256, 0.5, 'W=256'], [512, 0.0, 'W=512']]
+  assert lines['Transformer-XL'] == [[128, 3.0, 'W=128'], [256, 1.0, 'W=256'], [512, 0.0, 'W=512']]
+  assert data['plot_absolute']['series']['Transformer-XL'][0][1] == 15.0
+  for name in ('window.png', 'window_absolute.png'):
+    assert (out / name).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_memory_tradeoff_plot_varies_s_along_each_l(tmp_path):
+  """Issue 16 item 10: one line per long-term increment L; S varies along it."""
+  pytest.importorskip('melodi_t5x.memory_accounting')
+  for i, exp in enumerate(experiments.sweep('memory_tradeoff')):
+    _write_at(tmp_path, exp.run_id, exp.dataset, 200_000, 'carried', 12.0 - 0.1 * i)
+  out = tmp_path / 'out'
+  paper_tables.main(['--sweep=memory_tradeoff', f'--model_dir_root={tmp_path}', f'--out_dir={out}'])
+  data = json.loads((out / 'memory_tradeoff.json').read_text())
+  lines = data['plot']['series']
+  assert sorted(lines) == ['L=0 (no long-term)', 'L=32', 'L=64', 'L=96']
+  for pts in lines.values():
+    assert [p[2] for p in pts] == ['S64', 'S128', 'S192']  # memory grows with S on a fixed L
+  assert sorted(data['plot_by_s']['series']) == ['S128', 'S192', 'S64']
+  assert (out / 'memory_tradeoff_by_s.png').read_bytes()[:4] == b'\x89PNG'

@@ -7,7 +7,9 @@ same global batch (4 devices, `stream_shards=2`), to float tolerance; train-eval
 equals the one-process one; the eval report counts every token of the validation split exactly
 once (host 0 streams two plays, host 1 one: the hosts run different numbers of batches) and its
 perplexity equals a one-process, one-device eval; a two-process run killed after a checkpoint
-resumes exactly.
+resumes exactly; a two-process checkpoint resumed by one process, and a one-process checkpoint by
+two, continue exactly (T5X's per-process dataset files); `t5x.eval` with the model axis across the
+two processes (data=1 x model=2, one device each) counts every token once and equals one process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,14 +92,17 @@ def _env(devices: int):
   return env
 
 
-def _launch(script, gin_files, bindings, logs, processes):
-  """Starts `processes` processes of `t5x.<script>` (1: plain; 2: via melodi_t5x.multihost)."""
+def _launch(script, gin_files, bindings, logs, processes, devices=None):
+  """Starts `processes` processes of `t5x.<script>` (1: plain; 2: via melodi_t5x.multihost).
+
+  `devices`: CPU devices per process (default: 4 for one training process, else 1 or 2).
+  """
   port = _free_port()
   procs = []
   for i, log in enumerate(logs):
     if processes == 1:
       cmd = [sys.executable, '-m', f't5x.{script}']
-      env = _env(4 if script == 'train' else 1)
+      env = _env(devices or (4 if script == 'train' else 1))
     else:
       cmd = [
         sys.executable,
@@ -106,7 +112,7 @@ def _launch(script, gin_files, bindings, logs, processes):
       ]
       cmd += [f'--num_processes={processes}', f'--process_id={i}', '--cpu_collectives=gloo', '--']
       cmd += [f't5x.{script}']
-      env = _env(2)
+      env = _env(devices or 2)
     cmd += ['--alsologtostderr', *_gin_flags(gin_files, bindings)]
     out = open(log, 'w')
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
@@ -119,8 +125,8 @@ def _wait(procs, logs):
     assert rc == 0, f'rc={rc}; log {log}:\n' + open(log).read()[-4000:]
 
 
-def _run(script, gin_files, bindings, logs, processes):
-  _wait(_launch(script, gin_files, bindings, logs, processes), logs)
+def _run(script, gin_files, bindings, logs, processes, devices=None):
+  _wait(_launch(script, gin_files, bindings, logs, processes, devices), logs)
 
 
 def _metric(log, collection, name) -> dict[int, float]:
@@ -243,3 +249,85 @@ def test_two_process_kill_and_resume_continues_exactly(runs):
   assert start >= 2 and start % 2 == 0, sorted(resumed)
   uninterrupted = _metric(runs / 'train_two_0.log', 'train', name)
   assert resumed == {s: uninterrupted[s] for s in range(start + 1, STEPS + 1)}
+
+
+def _truncated_copy(src, dst, last_step):
+  """A copy of a model dir without the checkpoints after `last_step` (a run stopped there)."""
+  shutil.copytree(src, dst)
+  for path in dst.glob('checkpoint_*'):
+    if int(path.name.split('_')[1]) > last_step:
+      shutil.rmtree(path)
+
+
+def test_resume_on_another_process_count_continues_exactly(runs):
+  """Issue 16 item 1: two processes' checkpoint resumed by one process, and one's by two.
+
+  T5X saves the data position per process (`dataset/process_{i}-of-{n}/train_ds-...`) and
+  restores `process_{i}-of-{n'}` on n' processes: a file that was never written.
+  """
+  name = 'loss_per_nonpadding_target_token'
+  two_to_one, one_to_two = runs / 'two_to_one', runs / 'one_to_two'
+  _truncated_copy(runs / 'two', two_to_one, 4)
+  _truncated_copy(runs / 'one', one_to_two, 4)
+  assert (two_to_one / 'checkpoint_4' / 'dataset' / 'process_1-of-2').is_dir()
+  logs_one = [runs / 'two_to_one.log']
+  logs_two = [runs / 'one_to_two_0.log', runs / 'one_to_two_1.log']
+  one = _launch('train', [runs / 'train.gin'], [('MODEL_DIR', str(two_to_one))], logs_one, 1)
+  two = _launch('train', [runs / 'train.gin'], [('MODEL_DIR', str(one_to_two))], logs_two, 2)
+  _wait(one, logs_one)
+  _wait(two, logs_two)
+  uninterrupted = _metric(runs / 'train_two_0.log', 'train', name)
+  for log in (logs_one[0], logs_two[0]):
+    resumed = _metric(log, 'train', name)
+    print(log.name, {s: f'{v:.6f}' for s, v in resumed.items()})
+    assert sorted(resumed) == [5, 6], resumed  # resumed from checkpoint_4
+    for step, loss in resumed.items():
+      assert loss == pytest.approx(uninterrupted[step], rel=2e-5), (log.name, step)
+    misaligned = _metric(log, 'train', 'memory/misaligned_rows')
+    assert misaligned and set(misaligned.values()) == {0.0}  # every row went on with its document
+  print('uninterrupted', {s: f'{uninterrupted[s]:.6f}' for s in (5, 6)})
+
+
+def test_eval_with_the_model_axis_across_processes(runs):
+  """Issue 16 item 8: data=1 x model=2 over two processes (one device each).
+
+  Both processes hold the same rows (one replica set): memory has the global batch of the data
+  shards (not batch x processes) and the rows are counted once.
+  """
+  import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import t5x_eval  # pylint: disable=g-import-not-at-top
+
+  gin_file = runs / 'eval_model_axis.gin'
+  text = EVAL_GIN.replace(
+    'from t5x import utils\n',
+    'from t5x import utils\nfrom melodi_t5x import partitioning as melodi_partitioning\n',
+  )
+  text += DATA_PARALLEL_EVAL + 'melodi_partitioning.HostMeshPartitioner.num_partitions = 2\n'
+  gin_file.write_text(text)
+  ckpt = str(runs / 'two' / f'checkpoint_{STEPS}')
+  out = runs / 'eval_model_axis'
+  logs = [runs / 'eval_model_axis_0.log', runs / 'eval_model_axis_1.log']
+  bindings = [('CHECKPOINT_PATH', ckpt), ('EVAL_OUTPUT_DIR', str(out))]
+  _run('eval', [gin_file], bindings, logs, 2, devices=1)
+  rep = json.loads(open(t5x_eval.report_path(str(out), 'local_books', STEPS)).read())
+  one_dir = runs / 'eval_one_model_axis'
+  _run(
+    'eval',
+    [runs / 'eval_one.gin'],
+    [('CHECKPOINT_PATH', ckpt), ('EVAL_OUTPUT_DIR', str(one_dir))],
+    [runs / 'eval_one_model_axis.log'],
+    1,
+  )
+  rep_one = json.loads(open(t5x_eval.report_path(str(one_dir), 'local_books', STEPS)).read())
+  print(
+    f'data=1 x model=2 on 2 processes: tokens {rep["tokens"]}, documents {rep["documents"]}, '
+    f'perplexity {rep["perplexity"]:.6f}; one process: tokens {rep_one["tokens"]}, perplexity '
+    f'{rep_one["perplexity"]:.6f}'
+  )
+  assert rep['hosts'] == 2 and rep['misaligned_rows'] == 0
+  assert (rep['tokens'], rep['documents'], rep['chunks']) == (
+    rep_one['tokens'],
+    rep_one['documents'],
+    rep_one['chunks'],
+  )
+  assert rep['perplexity'] == pytest.approx(rep_one['perplexity'], rel=1e-5)

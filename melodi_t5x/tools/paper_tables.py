@@ -115,16 +115,42 @@ def memory_floats(exp: experiments.Experiment) -> tuple[float | None, int | None
   return memory_accounting.paper_millions(cfg), memory_accounting.paper_floats(cfg)
 
 
+def replicate_dirs(run_dir: epath.Path) -> list[tuple[str, epath.Path]]:
+  """(label, model dir) of a run's trainings: `<run_dir>` itself and each `<run_dir>/seed<N>`.
+
+  Seed replicates (the launcher's `--seeds`) train into `<run_dir>/seed<N>`; a single default
+  seed trains into `<run_dir>`. Each with its own `eval/` folder.
+  """
+  out = [('', run_dir)]
+  if run_dir.exists():
+    seeds = [p for p in run_dir.iterdir() if re.fullmatch(r'seed\d+', p.name) and p.is_dir()]
+    out += [(p.name, p) for p in sorted(seeds, key=lambda p: int(p.name[4:]))]
+  return out
+
+
+def combine(values: Sequence[float]) -> dict[str, Any]:
+  """Mean and spread of replicate perplexities: sample std (ddof 1), min and max."""
+  n = len(values)
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return {'n': n, 'mean': mean, 'std': std, 'min': min(values), 'max': max(values)}
+
+
 def collect(
   exps: Sequence[experiments.Experiment], root: str, train_steps: int | None = None
 ) -> list[dict[str, Any]]:
-  """One record per experiment: status, perplexities per memory mode, memory, labels."""
+  """One record per table entry: status, perplexities per memory mode, memory, labels.
+
+  An entry whose configuration another experiment trains (`Experiment.alias`) reads that run.
+  With seed replicates, `perplexity` is their mean and `replicates` holds each one and the spread.
+  """
   runs = []
   for exp in exps:
     steps = train_steps or exp.train_steps
-    eval_dir = epath.Path(f'{root.rstrip("/")}/{exp.sweep}/{exp.name}') / 'eval'
+    run_dir = epath.Path(f'{root.rstrip("/")}/{exp.run_id}')
     record = {
-      'name': exp.name,
+      'name': exp.table_name,
+      'run': exp.run_id,
       'model': exp.model,
       'dataset': exp.dataset,
       'row': exp.row,
@@ -136,12 +162,31 @@ def collect(
       'memory_floats': None,
       'perplexity': {},
       'status': {},
+      'replicates': {},
     }
     record['memory_mfloats'], record['memory_floats'] = memory_floats(exp)
     for mode in experiments.MEMORY_MODES:
-      status, report = read_report(eval_dir, exp.dataset, steps, mode)
-      record['status'][mode] = status
-      record['perplexity'][mode] = report['perplexity'] if report else None
+      found, pending, default_status = [], [], MISSING
+      for label, model_dir in replicate_dirs(run_dir):
+        status, report = read_report(model_dir / 'eval', exp.dataset, steps, mode)
+        if report:
+          found.append({'replicate': label or 'default', 'perplexity': report['perplexity']})
+        elif label:
+          pending.append(f'{label}: {status}')
+        else:
+          default_status = status
+      if found:
+        spread = combine([f['perplexity'] for f in found])
+        record['perplexity'][mode] = spread['mean']
+        record['status'][mode] = 'done' if len(found) == 1 else f'done ({len(found)} replicates)'
+        record['replicates'][mode] = {'runs': found, **spread, 'pending': pending}
+      else:
+        record['perplexity'][mode] = None
+        statuses = {p.split(': ', 1)[1] for p in pending}
+        if statuses == {MISSING}:
+          record['status'][mode] = MISSING
+        else:
+          record['status'][mode] = '; '.join(pending[:3]) if pending else default_status
     runs.append(record)
   return runs
 
@@ -149,11 +194,22 @@ def collect(
 # -- tables --------------------------------------------------------------------------------------
 
 
+SPREAD_NOTE = (
+  'Runs with seed replicates show mean ± sample standard deviation over the n replicates '
+  '(min-max in the JSON).'
+)
+
+
 def _cell(run: dict[str, Any] | None, mode: str) -> str:
   if run is None:
     return 'not in sweep'
   ppl = run['perplexity'][mode]
-  return f'{ppl:.2f}' if ppl is not None else run['status'][mode]
+  if ppl is None:
+    return run['status'][mode]
+  rep = run.get('replicates', {}).get(mode)
+  if rep and rep['n'] > 1:
+    return f'{ppl:.2f} ± {rep["std"]:.2f} (n={rep["n"]})'
+  return f'{ppl:.2f}'
 
 
 def _memory_column(runs: Sequence[dict[str, Any]]):
@@ -192,8 +248,9 @@ def ablation_table(runs: Sequence[dict[str, Any]]) -> str:
     '|---|---:|---:|---:|---|',
   ]
   for r in runs:
+    run = r['name'] if r['run'].endswith(f'/{r["name"]}') else f'{r["run"]} (shared)'
     lines.append(
-      f'| {r["row"]} | {_mem(r, fmt)} | {_cell(r, "carried")} | {_cell(r, "reset")} | {r["name"]} |'
+      f'| {r["row"]} | {_mem(r, fmt)} | {_cell(r, "carried")} | {_cell(r, "reset")} | {run} |'
     )
   return '\n'.join(lines)
 
@@ -226,8 +283,60 @@ def timing_table(root: str) -> tuple[str, list[dict[str, Any]]]:
 # -- plots ---------------------------------------------------------------------------------------
 
 
-def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
-  """PNG of an ablation family: perplexity (carried) against its x, or bars."""
+# The paper's plot of a family, and the other form also written (`<sweep>_<suffix>.png`).
+ALTERNATIVE_PLOTS = {'memory_tradeoff': 'by_s', 'window': 'absolute'}
+WINDOW_REFERENCE = 'W=512'
+
+
+def plot_series(sweep: str, runs: Sequence[dict[str, Any]], form: str = 'paper') -> dict[str, Any]:
+  """The lines of a family's plot: {'xlabel', 'ylabel', 'log2', 'series': {label: points}}.
+
+  Points are `[x, y, label]` (carried perplexity; runs without a final report are left out).
+  `form='paper'` is the paper's figure: for `memory_tradeoff` one line per long-term increment L
+  along which S varies (points labelled by S); for `window` the increase in perplexity over W=512
+  of the same model as the window shrinks. The other form (`ALTERNATIVE_PLOTS`): one line per S,
+  and absolute perplexity.
+  """
+  xlabel, key, log2 = PLOT_X[sweep]
+  ylabel = 'test perplexity (carried memory)'
+  done = [r for r in runs if r['perplexity']['carried'] is not None]
+
+  def group(r):
+    if sweep == 'memory_tradeoff' and form != 'paper':
+      return _summary_label(r)  # one line per S
+    return r['series']
+
+  series: dict[str, list[list[Any]]] = {}
+  for r in done:
+    x = _plot_x(r, key)
+    if x is None:
+      continue
+    if sweep == 'memory_tradeoff':
+      label = _summary_label(r) if form == 'paper' else r['series']
+    else:
+      label = r['row'] if sweep != 'window' else r['column']
+    series.setdefault(group(r), []).append([x, r['perplexity']['carried'], label])
+  if sweep == 'window' and form == 'paper':
+    ylabel = f'increase in perplexity over {WINDOW_REFERENCE} (same model)'
+    reference = {
+      r['series']: r['perplexity']['carried'] for r in done if r['column'] == WINDOW_REFERENCE
+    }
+    series = {
+      name: [[x, y - reference[name], label] for x, y, label in pts]
+      for name, pts in series.items()
+      if name in reference
+    }
+  ordered = {name: sorted(pts, key=lambda p: p[0]) for name, pts in series.items()}
+  return {'xlabel': xlabel, 'ylabel': ylabel, 'log2': log2, 'series': ordered}
+
+
+def _summary_label(run: dict[str, Any]) -> str:
+  """'S128' of a memory trade-off row ('S128+L64' or 'S128 (no long-term)')."""
+  return run['row'].split('+')[0].split(' ')[0]
+
+
+def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path, form: str = 'paper') -> None:
+  """PNG of an ablation family: its `plot_series` lines, or bars for the families without x."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -236,27 +345,19 @@ def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   done = [r for r in runs if r['perplexity']['carried'] is not None]
   missing = len(runs) - len(done)
+  ylabel = 'test perplexity (carried memory)'
   if sweep in PLOT_X:
-    xlabel, key, log2 = PLOT_X[sweep]
-    for series in dict.fromkeys(r['series'] for r in runs):
-      pts = sorted(
-        (
-          (_plot_x(r, key), r['perplexity']['carried'], r)
-          for r in done
-          if r['series'] == series and _plot_x(r, key) is not None
-        ),
-        key=lambda p: p[0],
-      )
-      if not pts:
-        continue
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=series)
+    lines = plot_series(sweep, runs, form)
+    for name, pts in lines['series'].items():
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=name)
       if sweep == 'memory_tradeoff':
-        for x, y, r in pts:
-          ax.annotate(r['row'].split('+')[-1].split(' ')[0], (x, y), fontsize=7)
-    if log2:
+        for x, y, label in pts:
+          ax.annotate(label, (x, y), fontsize=7)
+    if lines['log2']:
       ax.set_xscale('log', base=2)
-    ax.set_xlabel(xlabel)
-    if len({r['series'] for r in runs}) > 1:
+    ax.set_xlabel(lines['xlabel'])
+    ylabel = lines['ylabel']
+    if len(lines['series']) > 1:
       ax.legend(fontsize=8)
   else:
     labels = [
@@ -265,7 +366,7 @@ def plot(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
     ax.bar(range(len(runs)), [r['perplexity']['carried'] or 0.0 for r in runs])
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(labels, rotation=15, ha='right', fontsize=8)
-  ax.set_ylabel('test perplexity (carried memory)')
+  ax.set_ylabel(ylabel)
   title = f'{sweep}' + (
     f' ({missing} of {len(runs)} runs without a final report)' if missing else ''
   )
@@ -312,7 +413,13 @@ def build(sweep: str, root: str, size: str, task: str | None, train_steps: int |
     )
   else:
     md = f'## Ablation: {sweep}\n\n' + ablation_table(runs) + '\n'
+  if any(rep['n'] > 1 for r in runs for rep in r['replicates'].values()):
+    md += f'\n{SPREAD_NOTE}\n'
   data = {'sweep': sweep, 'size': size, 'model_dir_root': root, 'runs': runs}
+  if sweep in PLOT_X:
+    data['plot'] = plot_series(sweep, runs)
+    if sweep in ALTERNATIVE_PLOTS:
+      data[f'plot_{ALTERNATIVE_PLOTS[sweep]}'] = plot_series(sweep, runs, 'alternative')
   return md, data, runs
 
 
@@ -334,6 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if runs and args.sweep != 'main':
     plot(args.sweep, runs, out / f'{args.sweep}.png')
     print(f'plot: {out / f"{args.sweep}.png"}')
+    if args.sweep in ALTERNATIVE_PLOTS:
+      alt = out / f'{args.sweep}_{ALTERNATIVE_PLOTS[args.sweep]}.png'
+      plot(args.sweep, runs, alt, 'alternative')
+      print(f'plot: {alt}')
   print(f'written: {out / args.sweep}.{{md,json}}')
   return 0
 

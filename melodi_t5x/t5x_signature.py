@@ -1,0 +1,148 @@
+"""What a checkpoint was trained with: architecture and vocabulary, checked before any restore.
+
+T5X restores a checkpoint into whatever model the gin files build. Another architecture fails
+deep inside the restore with a pytree-structure error (mentioning leaves such as
+`stream_position`); another vocabulary of the same padded size restores cleanly and scores the
+wrong ids. `t5x.train` therefore writes `<MODEL_DIR>/model_signature.json` (architecture, config
+class, config, vocabulary name, size and checksum of its SentencePiece model) and `t5x.eval` /
+`t5x.infer` compare it with the model they build before restoring, with an error naming both.
+
+Gin hooks (in `gin/runs/melodi_pretrain.gin`, `melodi_eval.gin`, `gin/infer.gin`):
+
+  train_script.train.model_dir = @t5x_signature.signed_model_dir()      # writes or checks
+  utils.RestoreCheckpointConfig.path = @t5x_signature.checked_checkpoint_path()   # checks
+
+A model directory without the file (trained before it existed) is not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import zlib
+from typing import Any
+
+from absl import logging
+
+SIGNATURE_FILE = 'model_signature.json'
+FORMAT_VERSION = 1
+
+
+def vocabulary_fingerprint(vocabulary) -> dict[str, Any]:
+  """Name, size and checksum (CRC32 of the SentencePiece model) of a seqio vocabulary.
+
+  Two vocabularies are the same when their sizes and checksums agree (a task that borrows another
+  task's vocabulary, `vocabulary_task`, has that task's checksum). Without a SentencePiece model
+  the checksum is None and only the size is compared.
+  """
+  resolved = getattr(vocabulary, 'resolved', vocabulary)
+  model = getattr(resolved, 'sp_model', None)
+  checksum = zlib.crc32(model) if isinstance(model, bytes | bytearray) else None
+  return {
+    'name': repr(vocabulary),
+    'size': int(vocabulary.vocab_size),
+    'file': getattr(resolved, 'sentencepiece_model_file', None),
+    'checksum': checksum,
+  }
+
+
+def model_signature(model) -> dict[str, Any]:
+  """The signature of a T5X model: its module's class, config and vocabulary."""
+  module = model.module
+  config = getattr(module, 'config', None)
+  fields = {}
+  if dataclasses.is_dataclass(config):
+    fields = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+  return {
+    'version': FORMAT_VERSION,
+    'architecture': type(module).__name__,
+    'config_class': type(config).__name__ if config is not None else None,
+    'config': fields,
+    'vocabulary': vocabulary_fingerprint(model.output_vocabulary),
+  }
+
+
+def _describe_vocabulary(v: dict[str, Any]) -> str:
+  file = f', file {v["file"]}' if v.get('file') else ''
+  return f'{v["name"]} (size {v["size"]}, checksum {v["checksum"]}{file})'
+
+
+def mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+  """A sentence naming what differs between a saved and a current signature, or None."""
+  problems = []
+  if (saved['architecture'], saved['config_class']) != (
+    current['architecture'],
+    current['config_class'],
+  ):
+    problems.append(
+      f'architecture {saved["architecture"]} ({saved["config_class"]}) in the checkpoint, '
+      f'{current["architecture"]} ({current["config_class"]}) in this run: bind the same MODULE '
+      "and model file as the training run (e.g. --gin.MODULE='@xl.XLDecoder()' for a "
+      'Transformer-XL checkpoint)'
+    )
+  sv, cv = saved['vocabulary'], current['vocabulary']
+  same_checksum = sv['checksum'] is None or cv['checksum'] is None
+  same_checksum = same_checksum or sv['checksum'] == cv['checksum']
+  if sv['size'] != cv['size'] or not same_checksum:
+    problems.append(
+      f'vocabulary {_describe_vocabulary(sv)} in the checkpoint, {_describe_vocabulary(cv)} in '
+      'this run: evaluate with the vocabulary the model was trained with (the task of the '
+      'training run, or tasks.TextCorpusConfig.vocabulary_task / vocabulary_path naming it)'
+    )
+  return '; '.join(problems) or None
+
+
+def model_dir_of(checkpoint_path: str) -> str:
+  """The model directory of a checkpoint path (`.../checkpoint_N` or the directory itself)."""
+  path = str(checkpoint_path).rstrip('/')
+  if re.fullmatch(r'checkpoint_\d+', os.path.basename(path)):
+    return os.path.dirname(path)
+  return path
+
+
+def read_signature(model_dir: str) -> dict[str, Any] | None:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  path = epath.Path(model_dir) / SIGNATURE_FILE
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def check(model, checkpoint_path: str, what: str) -> None:
+  """Raises ValueError if the model directory's signature differs from `model`'s."""
+  model_dir = model_dir_of(checkpoint_path)
+  saved = read_signature(model_dir)
+  if saved is None:
+    logging.warning(
+      'No %s in %s (trained before signatures were written): architecture and vocabulary of the '
+      'checkpoint are not checked.',
+      SIGNATURE_FILE,
+      model_dir,
+    )
+    return
+  problem = mismatch(saved, model_signature(model))
+  if problem:
+    raise ValueError(f'{what} {checkpoint_path} does not fit this model: {problem}.')
+
+
+def signed_model_dir(model_dir: str, model) -> str:
+  """`train_script.train.model_dir`: checks (resume) or writes (new run) the signature."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  check(model, model_dir, 'The model directory')
+  if read_signature(model_dir) is None and jax.process_index() == 0:
+    path = epath.Path(model_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / SIGNATURE_FILE).write_text(json.dumps(model_signature(model), indent=1) + '\n')
+  return model_dir
+
+
+def checked_checkpoint_path(path, model):
+  """`utils.RestoreCheckpointConfig.path` of eval / infer: checks the signature, returns `path`."""
+  for p in [path] if isinstance(path, str) else list(path):
+    check(model, p, 'The checkpoint')
+  return path
