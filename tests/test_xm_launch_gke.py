@@ -106,7 +106,12 @@ def test_manifest_invariants(sweep, accelerator):
       assert DNS_1035.match(pod) and len(pod) + 6 <= 63, pod
     labels = m['metadata']['labels']
     assert labels['kueue.x-k8s.io/queue-name'] == 'multislice-queue'
-    assert labels['melodi-t5x/sweep'] == sweep
+    # A run another family trains (a shared entry, `Experiment.alias`) keeps that family's label.
+    assert labels['melodi-t5x/sweep'] == p.group.split('/')[0]
+    if sweep in ('timing', 'prepare'):
+      assert labels['melodi-t5x/sweep'] == sweep
+    else:
+      assert labels['melodi-t5x/sweep'] in {e.sweep for e in experiments.sweep(sweep)}
     if sweep not in ('timing', 'prepare'):
       assert labels['melodi-t5x/experiment'] == p.group.split('/')[1]
     annotations = m['metadata']['annotations']
@@ -192,15 +197,15 @@ def test_seeds_make_replicate_runs():
   for p in plans:
     seed = int(p.group.rsplit('seed', 1)[1])
     train = p.jobs[0]
-    assert train.model_dir.endswith(f'/branching/{p.group.split("/")[1]}/seed{seed}')
+    assert train.model_dir.endswith(f'/{p.group}') and p.group.endswith(f'/seed{seed}')
     assert f'RANDOM_SEED={seed}' in train.bindings and f'DATA_SEED={seed}' in train.bindings
     assert p.manifest['metadata']['labels']['melodi-t5x/seed'] == str(seed)
     assert all(j.model_dir == train.model_dir for j in p.jobs)
   # One seed other than 0 is a replicate too; the default keeps today's paths.
   [one] = jobs_lib.sweep_jobs(ROOT, sweep='long_layers', seeds=(3,), eval_modes=())[:1]
-  assert one.model_dir == f'{ROOT}/long_layers/one_l64/seed3'
+  assert one.model_dir == f'{ROOT}/memory_tradeoff/s128_l64/seed3'  # one_l64's run (shared)
   [default] = jobs_lib.sweep_jobs(ROOT, sweep='long_layers', eval_modes=())[:1]
-  assert default.model_dir == f'{ROOT}/long_layers/one_l64'
+  assert default.model_dir == f'{ROOT}/memory_tradeoff/s128_l64'
   assert 'RANDOM_SEED=0' in default.bindings and not any('DATA_SEED' in b for b in default.bindings)
   for bad in ('0,0', '-1', 'a', ''):
     with pytest.raises(ValueError, match='--seeds'):
@@ -378,7 +383,7 @@ FAKE = textwrap.dedent(
   if argv[:2] == ['get', 'jobsets']:
     names = sorted(f[len('created-'):] for f in os.listdir(state) if f.startswith('created-'))
     items = [{{'metadata': {{'name': n}}, 'status': {{'restarts': 1, 'terminalState': 'Completed'
-              if n.endswith('one-l64') else ''}}}} for n in names]
+              if n.endswith('s128-l64') else ''}}}} for n in names]
     print(json.dumps({{'items': items}})); sys.exit(0)
   if argv[:1] == ['create']:
     name = json.loads(stdin)['metadata']['name']
@@ -567,8 +572,9 @@ def test_status_lists_jobsets_and_finished_steps(tmp_path, capsys, fake_cloud):
            f'--model_dir_root={root}', '--image=img:1', '--noprepared']  # fmt: skip
   code, out = _launch(sweep, capsys)
   assert code == 0, out
-  # one_l64 trained and evaluated with carried memory; two_l32 has nothing yet.
-  run = root / 'long_layers' / 'one_l64'
+  # one_l64 (trained as memory_tradeoff/s128_l64, the same configuration) trained and evaluated
+  # with carried memory; two_l32 has nothing yet.
+  run = root / 'memory_tradeoff' / 's128_l64'
   (run / 'checkpoint_200000').mkdir(parents=True)
   (run / 'checkpoint_200000' / 'commit_success.txt').write_text('ok')
   (run / 'eval').mkdir()
@@ -576,9 +582,9 @@ def test_status_lists_jobsets_and_finished_steps(tmp_path, capsys, fake_cloud):
   code, out = _launch([*sweep, '--status'], capsys)
   assert code == 0, out
   lines = {line.split()[0]: line for line in out.splitlines() if line.startswith('melodi-')}
-  one, two = lines['melodi-long-layers-one-l64'], lines['melodi-long-layers-two-l32']
+  one, two = lines['melodi-memory-tradeoff-s128-l64'], lines['melodi-long-layers-two-l32']
   assert 'Completed' in one and 'train:done eval_carried:done eval_reset:-' in one
   assert 'Active' in two and 'train:- eval_carried:- eval_reset:-' in two
   assert '0 of 2 JobSets have every step done' in out
   assert fake_cloud()[-1]['argv'][:2] == ['get', 'jobsets']
-  assert 'melodi-t5x/sweep=long_layers' in fake_cloud()[-1]['argv']
+  assert 'melodi-t5x/sweep in (long_layers,memory_tradeoff)' in fake_cloud()[-1]['argv']

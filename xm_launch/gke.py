@@ -630,11 +630,23 @@ def launch(
   return status
 
 
+def sweep_selector(plans: Sequence[JobSetPlan]) -> str:
+  """Label selector of the plans' JobSets.
+
+  A sweep's runs may carry other sweeps' labels: an ablation entry whose resolved configuration
+  another family trains is that family's run (`experiments.Experiment.alias`).
+  """
+  labels = sorted({group_labels(p.group)[SWEEP_LABEL] for p in plans})
+  if len(labels) == 1:
+    return f'{SWEEP_LABEL}={labels[0]}'
+  return f'{SWEEP_LABEL} in ({",".join(labels)})'
+
+
 def jobset_states(
-  cloud: CloudConfig, sweep_label: str, run: Runner = run_command
+  cloud: CloudConfig, selector: str, run: Runner = run_command
 ) -> dict[str, dict[str, Any]]:
-  """{JobSet name: {'state': ..., 'restarts': N}} of a sweep's JobSets on the cluster."""
-  argv = ['kubectl', 'get', 'jobsets', '-n', cloud.namespace, '-l', f'{SWEEP_LABEL}={sweep_label}']
+  """{JobSet name: {'state': ..., 'restarts': N}} of the JobSets matching a label selector."""
+  argv = ['kubectl', 'get', 'jobsets', '-n', cloud.namespace, '-l', selector]
   result = run(argv + ['-o', 'json'], None)
   if result.returncode:
     raise LaunchError(f'{shlex.join(argv)} failed:\n{result.stderr[-2000:]}')

@@ -24,6 +24,7 @@ manifests, prints a summary, each JobSet's steps and the commands a real launch 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -276,8 +277,8 @@ def run_gke(jobs: Sequence[jobs_lib.JobSpec]) -> None:
   created = sum(v == 'created' for v in status.values())
   print(f'{summary(jobs, plans)}: {created} created, {len(status) - created} already there')
   print(
-    f'monitor: python -m xm_launch.launch --status (same flags); kubectl get jobsets -l '
-    f'{gke.SWEEP_LABEL}={gke.group_labels(plans[0].group)[gke.SWEEP_LABEL]}'
+    'monitor: python -m xm_launch.launch --status (same flags); kubectl get jobsets -l '
+    + shlex.quote(gke.sweep_selector(plans))
   )
 
 
@@ -286,9 +287,8 @@ def print_status(jobs: Sequence[jobs_lib.JobSpec]) -> None:
   cloud = cloud_config()
   gke.check_cloud_config(cloud)
   plans = jobsets(jobs, image='(status)')
-  sweep_label = gke.group_labels(plans[0].group)[gke.SWEEP_LABEL]
   gke.run_command(list(gke.credential_command(cloud).argv))
-  states = gke.jobset_states(cloud, sweep_label)
+  states = gke.jobset_states(cloud, gke.sweep_selector(plans))
   finished = 0
   for p in plans:
     state = states.get(p.name, {'state': 'not submitted', 'restarts': 0})
