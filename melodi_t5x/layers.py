@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 MASKED = -1_000_000.0  # Logit of a masked key.
@@ -98,6 +99,10 @@ def apply_attention(probs: Array, v: Array) -> Array:
   return jnp.einsum('bhqn,bnhk->bqhk', probs.astype(v.dtype), v)
 
 
+# Name of `recomputed_attention`'s output for `jax.checkpoint` policies.
+ATTENTION_OUTPUT = 'attention_output'
+
+
 class PositionBias(NamedTuple):
   """A T5 relative-position bias given by its table and static buckets (gathered when used)."""
 
@@ -148,7 +153,10 @@ def recomputed_attention(
   if isinstance(bias, PositionBias):
     bias, bucket = bias.table, bias.bucket
   core = functools.partial(_attention_core, rate=float(rate), bucket=bucket)
-  return jax.checkpoint(core)(q, k, v, temperature, bias, mask, dropout_rng)
+  out = jax.checkpoint(core)(q, k, v, temperature, bias, mask, dropout_rng)
+  # Named, so that an enclosing remat policy can keep it (`ATTENTION_OUTPUT`) instead of
+  # recomputing the whole attention to get it back.
+  return checkpoint_name(out, ATTENTION_OUTPUT)
 
 
 # ---------------------------------------------------------------------------------------------

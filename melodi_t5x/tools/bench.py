@@ -43,7 +43,6 @@ from melodi_t5x.memory import MEMORY
 from melodi_t5x.tools import flops as flops_lib
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   add = p.add_argument

@@ -171,15 +171,16 @@ def recompute_flops(name: str, cfg, batch: int, length: int) -> float:
 def step_flops(name: str, cfg, batch: int, length: int, remat: str | None = None) -> float:
   """FLOPs the hardware executes in one train step: model FLOPs plus recomputation.
 
-  `remat` (default `cfg.remat`): 'none' adds the attention logits recomputed in the backward pass
-  (`recompute_flops`); 'window' and 'layer' recompute the whole forward pass once more
-  (+ 1/3 of the model FLOPs, which already include those logits).
+  `remat` (default `cfg.remat`): every setting adds the attention logits recomputed in the
+  backward pass (`recompute_flops`); 'window' and 'layer' also recompute the whole forward pass
+  once more (+ 1/3 of the model FLOPs).
   """
   remat = cfg.remat if remat is None else remat
   model = train_flops(name, cfg, batch, length)['total']
+  extra = recompute_flops(name, cfg, batch, length)
   if remat in ('window', 'layer'):
-    return model * (TRAIN_FACTOR + 1) / TRAIN_FACTOR
-  return model + recompute_flops(name, cfg, batch, length)
+    extra += model / TRAIN_FACTOR
+  return model + extra
 
 
 def eval_flops(name: str, cfg, batch: int, length: int) -> float:

@@ -23,13 +23,16 @@ inputs (nothing of the model's size is allocated):
 Jobs whose resolved step (model config, loss settings, optimizer, shapes, learning-rate schedule,
 mesh) is equal share one compile (e.g. a model on PG-19 and on C4; the two eval modes).
 
-Per job it reports XLA:TPU's memory plan per chip (arguments + outputs - aliased + temporaries,
-`fits` if at most 90% of the chip's HBM) and a time estimate: XLA's own cost analysis counts a
-loop body once and its `optimal_seconds` can be negative for programs with loops, so the estimate
-is the analytic FLOPs the hardware executes (`melodi_t5x.tools.flops.step_flops`: model FLOPs of
-the step plus recomputation) over the chips' dense bf16 peak at an assumed model FLOPs
-utilisation (`--utilisation`, default 0.4). These are compiler plans and estimates, not
-measurements. The exit status is 1 when any job does not fit or fails to compile.
+Per job it reports XLA:TPU's memory plan per device (arguments + outputs - aliased + temporaries,
+`fits` if at most 90% of the device's HBM; a device is a chip, except on v4, which libtpu describes
+as two devices per chip, one per TensorCore, each with half the chip's HBM and peak) and a time
+estimate: XLA's own cost analysis counts a loop body once and its `optimal_seconds` can be
+negative for programs with loops, so the estimate is the matmul FLOPs of the step as traced
+(`melodi_t5x.tools.flops.jaxpr_dot_flops`: every dot_general, scan bodies times their length,
+recomputation included; the analytic `flops.step_flops` if the step cannot be traced) over the
+devices' dense bf16 peak at an assumed model FLOPs utilisation (`--utilisation`, default 0.4).
+These are compiler plans and estimates, not measurements. The exit status is 1 when any job does
+not fit or fails to compile.
 
 The gin files' vocabulary (a SentencePiece file, often on GCS) is replaced by a stand-in of size
 VOCAB_SIZE: only the embedding size, which VOCAB_SIZE sets, reaches the compiled step.
@@ -112,6 +115,11 @@ def topology_devices(slice_name: str) -> tuple[Any, ...]:
       'e.g. v5e:4x8, v6e:4x8, v4:2x2x4, v5p:2x2x4.'
     ) from e
   return tuple(topo.devices)
+
+
+def cores_per_chip(devices: Sequence[Any]) -> int:
+  """JAX devices per chip: libtpu describes a v4 chip as two devices (one per TensorCore)."""
+  return 1 + max(int(getattr(d, 'core_on_chip', 0)) for d in devices)
 
 
 def libtpu_available() -> bool:
@@ -220,6 +228,8 @@ class Target:
   lower: Any
   # Devices the step runs on.
   devices: int
+  # Devices per chip in libtpu's description (2 for v4: one per TensorCore; else 1).
+  cores_per_chip: int
   # Device kind (e.g. 'TPU v5 lite').
   device_kind: str
   # FLOPs the hardware executes per step (analytic, whole step, all devices), or None.
@@ -230,6 +240,8 @@ class Target:
   steps: int | None
   # What the key was made of (reported in the JSON).
   describe: dict[str, Any]
+  # () -> jax `ClosedJaxpr` of the step (its matmuls are counted, scan bodies x length).
+  trace: Any = None
 
 
 def _key(parts: dict[str, Any]) -> str:
@@ -357,15 +369,21 @@ def train_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     with mock.patch.object(jax, 'devices', lambda backend=None: list(devices)):
       return step.lower(_abstract_state(state), batch_spec)
 
+  def trace():
+    with mock.patch.object(jax, 'devices', lambda backend=None: list(devices)):
+      return jax.make_jaxpr(step)(_abstract_state(state), batch_spec)
+
   return Target(
     _key(describe),
     lower,
     len(devices),
+    cores_per_chip(devices),
     devices[0].device_kind,
     hw,
     mf,
     total_steps,
     describe,
+    trace,
   )
 
 
@@ -385,9 +403,7 @@ def eval_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     mesh = t5x_mesh(partitioner, devices)
     use_mesh(partitioner, mesh)
     batch, length = int(dataset_cfg.batch_size), _segment_length(dataset_cfg)
-    lengths = model.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths(
-      {'targets': length}
-    )
+    lengths = model.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths({'targets': length})
     input_shapes = {
       k: (batch,) if k == 'start_of_sequence' else (batch, int(v)) for k, v in lengths.items()
     }
@@ -430,8 +446,21 @@ def eval_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     with mock.patch.object(jax, 'devices', lambda backend=None: list(devices)):
       return step.lower(_abstract_state(state.params), memory, batch_spec)
 
+  def trace():
+    with mock.patch.object(jax, 'devices', lambda backend=None: list(devices)):
+      return jax.make_jaxpr(step)(_abstract_state(state.params), memory, batch_spec)
+
   return Target(
-    _key(describe), lower, len(devices), devices[0].device_kind, fwd, fwd, None, describe
+    _key(describe),
+    lower,
+    len(devices),
+    cores_per_chip(devices),
+    devices[0].device_kind,
+    fwd,
+    fwd,
+    None,
+    describe,
+    trace,
   )
 
 
@@ -483,11 +512,13 @@ def timing_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     _key(describe),
     lambda: step.lower(*abstract),
     1,
+    cores_per_chip(devices),
     device.device_kind,
     hw,
     mf,
     None,
     describe,
+    lambda: jax.make_jaxpr(step)(*abstract),
   )
 
 
@@ -527,6 +558,12 @@ def memory_plan(compiled) -> dict[str, int]:
 
 def compile_target(target: Target) -> dict[str, Any]:
   """Compiles `target`; returns the memory plan, XLA's cost figures and the compile seconds."""
+  traced = None
+  if target.trace is not None:
+    try:
+      traced = float(flops_lib.jaxpr_dot_flops(target.trace().jaxpr))
+    except ValueError:  # a while loop: no static trip count; the analytic figure is used
+      traced = None
   tick = time.perf_counter()
   compiled = target.lower().compile()
   seconds = time.perf_counter() - tick
@@ -537,24 +574,33 @@ def compile_target(target: Target) -> dict[str, Any]:
   return {
     'memory': memory_plan(compiled),
     'compile_seconds': seconds,
+    'traced_flops': traced,
     # Reported, not used: a loop body is counted once (see the module docstring).
     'xla_flops_loop_blind': float(cost.get('flops', 0.0)),
     'xla_optimal_seconds': float(cost.get('optimal_seconds', 0.0)),
   }
 
 
-def estimate(target: Target, utilisation: float) -> dict[str, Any]:
-  """Per-chip FLOPs, step seconds and MFU at the estimate (None where FLOPs are unknown)."""
+def estimate(target: Target, utilisation: float, traced: float | None = None) -> dict[str, Any]:
+  """FLOPs per step, step seconds and MFU at the estimate (None where FLOPs are unknown).
+
+  The FLOPs executed are the matmuls of the traced step (`traced`, recomputation included) or,
+  without a trace, the analytic `target.flops`; the step takes them over the devices' peak at
+  `utilisation`. MFU counts the model FLOPs (no recomputation) in that time.
+  """
   peak = flops_lib.peak_tflops(target.device_kind)
-  if target.flops is None or peak is None:
-    return {'flops_per_step': target.flops, 'estimated_step_seconds': None, 'mfu_at_estimate': None}
-  per_chip = target.flops / target.devices
-  seconds = per_chip / (peak * 1e12 * utilisation)
+  peak = peak / target.cores_per_chip if peak else None
+  executed = traced if traced else target.flops
+  if executed is None or peak is None:
+    return {'flops_per_step': executed, 'estimated_step_seconds': None, 'mfu_at_estimate': None}
+  seconds = executed / target.devices / (peak * 1e12 * utilisation)
+  model = target.model_flops or executed
   return {
-    'flops_per_step': target.flops,
-    'model_flops_per_step': target.model_flops,
+    'flops_per_step': executed,
+    'flops_source': 'traced matmuls' if traced else 'analytic',
+    'model_flops_per_step': model,
     'estimated_step_seconds': seconds,
-    'mfu_at_estimate': target.model_flops / target.devices / seconds / (peak * 1e12),
+    'mfu_at_estimate': model / target.devices / seconds / (peak * 1e12),
   }
 
 
@@ -566,14 +612,17 @@ def job_row(job, target: Target | None, result: dict | None, error: str | None, 
     row.update(fits=False, error=error)
     return row
   hbm = flops_lib.hbm_gib(target.device_kind)
-  hbm_bytes = int(hbm * GIB) if hbm else None
+  # Per device: a v4 chip described as two devices has half its HBM on each.
+  hbm_bytes = int(hbm * GIB / target.cores_per_chip) if hbm else None
   row.update(
     devices=target.devices,
+    chips=target.devices // target.cores_per_chip,
     device_kind=target.device_kind,
     hbm_bytes_per_chip=hbm_bytes,
     compile_key=target.key,
   )
-  row.update(estimate(target, extra.get('utilisation', DEFAULT_UTILISATION)))
+  traced = result.get('traced_flops') if result else None
+  row.update(estimate(target, extra.get('utilisation', DEFAULT_UTILISATION), traced))
   if result is None or error:
     row.update(peak_bytes_per_chip=None, fits=False, error=error)
     return row
@@ -589,7 +638,8 @@ def job_row(job, target: Target | None, result: dict | None, error: str | None, 
   sec = row.get('estimated_step_seconds')
   if kind == 'train' and target.steps and sec:
     hours = target.steps * sec / 3600
-    row.update(steps=target.steps, estimated_run_hours=hours, chip_hours=hours * target.devices)
+    chips = target.devices // target.cores_per_chip
+    row.update(steps=target.steps, estimated_run_hours=hours, chip_hours=hours * chips)
   else:
     row.update(estimated_run_hours=None, chip_hours=None)
   if not row['fits']:
