@@ -772,6 +772,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument('--sweep', choices=experiments.sweep_names(), help='a sweep to check')
   group.add_argument('--experiment', help='one committed experiment gin file')
+  group.add_argument(
+    '--table', nargs='+', help="instead: print the docs' cost table of these --json outputs"
+  )
   p.add_argument('--accelerator', default='v5e', choices=sorted(jobs_lib.ACCELERATORS))
   p.add_argument('--topology', default=None, help="slice topology (default: the launcher's)")
   p.add_argument(
@@ -812,6 +815,13 @@ def launcher_jobs(args: argparse.Namespace):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.table:
+    reports = []
+    for path in args.table:
+      with open(path) as f:
+        reports.append(json.load(f))
+    print(cost_table(reports))
+    return 0
   if not 0 < args.utilisation <= 1:
     raise SystemExit(f'--utilisation={args.utilisation}: must be in (0, 1].')
   tick = time.time()
@@ -842,3 +852,64 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# The docs table (docs/experiments.md) from the JSON of one or more checks.
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_of(name: str) -> str:
+  """'main/pg19_t5_melodi_s128_l64/train' -> 'melodi_s128_l64'; timing jobs keep their name."""
+  parts = name.split('/')
+  if parts[0] == 'timing':
+    return f'{parts[1]} ({parts[2]} step)'
+  for dataset in experiments.MAIN_DATASETS:
+    if parts[1].startswith(dataset + '_'):
+      return parts[1][len(dataset) + 1 :]
+  return parts[1]
+
+
+def cost_table(reports: Sequence[dict]) -> str:
+  """Markdown: per slice and model, GiB per device (train / eval), estimated step, MFU at the
+  estimate, wall-clock days and chip-hours of one run, and the main sweep's total."""
+  lines = [
+    '| slice | model | train GiB/dev | eval GiB/dev | est. step (s) | MFU at est. | days / run '
+    '| chip-hours / run |',
+    '|---|---|---:|---:|---:|---:|---:|---:|',
+  ]
+  for report in reports:
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    for row in report['jobs']:
+      by_model.setdefault(_model_of(row['name']), {}).setdefault(row['kind'], []).append(row)
+    total_chip_hours, total_hours = 0.0, 0.0
+    for model, kinds in by_model.items():
+      train = kinds.get('train', []) or kinds.get('timing', [])
+      evals = kinds.get('eval', [])
+
+      def gib(rows):
+        values = [r['peak_bytes_per_chip'] / GIB for r in rows if r.get('peak_bytes_per_chip')]
+        if not values:
+          return 'failed' if rows else '-'
+        low, high = min(values), max(values)
+        text = f'{low:.1f}' if high - low < 0.05 else f'{low:.1f}-{high:.1f}'
+        return text + ('' if all(r['fits'] for r in rows) else ' (no fit)')
+
+      first = train[0] if train else {}
+      sec, mfu = first.get('estimated_step_seconds'), first.get('mfu_at_estimate')
+      hours = [r['estimated_run_hours'] for r in train if r.get('estimated_run_hours')]
+      chip_hours = [r['chip_hours'] for r in train if r.get('chip_hours')]
+      total_hours += sum(hours)
+      total_chip_hours += sum(chip_hours)
+      lines.append(
+        f'| {report["slice"]} | {model} | {gib(train)} | {gib(evals)} | '
+        f'{"-" if sec is None else f"{sec:.2f}"} | {"-" if mfu is None else f"{mfu:.2f}"} | '
+        f'{f"{hours[0] / 24:.1f}" if hours else "-"} | '
+        f'{f"{chip_hours[0]:,.0f}" if chip_hours else "-"} |'
+      )
+    if total_chip_hours:
+      lines.append(
+        f'| {report["slice"]} | **sweep total** | | | | | {total_hours / 24:.0f} (one slice) | '
+        f'{total_chip_hours:,.0f} |'
+      )
+  return '\n'.join(lines)
