@@ -350,7 +350,10 @@ def train_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     describe = {
       'step': 'train',
       **_model_description(model),
-      'optimizer': repr(model.optimizer_def),
+      'optimizer': [
+        type(model.optimizer_def).__name__,
+        repr(getattr(model.optimizer_def, 'hyper_params', model.optimizer_def)),
+      ],
       'trainer': trainer_cls.__name__,
       'num_microbatches': trainer._num_microbatches,  # pylint: disable=protected-access
       'learning_rate': [float(lr(s)) for s in (0, 1000, total_steps // 2, total_steps)]
@@ -666,6 +669,17 @@ def _short_error(e: BaseException) -> str:
   return text[:600]
 
 
+# Gin bindings of a job that do not reach its compiled step: where it reads and writes, and the
+# eval memory mode ('reset' sets `start_of_sequence` on the host; the step is the same).
+_HOST_ONLY_BINDINGS = ('MODEL_DIR=', 'CHECKPOINT_PATH=', 'EVAL_OUTPUT_DIR=', 'MEMORY_MODE=')
+
+
+def _build_key(job) -> tuple:
+  """Jobs with equal build keys build equal targets (their target is built once)."""
+  bindings = tuple(b for b in job.bindings if not b.startswith(_HOST_ONLY_BINDINGS))
+  return (job.module, job_kind(job), tuple(job.gin_files), bindings, tuple(job.flags), job.topology)
+
+
 def check_jobs(
   jobs: Sequence[Any],
   slice_: Slice,
@@ -677,7 +691,15 @@ def check_jobs(
   """Builds every job's target, compiles each distinct one once, returns one row per job."""
   targets: dict[str, Target | None] = {}
   errors: dict[str, str] = {}
+  built: dict[tuple, str] = {}
   for job in jobs:
+    same = built.get(_build_key(job))
+    if same is not None:
+      targets[job.name] = targets[same]
+      if same in errors:
+        errors[job.name] = errors[same]
+      continue
+    built[_build_key(job)] = job.name
     try:
       targets[job.name] = build_target(job, slice_)
     except Exception as e:  # reported per job
