@@ -50,7 +50,8 @@ class BaseConfig:
   relative_position_buckets: int = 32
   # Distances at or beyond this share the last T5 bucket.
   relative_position_max_distance: int = 128
-  # Rematerialisation (T5X: `remat_policy`): 'none' keeps every activation for the backward pass;
+  # Rematerialisation (T5X: `remat_policy`): 'none' recomputes no matmul in the backward pass
+  # (only the attention weights, from q and k, and, in MELODI's window scan, what is elementwise);
   # 'window' keeps only what enters each window step and recomputes the step; 'layer' keeps what
   # enters each layer and recomputes the layer. Same numbers in every setting.
   remat: str = 'none'
@@ -59,7 +60,7 @@ class BaseConfig:
   REMAT_HINT: ClassVar[str] = ''
   # Values of `remat` this architecture implements, with what each means for it.
   REMAT_MODES: ClassVar[dict[str, str]] = {
-    'none': 'keep every activation',
+    'none': 'recompute no matmul but the attention logits',
     'window': 'recompute each window step in the backward pass',
     'layer': 'recompute each layer in the backward pass',
   }
@@ -237,7 +238,7 @@ class XLConfig(BaseConfig):
   ffn_bias: bool = False
 
   REMAT_MODES: ClassVar[dict[str, str]] = {
-    'none': 'keep every activation',
+    'none': 'recompute no matmul but the attention logits',
     'layer': 'recompute each layer in the backward pass',
   }
   REMAT_HINT: ClassVar[str] = (

@@ -48,6 +48,11 @@ class Model:
   tiny_gin: str
   # MELODI only: (S, L) at the paper size; L=0 removes the long-term layer.
   melodi_memory: tuple[int, int] | None = None
+  # Rematerialisation of the paper runs (BaseConfig.remat), chosen from the TPU compile check
+  # (`python -m melodi_t5x.tools.tpu_compile`): the fastest estimated step that fits one batch row
+  # per device on v5e 4x8, v6e 4x8 and v4 2x2x4. Estimated time follows the FLOPs executed and
+  # 'none' recomputes the least, so 'none' wherever it fits (docs/experiments.md, TPU check).
+  remat: str = 'none'
 
 
 MODELS: dict[str, Model] = {
@@ -197,10 +202,18 @@ class Experiment:
     """The entry's name in its family's table."""
     return self.alias or self.name
 
+  @property
+  def settings(self) -> tuple[tuple[str, Any], ...]:
+    """Config fields bound by the experiment file: the overrides, then the model's remat."""
+    remat = self.model_spec.remat
+    if self.size != 'paper' or remat == 'none':
+      return self.overrides
+    return (*self.overrides, ('remat', remat))
+
   def config_bindings(self) -> list[str]:
     """`config.<Class>.<field> = <value>` lines of this experiment's settings."""
     cls = self.model_spec.config_class
-    return [f'config.{cls}.{field} = {gin_value(value)}' for field, value in self.overrides]
+    return [f'config.{cls}.{field} = {gin_value(value)}' for field, value in self.settings]
 
 
 def gin_value(value: Any) -> str:
@@ -635,7 +648,7 @@ def render(exp: Experiment) -> str:
     '',
     'import melodi_t5x.t5x_gin',
   ]
-  if exp.overrides:
+  if exp.settings:
     lines.append('from melodi_t5x import config')
   lines += [
     '',
@@ -643,7 +656,7 @@ def render(exp: Experiment) -> str:
     f"include '{EXPERIMENTS_DIR}/data/{exp.dataset}.gin'",
     f"include '{EXPERIMENTS_DIR}/runs/{exp.run}.gin'",
   ]
-  if exp.overrides:
+  if exp.settings:
     lines += ['', *exp.config_bindings()]
   return '\n'.join(lines) + '\n'
 

@@ -12,13 +12,15 @@ every key masked attends to nothing. Notation: B batch, N keys, H heads, K head 
 
 from __future__ import annotations
 
-from typing import ClassVar
+import functools
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 MASKED = -1_000_000.0  # Logit of a masked key.
@@ -95,6 +97,66 @@ def attend(
 def apply_attention(probs: Array, v: Array) -> Array:
   """probs: [B, H, Nq, Nk], v: [B, Nk, H, K] -> [B, Nq, H, K] in v's dtype."""
   return jnp.einsum('bhqn,bnhk->bqhk', probs.astype(v.dtype), v)
+
+
+# Name of `recomputed_attention`'s output for `jax.checkpoint` policies.
+ATTENTION_OUTPUT = 'attention_output'
+
+
+class PositionBias(NamedTuple):
+  """A T5 relative-position bias given by its table and static buckets (gathered when used)."""
+
+  # The layer's table [H, buckets].
+  table: Array
+  # Static bucket of every (query, key) pair, e.g. [Nq, Nk] (numpy: part of the program).
+  bucket: np.ndarray
+
+
+def _attention_core(q, k, v, temperature, bias, mask, dropout_rng, *, rate: float, bucket):
+  """Attention output of `attend` with dropout on the probabilities (flax `nn.Dropout`'s maths)."""
+  if bucket is not None:
+    bias = bias[:, bucket]
+  probs = attend(q, k, v, temperature, bias, mask)
+  if dropout_rng is not None:
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(dropout_rng, p=keep_prob, shape=probs.shape)
+    probs = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
+  return apply_attention(probs, v)
+
+
+def recomputed_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  temperature: Array,
+  bias: Array | PositionBias | None,
+  mask: Array | None,
+  dropout_rng: Array | None = None,
+  rate: float = 0.0,
+) -> Array:
+  """`apply_attention(dropout(attend(...)), v)` whose probabilities are not kept for the backward.
+
+  The logits, probabilities and dropout mask `[B, H, Nq, Nk]` (float32) are the largest
+  activations of every architecture; a train step that kept them for the backward pass would hold
+  them for every layer and window. Here the backward pass recomputes them from what it keeps
+  anyway (q, k, v, the bias table, the mask, the dropout key): one extra `q . k` matmul per
+  attention (`melodi_t5x.tools.flops.recompute_flops`), the same float32 softmax, the same
+  dropout mask. Forward values and gradients are those of the plain computation.
+
+  Args:
+    q, k, v, temperature, mask: as in `attend`.
+    bias: as in `attend`, or a `PositionBias` (its gather is recomputed too).
+    dropout_rng: key of the attention dropout (None: no dropout).
+    rate: attention dropout rate (used with `dropout_rng`).
+  """
+  bucket = None
+  if isinstance(bias, PositionBias):
+    bias, bucket = bias.table, bias.bucket
+  core = functools.partial(_attention_core, rate=float(rate), bucket=bucket)
+  out = jax.checkpoint(core)(q, k, v, temperature, bias, mask, dropout_rng)
+  # Named, so that an enclosing remat policy can keep it (`ATTENTION_OUTPUT`) instead of
+  # recomputing the whole attention to get it back.
+  return checkpoint_name(out, ATTENTION_OUTPUT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,15 +265,24 @@ class TransformerBlock(nn.Module):
     """Keys (L2-normalised per head) and values of normed tokens `a: [B, N, D]`."""
     return l2_normalize(self.heads(self.key(a))), self.heads(self.value(a))
 
-  def position_bias(self, bucket: np.ndarray) -> Array:
-    """The T5 bias [H, *bucket.shape] of a static bucket table."""
-    return self.relpos_bias[:, bucket]
+  def position_bias(self, bucket: np.ndarray) -> PositionBias:
+    """The T5 bias [H, *bucket.shape] of a static bucket table (gathered inside `attention`)."""
+    return PositionBias(self.relpos_bias, bucket)
 
   def attention(self, q, k, v, bias, mask, deterministic: bool, temperature=None) -> Array:
-    """Attention output [B, Nq, H, K] (probabilities with attention dropout)."""
+    """Attention output [B, Nq, H, K] (probabilities with attention dropout).
+
+    The probabilities are recomputed in the backward pass (`recomputed_attention`); the dropout
+    key is the one `attn_dropout` (flax `nn.Dropout`) would draw, so the masks are unchanged.
+    """
     t = self.temperature if temperature is None else temperature
-    probs = self.attn_dropout(attend(q, k, v, t, bias, mask), deterministic)
-    return apply_attention(probs, v)
+    rate = self.config.attention_dropout_rate
+    rng = None
+    if not deterministic and rate > 0.0:
+      if rate >= 1.0:
+        raise ValueError(f'attention_dropout_rate={rate}: must be in [0, 1).')
+      rng = self.attn_dropout.make_rng('dropout')
+    return recomputed_attention(q, k, v, t, bias, mask, rng, rate)
 
   def residual_mlp(self, x: Array, o: Array, deterministic: bool) -> Array:
     """h = x + W_O o; y = h + MLP(RMSNorm(h)). x: [B, N, D], o: [B, N, H, K] -> [B, N, D]."""

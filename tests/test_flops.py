@@ -114,3 +114,52 @@ def test_bench_optimizer_equals_t5x_adafactor_of_the_gin_files():
     our_params, our_state = our_step(our_params, our_state, grads)
     for key in params:
       np.testing.assert_allclose(our_params[key], ref_params[key], rtol=1e-5, atol=1e-7)
+
+
+# Architectures whose recomputation `flops.recompute_flops` writes out (the Memorizing
+# Transformer's memory layer recomputes its query blocks on top, not counted there).
+RECOMPUTED = [(n, m) for n, m in MODULES if n in ('melodi', 'xl', 'brt')]
+
+
+@pytest.mark.parametrize('name,module', RECOMPUTED, ids=[n for n, _ in RECOMPUTED])
+def test_train_step_matmuls_are_model_flops_plus_recomputed_logits(name, module):
+  """The traced gradient executes 3x the forward matmuls plus one q.k per attention."""
+  batch, length = 2, 3 * module.config.window_length
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  variables = jax.eval_shape(
+    lambda t: module.init(jax.random.PRNGKey(0), t, enable_dropout=False), tokens
+  )
+
+  def loss(params, v, t):
+    logits, _ = module.apply({**v, 'params': params}, t, enable_dropout=False, mutable=['memory'])
+    return jnp.sum(logits)
+
+  traced = flops.dot_flops(jax.grad(loss), variables['params'], variables, tokens)
+  model = flops.train_flops(name, module.config, batch, length)['total']
+  extra = flops.recompute_flops(name, module.config, batch, length)
+  assert 0 < extra < 0.1 * model
+  assert traced == model + extra == flops.step_flops(name, module.config, batch, length)
+
+
+def test_melodi_keeps_no_attention_probabilities_for_the_backward():
+  """No residual of the train step has the [.., H, W+S, M+W+S] shape of attention weights."""
+  saved_residuals = pytest.importorskip('jax._src.ad_checkpoint').saved_residuals
+  module = MelodiDecoder(MELODI)
+  batch, length = 2, 3 * MELODI.window_length
+  tokens = jnp.ones((batch, length), jnp.int32)
+  variables = module.init(jax.random.PRNGKey(0), tokens, enable_dropout=False)
+
+  def loss(params):
+    logits, _ = module.apply(
+      {**variables, 'params': params}, tokens, enable_dropout=False, mutable=['memory']
+    )
+    return jnp.sum(logits)
+
+  nq = MELODI.window_length + MELODI.summary_size
+  widths = {MELODI.short_memory_size(i) + nq for i in range(MELODI.num_layers)}
+  widths.add(MELODI.long_term_memory_tokens)
+  shapes = [aval.shape for aval, _ in saved_residuals(loss, variables['params'])]
+  assert shapes
+  for shape in shapes:
+    attention_like = len(shape) >= 4 and shape[-2] == nq and shape[-1] in widths
+    assert not (attention_like and MELODI.num_heads in shape), shape

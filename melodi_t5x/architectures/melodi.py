@@ -28,6 +28,7 @@ from melodi_t5x import decoding, memory
 from melodi_t5x.architectures import melodi_decoding
 from melodi_t5x.config import MelodiConfig
 from melodi_t5x.layers import (
+  ATTENTION_OUTPUT,
   RMSNorm,
   TransformerBlock,
   dense_init,
@@ -40,6 +41,12 @@ from melodi_t5x.layers import (
 )
 
 Array = jax.Array
+# Residual policy of remat='none': keep the outputs of the projections (dense layers, token
+# mixers) and of each attention, recompute everything elementwise from them in the backward pass.
+SAVE_MATMUL_OUTPUTS = jax.checkpoint_policies.save_from_both_policies(
+  jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +421,11 @@ class MelodiDecoder(nn.Module):
     if cfg.remat == 'window':
       # The backward pass keeps each window's carry and input, and recomputes the step.
       step = nn.remat(step, prevent_cse=False)
+    elif cfg.remat == 'none':
+      # No matmul is recomputed: the backward pass keeps every projection's output (the matmuls
+      # without batch dimensions) and recomputes only what is elementwise (norms, ReLU, the
+      # float32 upcasts) and, in `layers.recomputed_attention`, the attention logits.
+      step = nn.remat(step, prevent_cse=False, policy=SAVE_MATMUL_OUTPUTS)
     scan = nn.scan(
       step,
       variable_broadcast=['params', 'params_axes'],

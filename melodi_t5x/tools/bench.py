@@ -42,9 +42,6 @@ from melodi_t5x.config import MelodiConfig
 from melodi_t5x.memory import MEMORY
 from melodi_t5x.tools import flops as flops_lib
 
-# Dense bf16 peak of known accelerators, TFLOP/s (vendor figures).
-_PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v5': 197.0, 'TPU v6': 918.0}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -225,8 +222,7 @@ def _abstract_state(model, optimizer, batch_size: int, length: int):
 def _peak_tflops(args) -> float | None:
   if args.peak_tflops:
     return args.peak_tflops
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
+  return flops_lib.peak_tflops(jax.devices()[0].device_kind)
 
 
 def compile_train_step(model, optimizer, cfg, batch_size: int, length: int):

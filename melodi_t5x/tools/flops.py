@@ -140,6 +140,108 @@ def brt_flops(cfg: BRTConfig, batch: int, length: int) -> dict[str, float]:
   return terms
 
 
+def recompute_flops(name: str, cfg, batch: int, length: int) -> float:
+  """FLOPs the backward pass spends recomputing attention logits (`layers.recomputed_attention`).
+
+  Every attention keeps only its inputs for the backward pass and recomputes its `q . k` logits
+  there: one extra logits matmul (2 x Nq x Nk x HK) per attention, i.e. 1/6 of each attention
+  term above (which counts logits and weighted values, x 3). MELODI adds its long-term
+  cross-attention logits (2 x (W+S) x Q x HK per window), the Block-Recurrent Transformer its
+  recurrent attentions. The Memorizing Transformer's memory layer recomputes its query blocks
+  (its own `jax.checkpoint`, not counted here either). Not part of the model FLOPs; the hardware
+  executes them (`step_flops`).
+  """
+  if name not in ANALYTIC_FLOPS:
+    raise ValueError(f'No analytic FLOPs for model {name!r}; known: {sorted(ANALYTIC_FLOPS)}.')
+  terms = ANALYTIC_FLOPS[name](cfg, batch, length)
+  extra = terms['attention'] / 6
+  hk = cfg.num_heads * cfg.head_dim
+  if name == 'melodi':
+    nq = cfg.window_length + cfg.summary_size
+    windows = cfg.num_windows(length) * batch
+    long_layers = sum(cfg.is_long_term_layer(i) for i in range(cfg.num_layers))
+    extra += 2 * windows * long_layers * nq * cfg.long_term_memory_tokens * hk
+  elif name == 'brt':
+    n, w = cfg.num_states, cfg.window_length
+    windows = cfg.num_windows(length) * batch
+    extra += 2 * batch * length * n * hk + 2 * windows * (n * n + n * 2 * w) * hk
+  return float(extra)
+
+
+def step_flops(name: str, cfg, batch: int, length: int, remat: str | None = None) -> float:
+  """FLOPs the hardware executes in one train step: model FLOPs plus recomputation.
+
+  `remat` (default `cfg.remat`): every setting adds the attention logits recomputed in the
+  backward pass (`recompute_flops`); 'window' and 'layer' also recompute the whole forward pass
+  once more (+ 1/3 of the model FLOPs).
+  """
+  remat = cfg.remat if remat is None else remat
+  model = train_flops(name, cfg, batch, length)['total']
+  extra = recompute_flops(name, cfg, batch, length)
+  if remat in ('window', 'layer'):
+    extra += model / TRAIN_FACTOR
+  return model + extra
+
+
+def eval_flops(name: str, cfg, batch: int, length: int) -> float:
+  """FLOPs of one forward (eval) step: the train step's model FLOPs / 3."""
+  return train_flops(name, cfg, batch, length)['total'] / TRAIN_FACTOR
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak throughput and memory of accelerators.
+# ---------------------------------------------------------------------------------------------
+
+
+# Dense bf16 peak per JAX device, TFLOP/s, keyed by `jax.Device.device_kind`; the most specific
+# key that the device kind starts with wins ('TPU v5 lite' before 'TPU v5').
+PEAK_TFLOPS: dict[str, float] = {
+  # Cloud TPU v4: 275 TFLOP/s bf16 per chip (cloud.google.com/tpu/docs/v4, "System
+  # architecture"). JAX shows a v4 chip as one device (megacore).
+  'TPU v4': 275.0,
+  # Cloud TPU v5e: 197 TFLOP/s bf16 per chip (cloud.google.com/tpu/docs/v5e); device kind
+  # 'TPU v5 lite'.
+  'TPU v5 lite': 197.0,
+  # Cloud TPU v5p: 459 TFLOP/s bf16 per chip (cloud.google.com/tpu/docs/v5p); device kind
+  # 'TPU v5' (also 'TPU v5p').
+  'TPU v5': 459.0,
+  # Cloud TPU v6e (Trillium): 918 TFLOP/s bf16 per chip (cloud.google.com/tpu/docs/v6e); device
+  # kind 'TPU v6 lite'.
+  'TPU v6': 918.0,
+  # NVIDIA H100 SXM: 989 TFLOP/s dense bf16 (NVIDIA H100 datasheet, without sparsity).
+  'H100': 989.0,
+  # NVIDIA H200 SXM: 989 TFLOP/s dense bf16 (NVIDIA H200 datasheet, without sparsity).
+  'H200': 989.0,
+  # NVIDIA A100: 312 TFLOP/s dense bf16 (NVIDIA A100 datasheet, without sparsity).
+  'A100': 312.0,
+}
+# HBM per chip, GiB (same Cloud TPU pages): v4 32, v5e 16, v5p 95, v6e 32.
+HBM_GIB: dict[str, float] = {
+  'TPU v4': 32.0,
+  'TPU v5 lite': 16.0,
+  'TPU v5': 95.0,
+  'TPU v6': 32.0,
+}
+
+
+def _lookup(table: dict[str, float], device_kind: str) -> float | None:
+  kind = device_kind.strip()
+  for key in sorted(table, key=len, reverse=True):
+    if kind.startswith(key) or (not key.startswith('TPU') and key in kind):
+      return table[key]
+  return None
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 peak TFLOP/s of one device of `device_kind` (None if unknown)."""
+  return _lookup(PEAK_TFLOPS, device_kind)
+
+
+def hbm_gib(device_kind: str) -> float | None:
+  """HBM GiB per TPU chip of `device_kind` (None if unknown)."""
+  return _lookup(HBM_GIB, device_kind)
+
+
 # Analytic train-step FLOPs by architecture name (the bench's --model); each returns its terms.
 ANALYTIC_FLOPS: dict[str, Callable[..., dict[str, float]]] = {
   'melodi': melodi_flops,

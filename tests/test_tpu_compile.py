@@ -1,0 +1,224 @@
+"""TPU ahead-of-time compile check (melodi_t5x.tools.tpu_compile): meshes, memory plans, peaks.
+
+The compile tests need libtpu (requirements-tpu.txt) and run in the slow tier; they compile the
+tiny MELODI rehearsal model's real jobs (T5X train step, streaming eval step) for a v5e 2x2 slice
+on this CPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from melodi_t5x import experiments
+from melodi_t5x.tools import flops
+
+REPO = experiments.REPO_ROOT
+
+
+def _tpu_compile():
+  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  pytest.importorskip('libtpu', reason='libtpu not installed: pip install -r requirements-tpu.txt')
+  from melodi_t5x.tools import tpu_compile  # pylint: disable=g-import-not-at-top
+
+  if not tpu_compile.libtpu_available():
+    pytest.skip('libtpu cannot describe a TPU topology on this machine')
+  return tpu_compile
+
+
+# -- peak FLOPs and HBM by device kind (fast) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'kind,tflops,hbm',
+  [
+    ('TPU v4', 275.0, 32.0),
+    ('TPU v5 lite', 197.0, 16.0),
+    ('TPU v5', 459.0, 95.0),
+    ('TPU v5p', 459.0, 95.0),
+    ('TPU v6 lite', 918.0, 32.0),
+    ('NVIDIA H100 80GB HBM3', 989.0, None),
+    ('NVIDIA A100-SXM4-40GB', 312.0, None),
+  ],
+)
+def test_peak_and_hbm_by_device_kind(kind, tflops, hbm):
+  assert flops.peak_tflops(kind) == tflops
+  assert flops.hbm_gib(kind) == hbm
+
+
+def test_unknown_device_kind_has_no_peak():
+  assert flops.peak_tflops('cpu') is None
+  assert flops.hbm_gib('TPU v3') is None
+
+
+# -- the mesh of the run files (needs libtpu's topologies, no compile) -----------------------
+
+
+def _run_partitioner(run: str, extra: str = ''):
+  from t5x import partitioning  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x import t5x_gin  # pylint: disable=g-import-not-at-top
+
+  gin.clear_config()
+  try:
+    t5x_gin.register_search_path()
+    gin.parse_config(
+      '\n'.join(
+        [
+          'from __gin__ import dynamic_registration',
+          'from t5x import partitioning',
+          'partitioning.PjitPartitioner.num_partitions = 1',  # T5X's pretrain.gin
+          f"include '{os.path.join(REPO, 'gin/experiments/runs', run + '.gin')}'",
+          extra,
+        ]
+      )
+    )
+    return gin.get_configurable(partitioning.PjitPartitioner)()
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize('run', ['main', 'ablation'])
+@pytest.mark.parametrize(
+  'slice_name,devices', [('v5e:4x8', 32), ('v6e:4x8', 32), ('v4:2x2x4', 32), ('v5p:2x2x4', 16)]
+)
+def test_run_files_give_a_data_parallel_mesh_on_every_tpu(run, slice_name, devices):
+  tc = _tpu_compile()
+  partitioner = _run_partitioner(run)
+  mesh = tc.t5x_mesh(partitioner, tc.topology_devices(slice_name))
+  assert dict(mesh.shape) == {'data': devices, 'model': 1}
+  assert experiments.RUN_STEPS[run] % 1 == 0 and 32 % devices == 0
+
+
+def test_t5x_has_no_default_mesh_for_v5e_without_the_run_files_binding():
+  tc = _tpu_compile()
+  from t5x import partitioning  # pylint: disable=g-import-not-at-top
+
+  partitioner = partitioning.PjitPartitioner(num_partitions=1)
+  with pytest.raises(ValueError, match='No default mesh'):
+    tc.t5x_mesh(partitioner, tc.topology_devices('v5e:4x8'))
+
+
+# -- compiling the tiny model's jobs for v5e 2x2 (slow) --------------------------------------
+
+
+def _tiny_jobs(tmp_path, bindings):
+  from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+
+  exp = next(e for e in experiments.sweep('main', size='tiny') if e.model == 'melodi_s128_l64')
+  path = tmp_path / 'experiment.gin'
+  path.write_text(experiments.render(exp))
+  return jobs_lib.experiment_jobs(
+    exp, str(tmp_path / 'root'), gin_file=str(path), bindings=bindings, eval_modes=('carried',)
+  )
+
+
+# Batch 4 on a 2 (data) x 2 (model) mesh of v5e:2x2.
+MESH_2X2 = [
+  'BATCH_SIZE=4',
+  'EVAL_BATCH_SIZE=4',
+  'partitioning.PjitPartitioner.num_partitions=None',
+  'partitioning.PjitPartitioner.model_parallel_submesh=(1, 2, 1, 1)',
+]
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.slow
+def test_tiny_train_step_compiles_with_memory_sharded_on_the_batch_axis(tmp_path):
+  tc = _tpu_compile()
+  train_job = _tiny_jobs(tmp_path, MESH_2X2)[0]
+  target = tc.build_target(train_job, tc.Slice('v5e', '2x2'))
+  assert target.devices == 4 and target.device_kind == 'TPU v5 lite'
+  assert target.describe['mesh_shape'] == {'data': 2, 'model': 2}
+  compiled = target.lower().compile()
+  state_shardings = compiled.input_shardings[0][0]
+  memory = state_shardings.flax_mutables['memory']
+  leaves = jax.tree.leaves(memory, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  assert leaves
+  for sharding in leaves:  # every carried leaf [B, ...] is split over 'data'
+    assert sharding.spec[0] == 'data', sharding
+  plan = tc.memory_plan(compiled)
+  assert plan['peak'] == plan['argument'] + plan['output'] - plan['alias'] + plan['temp']
+  # Arguments per device: at least this device's share of the carried memory and of the batch,
+  # at most the whole train state and batch (nothing sharded).
+  state = target.lower().args_info[0][0]
+  mem_bytes = _nbytes(state.flax_mutables)
+  batch_bytes = _nbytes(target.lower().args_info[0][1])
+  assert (mem_bytes + batch_bytes) / 2 <= plan['argument'] <= _nbytes(state) + batch_bytes
+  # The train state is donated: its buffers are reused for the new state.
+  assert plan['alias'] > 0 and plan['output'] >= plan['alias']
+
+
+@pytest.mark.slow
+def test_tiny_jobs_fit_and_report_their_rows(tmp_path):
+  tc = _tpu_compile()
+  jobs = _tiny_jobs(tmp_path, MESH_2X2)
+  rows = tc.check_jobs(jobs, tc.Slice('v5e', '2x2'), log=lambda *_: None)
+  assert [r['kind'] for r in rows] == ['train', 'eval']
+  for row in rows:
+    assert row['fits'], row
+    assert row['devices'] == 4 and row['chips'] == 4
+    assert row['hbm_bytes_per_chip'] == 16 * 2**30
+    assert 0 < row['peak_bytes_per_chip'] < 0.9 * row['hbm_bytes_per_chip']
+    assert row['estimated_step_seconds'] > 0
+  train, evaluation = rows
+  assert train['steps'] == experiments.RUN_STEPS['tiny']
+  assert train['chip_hours'] == pytest.approx(train['estimated_run_hours'] * 4)
+  # The traced train step executes 3x the forward's model FLOPs plus recomputed logits.
+  assert train['flops_per_step'] > train['model_flops_per_step'] > 0
+  assert evaluation['flops_per_step'] == pytest.approx(evaluation['model_flops_per_step'])
+
+
+@pytest.mark.slow
+def test_jobs_with_the_same_step_share_one_compile(tmp_path):
+  tc = _tpu_compile()
+  from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+
+  jobs = _tiny_jobs(tmp_path, MESH_2X2)
+  reset = jobs_lib.experiment_jobs(
+    experiments.sweep('main', size='tiny')[4],
+    str(tmp_path / 'root'),
+    gin_file=str(tmp_path / 'experiment.gin'),
+    bindings=MESH_2X2,
+    eval_modes=('reset',),
+  )[1]
+  slice_ = tc.Slice('v5e', '2x2')
+  carried = tc.build_target(jobs[1], slice_)
+  assert tc.build_target(reset, slice_).key == carried.key
+  wider = tc.build_target(
+    jobs_lib.experiment_jobs(
+      experiments.sweep('main', size='tiny')[4],
+      str(tmp_path / 'root'),
+      gin_file=str(tmp_path / 'experiment.gin'),
+      bindings=[*MESH_2X2, 'EVAL_BATCH_SIZE=8'],
+      eval_modes=('carried',),
+    )[1],
+    slice_,
+  )
+  assert wider.key != carried.key
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_to_compile_gives_exit_status_1(tmp_path, capsys):
+  tc = _tpu_compile()
+  out = tmp_path / 'rows.json'
+  status = tc.main(
+    [
+      *('--experiment', 'gin/experiments/main/pg19_t5_xl.gin', '--noeval'),
+      *('--accelerator', 'v5e', '--topology', '2x2', '--json', str(out)),
+      *('--binding', 'BATCH_SIZE=3'),  # 3 rows do not split over 4 devices
+    ]
+  )
+  assert status == 1
+  rows = json.loads(out.read_text())['jobs']
+  assert [r['name'] for r in rows] == ['main/pg19_t5_xl/train']
+  assert not rows[0]['fits'] and rows[0]['error']
+  assert 'main/pg19_t5_xl/train' in capsys.readouterr().out
