@@ -819,7 +819,7 @@ def launcher_jobs(args: argparse.Namespace):
   """The launcher's jobs for the flags (`xm_launch.jobs.sweep_jobs`) and the slice."""
   from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
-  topology = args.topology or jobs_lib.ACCELERATORS[args.accelerator][1]
+  topology = args.topology or jobs_lib.ACCELERATORS[args.accelerator]
   timing = args.timing_topology or jobs_lib.TIMING_TOPOLOGY[args.accelerator]
   if timing in ('1x1',) or timing.count('x') == 0:
     timing = SMALLEST_TOPOLOGY[args.accelerator]
