@@ -96,13 +96,14 @@ def test_long_layers_family_end_to_end(tmp_path):
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   for name in ('one_l64', 'two_l32'):
-    run = root / 'long_layers' / name
+    run_id = runs[name]  # one_l64's steps are those of the shared main run
+    run = root / run_id
     assert (
-      f'[long_layers/{name}/train] skipped: {run}/checkpoint_{STEPS}/commit_success.txt exists'
+      f'[{run_id}/train] skipped: {run}/checkpoint_{STEPS}/commit_success.txt exists'
       in again.stdout
-    )
+    ), again.stdout[-3000:]
     assert (
-      f'[long_layers/{name}/eval_carried] skipped: '
+      f'[{run_id}/eval_carried] skipped: '
       f'{run}/eval/text_corpus_step{STEPS}_carried.json exists' in again.stdout
-    )
+    ), again.stdout[-3000:]
   assert ' running: ' not in again.stdout
