@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import gin
+import gin_entry_points
 import pytest
 
 from melodi_t5x import config as config_lib
@@ -203,14 +204,6 @@ QUICKSTART_MODULES = {
 }
 
 
-def _train(**unused):
-  """Stands in for t5x.train's `train` (gin registers the function it finds in `__main__`)."""
-
-
-def _evaluate(**unused):
-  """Stands in for t5x.eval's `evaluate`."""
-
-
 @pytest.mark.parametrize('quickstart', ['quickstart.gin', 'quickstart_eval.gin'])
 @pytest.mark.parametrize('module', list(QUICKSTART_MODULES), ids=str)
 def test_quickstart_trains_any_architecture_with_one_binding(
@@ -218,8 +211,7 @@ def test_quickstart_trains_any_architecture_with_one_binding(
 ):
   pytest.importorskip('t5x', reason='the quickstart includes T5X run files: see docs/t5x.md')
   # The run files bind `__main__.train` / `evaluate` (t5x.train's and t5x.eval's entry points).
-  for name, stub in (('train', _train), ('evaluate', _evaluate)):
-    monkeypatch.setattr(sys.modules['__main__'], name, stub, raising=False)
+  gin_entry_points.install(monkeypatch)
   expected_class, tiny_file = QUICKSTART_MODULES[module]
   expected = _model_config(tiny_file, tmp_path, monkeypatch, 'local_books')
   bindings = ["MODEL_DIR = '/tmp/unused'", "CHECKPOINT_PATH = '/tmp/unused'"]
@@ -256,7 +248,7 @@ def _data_seed(gin_files, bindings):
 def test_data_seed_follows_random_seed_unless_set(gin_files, monkeypatch):
   """Issue 16 item 4: seed replicates (RANDOM_SEED=N) also get their own document order."""
   pytest.importorskip('t5x', reason='the run files include T5X run files: see docs/t5x.md')
-  monkeypatch.setattr(sys.modules['__main__'], 'train', _train, raising=False)
+  gin_entry_points.install(monkeypatch)
   files = [os.path.join(GIN_DIR, g) for g in gin_files]
   base = ["MODEL_DIR = '/tmp/unused'"]
   assert _data_seed(files, base + ['RANDOM_SEED = 3']) == 3

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import gin
+import gin_entry_points
 import pytest
 
 pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
@@ -21,14 +21,9 @@ from melodi_t5x import t5x_gin, t5x_signature  # noqa: E402
 GIN_DIR = os.path.join(t5x_gin.REPO_ROOT, 'gin')
 
 
-def _stub(**unused):
-  """Stands in for t5x.train's `train`, t5x.eval's `evaluate`, t5x.infer's `infer`."""
-
-
 @pytest.fixture
 def entry_points(monkeypatch):
-  for name in ('train', 'evaluate', 'infer'):
-    monkeypatch.setattr(sys.modules['__main__'], name, _stub, raising=False)
+  gin_entry_points.install(monkeypatch)
   gin.clear_config(clear_constants=True)
   yield
   gin.clear_config(clear_constants=True)
