@@ -65,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from melodi_t5x import experiments  # noqa: E402
+from melodi_t5x.tools import bench  # noqa: E402
 from melodi_t5x.tools import flops as flops_lib  # noqa: E402
 
 # A job fits if its per-chip plan is at most this fraction of the chip's HBM (room for the
@@ -473,7 +474,6 @@ def timing_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from melodi_t5x import architectures  # pylint: disable=g-import-not-at-top
-  from melodi_t5x.tools import bench  # pylint: disable=g-import-not-at-top
 
   args = bench.parse_args(list(job.flags))
   cfg = bench.config_from_args(args)
@@ -550,12 +550,8 @@ def build_target(job, slice_: Slice) -> Target:
 
 def memory_plan(compiled) -> dict[str, int]:
   """XLA's per-chip memory plan: argument, output, alias, temp bytes and their peak."""
-  an = compiled.memory_analysis()
-  out = {
-    k: int(getattr(an, f'{k}_size_in_bytes', 0) or 0)
-    for k in ('argument', 'output', 'alias', 'temp')
-  }
-  out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  out = bench.xla_memory(compiled)
+  out['peak'] = out.pop('peak_estimate')
   return out
 
 
