@@ -6,6 +6,12 @@ across runs. `MELODI_TEST_JAX_CACHE` picks the folder ('' turns the cache off); 
 folder under the user's cache directory, so a second run on the same machine skips most XLA
 compilation. Results do not depend on it: a cache entry is keyed by the program, the compiler and
 its flags.
+
+Fast compilation: the tests' programs are tiny, so XLA:CPU's LLVM back end compiles them without
+its expensive optimisations (`--xla_backend_optimization_level=0`,
+`--xla_llvm_disable_expensive_passes`), which roughly halves a cold run. These flags change how
+the machine code is optimised, not the HLO program or its float semantics (fast-math stays off).
+`MELODI_TEST_FAST_COMPILE=0` turns this off; flags already in `XLA_FLAGS` win.
 """
 
 from __future__ import annotations
@@ -18,6 +24,17 @@ _DEFAULT_CACHE = os.path.join(
   'jax-test-cache',
 )
 _CACHE = os.environ.get('MELODI_TEST_JAX_CACHE', _DEFAULT_CACHE)
+_FAST_COMPILE_FLAGS = (
+  '--xla_backend_optimization_level=0',
+  '--xla_llvm_disable_expensive_passes=true',
+)
+
+if os.environ.get('MELODI_TEST_FAST_COMPILE', '1') != '0':
+  # Read when JAX starts its backend (after this file), here and in every subprocess a test starts.
+  _flags = os.environ.get('XLA_FLAGS', '').split()
+  _names = {f.split('=')[0] for f in _flags}
+  _flags = [f for f in _FAST_COMPILE_FLAGS if f.split('=')[0] not in _names] + _flags
+  os.environ['XLA_FLAGS'] = ' '.join(_flags)
 
 if _CACHE:
   os.makedirs(_CACHE, exist_ok=True)
