@@ -34,7 +34,12 @@ from melodi_t5x import experiments
 
 MISSING = 'missing'
 # T5X configurables of the model files, skipped when parsing without T5X.
-T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MemoryDecoderModel']
+# (The run files' TPU mesh binds T5X's partitioner: gin/experiments/runs/tpu_mesh.gin.)
+T5X_SELECTORS = [
+  'adafactor.Adafactor',
+  't5x_model.MemoryDecoderModel',
+  'partitioning.PjitPartitioner',
+]
 PLOT_X = {
   'memory_tradeoff': ('memory (M floats, paper convention)', 'memory', False),
   'coverage': ('long-term coverage (windows)', 'x', True),
