@@ -22,6 +22,9 @@ from flax import linen as nn
 from flax.linen import partitioning
 from jax.ad_checkpoint import checkpoint_name
 
+from melodi_t5x import state as state_lib
+from melodi_t5x.state import CACHE, MEMORY
+
 Array = jax.Array
 MASKED = -1_000_000.0  # Logit of a masked key.
 FLOOR = -1000.0  # Softmax floor: a row with every key masked attends to nothing.
@@ -291,25 +294,69 @@ class TransformerBlock(nn.Module):
     return h + self.dropout(ffn, deterministic=deterministic)
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoder-level helpers (rematerialisation, embedding, inputs, logits), the same for every
-# architecture.
-# ---------------------------------------------------------------------------------------------
+class StatefulLayer(TransformerBlock):
+  """A layer kind of a decoder stack (`architectures.decoder`): one signature, one typed state.
 
-
-def layer_class(
-  cls: type[nn.Module], config, deterministic_argnum: int, in_scan: bool
-) -> type[nn.Module]:
-  """`cls`, wrapped in `nn.remat` when `config.remat == 'layer'`.
-
-  `deterministic_argnum` is the position of the `deterministic` flag in `cls.__call__`, counting
-  `self` as 0 (it is static under remat). Parameter names and numbers do not change. Inside a
-  scan (`in_scan`) CSE prevention is off, as `jax.checkpoint` advises for scan bodies; outside
-  one it stays on, so that XLA does not merge the recomputation with the forward pass.
+  `x, state = layer(x, state, ctx, deterministic)` in training and scoring; `prefill` and
+  `decode` for incremental decoding. A subclass declares its state with `state_spec` (a
+  `melodi_t5x.state` struct of `ArraySpec`s, or None for a stateless layer); reading, resetting
+  and writing it in the `memory` and `cache` collections is done here.
   """
-  if config.remat != 'layer':
-    return cls
-  return nn.remat(cls, static_argnums=(deterministic_argnum,), prevent_cse=not in_scan)
+
+  config: object  # any config.BaseConfig
+  # Position of the layer in its decoder's layout.
+  index: int = 0
+
+  # Whether the kind implements `prefill` and `decode`.
+  decodes: ClassVar[bool] = True
+
+  def state_spec(self, decode: bool):
+    """The state carried across segments (`decode=False`) or decode calls (`decode=True`)."""
+    del decode
+    return None
+
+  def fresh_state(self, batch: int):
+    """The state at a document start (default: zeros); same struct as `state_spec(False)`."""
+    return state_lib.zeros(self.state_spec(False), batch)
+
+  def start_segment(self, reset: Array, deterministic: bool):
+    """The carried state for this segment, fresh in the rows `reset: [B]` (None if stateless)."""
+    del deterministic
+    spec = self.state_spec(False)
+    if spec is None:
+      return None
+    batch = reset.shape[0]
+    return state_lib.read(self, MEMORY, spec, batch, reset, self.fresh_state(batch))
+
+  def end_segment(self, state) -> None:
+    """Stores the carried fields of `state` for the next segment."""
+    spec = self.state_spec(False)
+    if spec is not None:
+      state_lib.write(self, MEMORY, spec, jax.lax.stop_gradient(state))
+
+  def read_cache(self, batch: int):
+    """The decode state in the `cache` collection (zeros when it is being created)."""
+    spec = self.state_spec(True)
+    return None if spec is None else state_lib.read(self, CACHE, spec, batch)
+
+  def write_cache(self, state) -> None:
+    spec = self.state_spec(True)
+    if spec is not None:
+      state_lib.write(self, CACHE, spec, state)
+
+  def prefill(self, x: Array, state, ctx):
+    """The prompt `x: [B, L, D]` (whole windows, row b valid before ctx.lengths[b]) after the
+    carried `state`: (y, decode state)."""
+    raise NotImplementedError(f'{type(self).__name__} has no incremental decoding')
+
+  def decode(self, x: Array, state, ctx):
+    """Tokens `x: [B, N, D]` after `ctx.tokens_seen` tokens: (y, decode state)."""
+    raise NotImplementedError(f'{type(self).__name__} has no incremental decoding')
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder-level helpers (embedding and logits), the same for every architecture.
+# ---------------------------------------------------------------------------------------------
 
 
 def embedding_param(module: nn.Module, config) -> Array:
@@ -322,28 +369,6 @@ def embedding_param(module: nn.Module, config) -> Array:
     ('vocab', 'embed'),
     config.param_dtype,
   )
-
-
-def segment_inputs(
-  config, decoder_input_tokens, decoder_segment_ids, start_of_sequence
-) -> tuple[Array, Array]:
-  """Checks a segment's inputs; returns (tokens [B, T] int32, start_of_sequence [B] bool).
-
-  `start_of_sequence` None means every row starts a document.
-  """
-  if decoder_segment_ids is not None:
-    raise ValueError(
-      'memory decoders do not support packed examples (decoder_segment_ids given): each batch '
-      'row must stream one document; set pack=False in the dataset config.'
-    )
-  # No modulo: ids are checked on the host (tasks.streaming.check_token_ids) and the T5X model
-  # refuses a vocabulary larger than the embedding, so an id >= vocab_size is a pipeline bug.
-  tokens = jnp.asarray(decoder_input_tokens).astype(jnp.int32)
-  batch, length = tokens.shape
-  config.num_windows(length)  # validates the segment length
-  if start_of_sequence is None:
-    start_of_sequence = jnp.ones((batch,), bool)
-  return tokens, jnp.asarray(start_of_sequence).astype(bool).reshape((batch,))
 
 
 def tied_logits(y: Array, embedding: Array, config) -> Array:

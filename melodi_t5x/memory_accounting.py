@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,121 +30,18 @@ import numpy as np
 
 from melodi_t5x import architectures
 from melodi_t5x import config as config_lib
+from melodi_t5x.architectures.decoder import MemoryComponent
 
-
-@dataclasses.dataclass(frozen=True)
-class MemoryComponent:
-  """One part of a model's carried state, per sequence."""
-
-  # Short name, e.g. 'short-term memory'.
-  name: str
-  # How the paper-convention count is made, e.g. '13 layers x 192 tokens x d'.
-  formula: str
-  # Floats per sequence in the paper's convention (0 for counters the paper does not count).
-  paper_floats: int
-  # Elements per sequence that our decoder allocates for this part (0 if it allocates none).
-  stored_elements: int
-  # dtype of those elements in the `memory` collection.
-  stored_dtype: str = 'float32'
-  # Why the stored count differs from the paper's, if it does.
-  note: str = ''
-
-  @property
-  def stored_bytes(self) -> int:
-    return self.stored_elements * np.dtype(self.stored_dtype).itemsize
-
-
-def _kv_width(cfg) -> int:
-  """Floats of one cached key + value pair: 2 x H x K (the paper's 2d; H x K = d at paper size)."""
-  return 2 * cfg.num_heads * cfg.head_dim
-
-
-def _xl_caches(cfg, layers: int) -> MemoryComponent:
-  w = cfg.window_length
-  floats = layers * w * _kv_width(cfg)
-  return MemoryComponent(
-    'XL caches', f'{layers} layers x {w} tokens x (keys + values)', floats, floats
-  )
-
-
-def _melodi(cfg: config_lib.MelodiConfig) -> list[MemoryComponent]:
-  d = cfg.embed_dim
-  short_layers = [i for i in range(cfg.num_layers) if cfg.short_memory_size(i)]
-  short = sum(cfg.short_memory_size(i) * d for i in short_layers)
-  parts = [
-    MemoryComponent(
-      'short-term memory',
-      f'{len(short_layers)} layers x {cfg.short_term_memory_size} tokens x d',
-      short,
-      short,
-    )
-  ]
-  n_long = len(cfg.long_term_memory_layers)
-  if n_long:
-    q = cfg.long_term_memory_tokens
-    parts.append(
-      MemoryComponent(
-        'long-term memory',
-        f'{n_long} layer(s) x {cfg.long_term_memory_windows} windows x '
-        f'{cfg.long_term_memory_increment_size} tokens x (keys + values)',
-        n_long * q * _kv_width(cfg),
-        n_long * q * d,
-        note='stored as token embeddings (d per token); keys and values recomputed per segment',
-      )
-    )
-  parts.append(MemoryComponent('window counter', '-', 0, 1, 'int32', note='not memory content'))
-  return parts
-
-
-def _xl(cfg: config_lib.XLConfig) -> list[MemoryComponent]:
-  return [_xl_caches(cfg, cfg.num_layers)] if cfg.use_cache else []
-
-
-def _memorizing(cfg) -> list[MemoryComponent]:
-  w, kv, layers = cfg.window_length, _kv_width(cfg), cfg.num_layers
-  external = cfg.memory_size * kv
-  return [
-    MemoryComponent(
-      'XL caches',
-      f'{layers + 1} layers ({layers} + the memory layer) x {w} tokens x (keys + values)',
-      (layers + 1) * w * kv,
-      layers * w * kv,
-      note=f'we allocate {layers}: the reference memory layer owns an XL cache it never reads or '
-      'writes, which the paper counts',
-    ),
-    MemoryComponent(
-      'external memory',
-      f'{cfg.memory_size} slots x (keys + values)',
-      external,
-      external,
-    ),
-    MemoryComponent('write index', '-', 0, 1, 'int32', note='not memory content'),
-  ]
-
-
-def _brt(cfg) -> list[MemoryComponent]:
-  state = cfg.num_states * cfg.embed_dim
-  return [
-    _xl_caches(cfg, cfg.num_layers),
-    MemoryComponent('recurrent state', f'{cfg.num_states} states x d', state, state),
-  ]
-
-
-# Config class name -> component function (the most specific class in the MRO wins).
-_COMPONENTS: dict[str, Callable[..., list[MemoryComponent]]] = {
-  'MelodiConfig': _melodi,
-  'XLConfig': _xl,
-  'MemorizingConfig': _memorizing,
-  'BRTConfig': _brt,
-}
+# The decoder shell's own carried counter (`architectures.decoder.Seen`), in every architecture.
+TOKENS_SEEN = MemoryComponent(
+  'tokens seen', '-', 0, 1, 'int32', note='not memory content: tokens since the document start'
+)
 
 
 def memory_components(cfg) -> list[MemoryComponent]:
-  """The parts of the state `cfg`'s model carries across segments, per sequence."""
-  for cls in type(cfg).__mro__:
-    if cls.__name__ in _COMPONENTS:
-      return _COMPONENTS[cls.__name__](cfg)
-  raise TypeError(f'no memory accounting for {type(cfg).__name__}; add it to _COMPONENTS.')
+  """The parts of the state `cfg`'s model carries across segments, per sequence: its
+  architecture's (`Architecture.memory_components`) and the decoder's token counter."""
+  return [*architectures.for_config(cfg).memory_components(cfg), TOKENS_SEEN]
 
 
 def paper_floats(cfg) -> int:

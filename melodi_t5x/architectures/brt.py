@@ -39,19 +39,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
-from melodi_t5x import decoding, memory
-from melodi_t5x.architectures.xl import (
-  KV,
-  XLDecoder,
-  XLLayer,
-  window_before,
-  with_previous_window,
+from melodi_t5x import state as state_lib
+from melodi_t5x.architectures import xl
+from melodi_t5x.architectures.decoder import (
+  TRAIN_FACTOR,
+  Architecture,
+  Decoder,
+  MemoryComponent,
+  attention_recompute_flops,
+  window_flags,
+  xl_caches,
 )
 from melodi_t5x.config import BRTConfig
 from melodi_t5x.layers import Dense, TransformerBlock, l2_normalize, param
 
 Array = jax.Array
+KV = tuple[Array, Array]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +132,32 @@ def _state_step(block: StateBlock, state: Array, xs) -> tuple[Array, KV]:
   keys, values, complete = xs
   new_state, state_kv = block(state, keys, values)
   if complete is not None:
-    new_state = decoding.select_rows(complete, new_state, state)
+    new_state = state_lib.select_rows(complete, new_state, state)
   return new_state, state_kv
 
 
-class RecurrentLayer(XLLayer):
+@struct.dataclass
+class RecurrentState:
+  """The recurrent layer's state: its XL cache and S; decoding adds what a window's end needs.
+
+  Carried across segments: `keys`, `values` (the XL cache, zero at a document start) and
+  `recurrent` (S, the learned initial state at a document start). Decoding only: the keys and
+  values of S (what the tokens read) and of the window before the current one.
+  """
+
+  keys: Array  # [B, W, H, K] XL cache (decoding: the last W tokens)
+  values: Array  # [B, W, H, K]
+  recurrent: Array  # [B, N, D] S before the current window's update
+  state_keys: Array | None = None  # [B, N, H, K] keys of S (decoding)
+  state_values: Array | None = None  # [B, N, H, K]
+  previous_keys: Array | None = None  # [B, W, H, K] the window before the current one (decoding)
+  previous_values: Array | None = None  # [B, W, H, K]
+
+  def window(self) -> xl.XLState:
+    return xl.XLState(self.keys, self.values)
+
+
+class RecurrentLayer(xl.XLLayer):
   """A sliding-window layer that also reads and updates the recurrent state, window by window."""
 
   config: BRTConfig
@@ -151,30 +177,49 @@ class RecurrentLayer(XLLayer):
       cfg.param_dtype,
     )
 
-  def __call__(
-    self, x: Array, cache: KV, state: Array, deterministic: bool
-  ) -> tuple[Array, KV, Array]:
-    """x: [B, T, D]; cache: 2 x [B, W, H, K]; state: S [B, N, D] -> (y, new cache, new S)."""
-    y, (k, v), state = self.forward(x, cache, state, deterministic)
+  def state_spec(self, decode: bool):
+    cfg = self.config
+    window = xl.kv_spec(cfg, cfg.window_length, decode)
+    recurrent = state_lib.ArraySpec(
+      (cfg.num_states, cfg.embed_dim), ('memory_length', 'embed'), xl.state_dtype(cfg, decode)
+    )
+    if not decode:
+      return RecurrentState(window, window, recurrent)
+    states = xl.kv_spec(cfg, cfg.num_states, decode)
+    return RecurrentState(window, window, recurrent, states, states, window, window)
+
+  def fresh_state(self, batch: int) -> RecurrentState:
+    fresh = state_lib.zeros(self.state_spec(False), batch)
+    initial = jnp.broadcast_to(self.initial_state, fresh.recurrent.shape)
+    return fresh.replace(recurrent=initial.astype(fresh.recurrent.dtype))
+
+  def __call__(self, x: Array, state: RecurrentState, ctx, deterministic: bool):
+    """x: [B, T, D] -> (y: [B, T, D], the XL cache of the last window and S after the segment)."""
+    del ctx
+    y, (k, v), s = self.forward(x, state, deterministic)
     w = self.config.window_length
-    return y, (k[:, -w:], v[:, -w:]), state
+    return y, RecurrentState(k[:, -w:], v[:, -w:], s)
 
   def forward(
-    self, x: Array, cache: KV, state: Array, deterministic: bool, complete: Array | None = None
+    self, x: Array, state: RecurrentState, deterministic: bool, complete: Array | None = None
   ) -> tuple[Array, KV, Array]:
-    """As `__call__`, but returns the keys and values [B, T, H, K] of every token.
+    """The segment `x: [B, T, D]`: (y, the keys and values [B, T, H, K] of every token, new S).
 
-    `complete: [B, T/W]` (prefill) marks the windows that update S per row (default: all).
+    `complete: [n, B]` (prefill) marks the windows that update S per row (default: all).
     """
     w = self.config.window_length
     batch, length = x.shape[:2]
     n = length // w
+    cache = state.window().astype(x.dtype)
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
     o_self = self.sliding_attention(q, k, v, cache, deterministic)  # [B, T, H, K]
 
-    window_kv = (with_previous_window(k, cache[0], w), with_previous_window(v, cache[1], w))
-    xs = (*window_kv, complete)
+    window_kv = (
+      xl.with_previous_window(k, cache.keys, w),
+      xl.with_previous_window(v, cache.values, w),
+    )
+    xs = (*window_kv, None if complete is None else complete.T)
     scan = nn.scan(
       _state_step,
       variable_broadcast=['params', 'params_axes'],
@@ -183,7 +228,7 @@ class RecurrentLayer(XLLayer):
       out_axes=1,
       length=n,
     )
-    new_state, state_kv = scan(self.state_block, state, xs)  # 2 x [B, n, N, H, K]
+    new_state, state_kv = scan(self.state_block, state.recurrent.astype(x.dtype), xs)
 
     def per_window(t: Array) -> Array:  # [B, n, ...] -> [B * n, ...]
       return t.reshape(batch * n, *t.shape[2:])
@@ -198,123 +243,116 @@ class RecurrentLayer(XLLayer):
     q2 = l2_normalize(self.heads(self.query2(a)))
     return self.attention(q2, *state_kv, None, None, True, self.temperature2)
 
-  def decode_step(self, x: Array, cache: KV, state_kv: KV) -> tuple[Array, KV]:
-    """One token `x: [B, 1, D]` after the W tokens of `cache`, reading S through `state_kv`.
+  def prefill(self, x: Array, state: RecurrentState, ctx):
+    """Window j of the prompt updates S only where the row's prompt covers it, so S is the state
+    before the window holding position lengths[b] (the next token's window)."""
+    w = self.config.window_length
+    cache = state.window().astype(x.dtype)
+    complete = window_flags(x.shape[1], w, ctx.lengths)
+    y, (k, v), s = self.forward(x, state, True, complete)
+    last = xl.window_state(cache, k, v, ctx.lengths)
+    previous = xl.window_state(cache, k, v, ctx.lengths // w * w)
+    state_keys, state_values = self.state_block.state_kv(s)[1]
+    new = RecurrentState(
+      last.keys, last.values, s, state_keys, state_values, previous.keys, previous.values
+    )
+    return y, new
 
-    Returns y: [B, 1, D] and the cache shifted by one (as `XLLayer.decode_step`).
-    """
+  def decode(self, x: Array, state: RecurrentState, ctx):
+    """One token `x: [B, 1, D]`; a token that completes a window runs the state update over
+    `[previous window; this window]` from the cache, as the training path does."""
     a = self.normed_input(x, True)
-    o_self, cache = self.decode_attention(a, cache)
-    o = jnp.concatenate([o_self, self.cross_attention(a, state_kv)], axis=-2)  # [B, 1, 2H, K]
-    return self.residual_mlp(x, o, True), cache
+    o_self, window = self.decode_attention(a, state.window())
+    o_cross = self.cross_attention(a, (state.state_keys, state.state_values))
+    o = jnp.concatenate([o_self, o_cross], axis=-2)  # [B, 1, 2H, K]
+    y = self.residual_mlp(x, o, True)
+    state = state.replace(keys=window.keys, values=window.values)
+    # Rows whose token completes a window: the cached last W tokens are exactly that window.
+    done = (ctx.tokens_seen + 1) % self.config.window_length == 0
+    new = nn.cond(jnp.any(done), _end_window, lambda _, s: s, self, state)
+    return y, state_lib.select_rows(done, new, state)
+
+
+def _end_window(layer: RecurrentLayer, s: RecurrentState) -> RecurrentState:
+  """The state update at the end of a window (the last W cached tokens)."""
+  keys = jnp.concatenate([s.previous_keys, s.keys], axis=1)  # [B, 2W, H, K]
+  values = jnp.concatenate([s.previous_values, s.values], axis=1)
+  recurrent, _ = layer.state_block(s.recurrent, keys, values)
+  _, (state_keys, state_values) = layer.state_block.state_kv(recurrent)
+  new = s.replace(
+    recurrent=recurrent,
+    state_keys=state_keys,
+    state_values=state_values,
+    previous_keys=s.keys,
+    previous_values=s.values,
+  )
+  return jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, s)
+
+
+RecurrentState.astype = xl.XLState.astype
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoder.
+# The decoder and its record.
 # ---------------------------------------------------------------------------------------------
 
 
-class BRTDecoder(XLDecoder):
-  """Block-Recurrent Transformer decoder-only LM (`t5x.models.DecoderOnlyModel` signature).
-
-  The XL stack with layer `recurrent_layer_index` a `RecurrentLayer`; besides the XL caches of
-  every layer, the `memory` collection holds `recurrent_state: [B, N, D]`, reset to the learned
-  initial state at a row's document start.
-  """
+class BRTDecoder(Decoder):
+  """Block-Recurrent Transformer: the XL stack with layer `recurrent_layer_index` recurrent."""
 
   config: BRTConfig
 
-  def setup(self):
-    super().setup()
+  def layout(self):
     cfg = self.config
-    self.recurrent_state = memory.CarriedState(
-      (cfg.num_states, cfg.embed_dim), ('memory_length', 'embed')
-    )
-
-  def make_layer(self, index: int) -> nn.Module:
-    if index == self.config.recurrent_layer_index:
-      return RecurrentLayer(self.config)
-    return super().make_layer(index)
-
-  def run_layer(self, index: int, x: Array, sos: Array, deterministic: bool) -> Array:
-    if index != self.config.recurrent_layer_index:
-      return super().run_layer(index, x, sos, deterministic)
-    layer = self.layers[index]
-    cache = self.read_cache(index, sos, x.dtype)
-    x, cache, state = layer(x, cache, self.start_state(sos, x.dtype), deterministic)
-    self.write_cache(index, cache)
-    self.recurrent_state.end_segment(jax.lax.stop_gradient(state))
-    return x
-
-  def start_state(self, sos: Array, dtype) -> Array:
-    """S [B, N, D] at the start of a segment: carried, or the learned initial state at `sos`."""
-    initial = self.layers[self.config.recurrent_layer_index].initial_state
-    return self.recurrent_state.start_segment(sos, initial=initial).astype(dtype)
-
-  # -- incremental decoding (the XL decoder's cache and hooks) -----------------------------------
-
-  def decode_cache_specs(self) -> tuple[decoding.Spec, ...]:
-    """The XL cache, plus for the recurrent layer: S, its keys/values, the previous window's."""
-    cfg = self.config
-    kv = (cfg.num_heads, cfg.head_dim)
-    window = ((cfg.window_length, *kv), ('length', 'heads', 'kv'), cfg.dtype)
-    states = ((cfg.num_states, *kv), ('memory_length', 'heads', 'kv'), cfg.dtype)
-    return super().decode_cache_specs() + (
-      # S before the current window's update, and its keys/values (what the tokens read).
-      ('recurrent_state', (cfg.num_states, cfg.embed_dim), ('memory_length', 'embed'), cfg.dtype),
-      ('state_keys', *states),
-      ('state_values', *states),
-      # Keys/values of the window before the current one (the XL cache before the first window).
-      ('previous_keys', *window),
-      ('previous_values', *window),
-    )
-
-  def prefill_layer(
-    self, index: int, x: Array, sos: Array, lengths: Array, state: dict[str, Array]
-  ) -> Array:
-    if index != self.config.recurrent_layer_index:
-      return super().prefill_layer(index, x, sos, lengths, state)
-    w = self.config.window_length
-    layer = self.layers[index]
-    cache = self.read_cache(index, sos, x.dtype)
-    # Window j updates S only where the row's prompt covers it: S is then the state before the
-    # window holding position lengths[b] (the next token's window).
-    complete = jnp.arange(1, x.shape[1] // w + 1)[None, :] * w <= lengths[:, None]  # [B, n]
-    x, kv, s = layer.forward(x, cache, self.start_state(sos, x.dtype), True, complete)
-    for name, before, new in zip(('keys', 'values'), cache, kv):
-      state[f'{name}_{index}'] = window_before(before, new, lengths)
-      state[f'previous_{name}'] = window_before(before, new, lengths // w * w)
-    state['recurrent_state'] = s
-    state['state_keys'], state['state_values'] = layer.state_block.state_kv(s)[1]
-    return x
-
-  def decode_layer(self, index: int, x: Array, state: dict[str, Array]) -> Array:
-    if index != self.config.recurrent_layer_index:
-      return super().decode_layer(index, x, state)
-    layer = self.layers[index]
-    window = (state[f'keys_{index}'], state[f'values_{index}'])
-    x, window = layer.decode_step(x, window, (state['state_keys'], state['state_values']))
-    state[f'keys_{index}'], state[f'values_{index}'] = window
-    # Rows whose token completes a window: the cached last W tokens are exactly that window.
-    done = (state['index'] + 1) % self.config.window_length == 0
-    names = ('recurrent_state', 'state_keys', 'state_values', 'previous_keys', 'previous_values')
-    old = {name: state[name] for name in names}
-    new = nn.cond(jnp.any(done), _end_window, lambda _, s, __: s, layer, old, window)
-    state.update(decoding.select_rows(done, new, old))
-    return x
+    kind = lambda i: RecurrentLayer if i == cfg.recurrent_layer_index else xl.XLLayer
+    return tuple((f'layers_{i}', kind(i)) for i in range(cfg.num_layers))
 
 
-def _end_window(layer: RecurrentLayer, s: dict[str, Array], window: KV) -> dict[str, Array]:
-  """The state update at the end of a window with keys/values `window` (2 x [B, W, H, K])."""
-  previous = (s['previous_keys'], s['previous_values'])
-  keys, values = (jnp.concatenate([p, c], axis=1) for p, c in zip(previous, window))  # [B, 2W, ...]
-  state, _ = layer.state_block(s['recurrent_state'], keys, values)
-  _, (state_keys, state_values) = layer.state_block.state_kv(state)
-  new = {
-    'recurrent_state': state,
-    'state_keys': state_keys,
-    'state_values': state_values,
-    'previous_keys': window[0],
-    'previous_values': window[1],
-  }
-  return {name: value.astype(s[name].dtype) for name, value in new.items()}
+def memory_components(cfg: BRTConfig) -> list[MemoryComponent]:
+  state = cfg.num_states * cfg.embed_dim
+  return [
+    xl_caches(cfg, cfg.num_layers),
+    MemoryComponent('recurrent state', f'{cfg.num_states} states x d', state, state),
+  ]
+
+
+def train_flops(cfg: BRTConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of the Block-Recurrent Transformer, by term.
+
+  Terms (x 3 for forward + backward):
+    dense, attention: the Transformer-XL stack (`xl.train_flops`).
+    recurrent_tokens: per token of the recurrent layer, the second query (D x HK), its attention
+      over the N state vectors (2 x 2 x N x HK) and the wider output projection ([2HK, D] instead
+      of [HK, D]: 2 x HK x D more).
+    recurrent_state: per window, the N state vectors' Q, Q2, K, V (4 x D x HK) and output
+      ([2HK, D]) projections, self-attention over the state (2 x 2 x N x N x HK) and
+      cross-attention over the 2W token keys (2 x 2 x N x 2W x HK).
+  """
+  terms = xl.train_flops(cfg, batch, length)
+  d, hk, n = cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_states
+  windows = cfg.num_windows(length) * batch
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2
+  terms['recurrent_tokens'] = f * tokens * (d * hk + 2 * n * hk + hk * d)
+  per_window = n * 4 * d * hk + n * 2 * hk * d + 2 * n * n * hk + 2 * n * 2 * cfg.window_length * hk
+  terms['recurrent_state'] = f * windows * per_window
+  return terms
+
+
+def recompute_flops(cfg: BRTConfig, batch: int, length: int) -> float:
+  """Every attention's logits, and the recurrent attentions' (tokens over S; S over S and 2W)."""
+  extra = attention_recompute_flops(train_flops(cfg, batch, length))
+  n, w, hk = cfg.num_states, cfg.window_length, cfg.num_heads * cfg.head_dim
+  windows = cfg.num_windows(length) * batch
+  return extra + 2 * batch * length * n * hk + 2 * windows * (n * n + n * 2 * w) * hk
+
+
+ARCHITECTURE = Architecture(
+  name='brt',
+  config_class=BRTConfig,
+  decoder_class=BRTDecoder,
+  memory_components=memory_components,
+  train_flops=train_flops,
+  recompute_flops=recompute_flops,
+  gin_file='gin/models/brt.gin',
+)

@@ -9,9 +9,18 @@ README "Deviations" for the few places where we chose otherwise. Notation:
   B batch rows, T segment length, W window, S summary tokens, M short-term memory tokens,
   Q long-term FIFO tokens, L long-term increment, D embed dim, H heads, K head dim, V vocab.
 
-Memory lives in the `memory` collection (see `memory.py`): per layer the short-term memory
-`Z: [B, M, D]`, per long-term layer the FIFO of token embeddings `[B, Q, D]` (oldest first), and a
-per-row count of windows seen since the document start.
+Each layer's state is a `MelodiState` (`melodi_t5x.state`): carried across segments in the `memory`
+collection, the short-term memory `Z: [B, M, D]` and, in long-term layers, the FIFO of token
+embeddings `[B, Q, D]` (oldest first); the decoder counts each row's tokens since its document
+start (`tokens_seen`).
+
+Incremental decoding: inside a window a context token attends only to the memory and to the
+window's context tokens before it, never to the window's summary tokens (`window_geometry`). So a
+window is read one token per call (`MelodiLayer.decode`, the keys/values of its earlier context
+tokens in the state); when it is complete, the summary tokens run over the cached window
+(`MelodiLayer.end_window`) and the token mixers write the next short-term memory and the long-term
+increment, as the training path does at the end of the window. A prompt's complete windows run
+through the training path itself, the rest of it through `decode`.
 """
 
 from __future__ import annotations
@@ -22,31 +31,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax.linen import partitioning
+from flax import struct
 
-from melodi_t5x import decoding, memory
-from melodi_t5x.architectures import melodi_decoding
-from melodi_t5x.config import MelodiConfig
-from melodi_t5x.layers import (
-  ATTENTION_OUTPUT,
-  RMSNorm,
-  TransformerBlock,
-  dense_init,
-  embedding_param,
-  layer_class,
-  param,
-  segment_inputs,
-  t5_bucket,
-  tied_logits,
+from melodi_t5x import state as state_lib
+from melodi_t5x.architectures.decoder import (
+  TRAIN_FACTOR,
+  Architecture,
+  Context,
+  Decoder,
+  MemoryComponent,
+  attention_recompute_flops,
+  kv_width,
+  layer_matmul_params,
+  window_flags,
+  window_step,
 )
+from melodi_t5x.architectures.xl import kv_spec, state_dtype
+from melodi_t5x.config import MelodiConfig
+from melodi_t5x.layers import RMSNorm, StatefulLayer, dense_init, param, t5_bucket
 
 Array = jax.Array
-# Residual policy of remat='none': keep the outputs of the projections (dense layers, token
-# mixers) and of each attention, recompute everything elementwise from them in the backward pass.
-SAVE_MATMUL_OUTPUTS = jax.checkpoint_policies.save_from_both_policies(
-  jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT),
-)
+KV = tuple[Array, Array]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +113,36 @@ class TokenMixer(nn.Module):
     return out + u if self.norm_and_residual else out
 
 
-class MelodiLayer(TransformerBlock):
-  """One MELODI layer applied to one window (short-term, long-term or memory-free)."""
+@struct.dataclass
+class MelodiState:
+  """One MELODI layer's state (a field is None where the layer or the mode has no such part).
+
+  Carried across segments: `short` and `fifo`. The training carry adds the FIFO's keys/values
+  (computed once per segment, then pushed with each increment); decoding adds the keys/values of
+  the short-term memory and the current window's context tokens so far.
+  """
+
+  short: Array | None = None  # [B, M, D] short-term memory Z (None: memory-free layer)
+  fifo: Array | None = None  # [B, Q, D] long-term FIFO, oldest first (long-term layers)
+  fifo_keys: Array | None = None  # [B, Q, H, K]
+  fifo_values: Array | None = None  # [B, Q, H, K]
+  short_keys: Array | None = None  # [B, M, H, K] (decoding)
+  short_values: Array | None = None  # [B, M, H, K] (decoding)
+  context_keys: Array | None = None  # [B, W, H, K] the window's context tokens (decoding)
+  context_values: Array | None = None  # [B, W, H, K] (decoding)
+  context_outputs: Array | None = None  # [B, W, D] this layer's outputs for them (decoding)
+
+  def short_kv(self) -> KV | None:
+    return None if self.short_keys is None else (self.short_keys, self.short_values)
+
+  def fifo_kv(self) -> KV | None:
+    return None if self.fifo_keys is None else (self.fifo_keys, self.fifo_values)
+
+
+class MelodiLayer(StatefulLayer):
+  """One MELODI layer (short-term, long-term or memory-free), applied to one window."""
 
   config: MelodiConfig
-  index: int
 
   def setup(self):
     cfg = self.config
@@ -135,7 +165,44 @@ class MelodiLayer(TransformerBlock):
       )
       self.long_mixer = TokenMixer(cfg.long_term_memory_increment_size, False, cfg)
 
-  def project_kv(self, tokens: Array, deterministic: bool) -> tuple[Array, Array]:
+  # -- state ---------------------------------------------------------------------------------------
+
+  def state_spec(self, decode: bool):
+    cfg = self.config
+    m, q, d, w = self.memory_size, cfg.long_term_memory_tokens, cfg.embed_dim, cfg.window_length
+    if not (m or self.is_long or decode):
+      return None
+    tokens = lambda n: state_lib.ArraySpec(
+      (n, d), ('memory_length', 'embed'), state_dtype(cfg, decode)
+    )
+    spec = MelodiState(short=tokens(m) if m else None, fifo=tokens(q) if self.is_long else None)
+    if not decode:
+      return spec
+    window = kv_spec(cfg, w, True)
+    memory_kv = lambda n: kv_spec(cfg, n, True)
+    return spec.replace(
+      fifo_keys=memory_kv(q) if self.is_long else None,
+      fifo_values=memory_kv(q) if self.is_long else None,
+      short_keys=memory_kv(m) if m else None,
+      short_values=memory_kv(m) if m else None,
+      context_keys=window,
+      context_values=window,
+      context_outputs=state_lib.ArraySpec((w, d), ('length', 'embed'), cfg.dtype),
+    )
+
+  def start_segment(self, reset: Array, deterministic: bool) -> MelodiState:
+    """The carried memory in the compute dtype, with the FIFO's keys and values."""
+    state = super().start_segment(reset, deterministic) or MelodiState()
+    state = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(self.config.dtype)), state)
+    if not self.is_long:
+      return state
+    keys, values = self.project_kv(state.fifo, deterministic)
+    return state.replace(fifo_keys=keys, fifo_values=values)
+
+  def end_segment(self, state: MelodiState) -> None:
+    super().end_segment(MelodiState(short=state.short, fifo=state.fifo))
+
+  def project_kv(self, tokens: Array, deterministic: bool) -> KV:
     """Normalised keys and values of `tokens: [B, N, D]` -> ([B, N, H, K], [B, N, H, K])."""
     return self.keys_values(self.normed_input(tokens, deterministic))
 
@@ -143,329 +210,330 @@ class MelodiLayer(TransformerBlock):
     """Mean weight sigma(g) given to self-attention (vs. long-term memory); a diagnostic."""
     return jnp.mean(jax.nn.sigmoid(self.gate.astype(jnp.float32)))
 
-  def __call__(
-    self,
-    x: Array,
-    u: Array,
-    z: Array | None,
-    long_kv: tuple[Array, Array] | None,
-    memory_valid: Array | None,
-    long_valid: Array | None,
-    deterministic: bool,
-  ):
-    """Processes one window.
+  def valid(self, ctx: Context) -> tuple[Array | None, Array | None]:
+    """(memory_valid [B], long_valid [B, Q]) from windows seen, or Nones without masking."""
+    cfg = self.config
+    if not cfg.mask_empty_memory:
+      return None, None
+    seen = ctx.windows_seen(cfg.window_length)
+    q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
+    return seen > 0, jnp.arange(q)[None, :] >= q - inc * seen[:, None]
 
-    Args:
-      x: [B, W, D] context tokens; u: [B, S, D] summary tokens.
-      z: [B, M, D] short-term memory of the previous window, or None (memory-free layer).
-      long_kv: keys and values [B, Q, H, K] of the long-term FIFO, or None.
-      memory_valid: [B] bool, whether z holds data (only when masking empty memory).
-      long_valid: [B, Q] bool, FIFO slots holding data (only when masking empty memory).
-      deterministic: disables dropout.
+  # -- one window ------------------------------------------------------------------------------------
 
-    Returns:
-      x: [B, W, D], u: [B, S, D] for the next layer; z: [B, M, D] for the next window (or None);
-      delta: [B, L, D] tokens to append to the long-term FIFO (or None).
+  def __call__(self, xu: Array, state: MelodiState, ctx: Context, deterministic: bool):
+    """A window `xu: [B, W+S, D]` (context tokens, then summary tokens) -> (next xu, state).
+
+    The next layer gets this layer's context outputs and its next summary tokens; the state gets
+    the next window's short-term memory and, in a long-term layer, the FIFO with this window's
+    increment pushed.
+    """
+    w, m = self.config.window_length, self.memory_size
+    keys_in = xu if not m else jnp.concatenate([state.short.astype(xu.dtype), xu], axis=1)
+    a = self.normed_input(keys_in, deterministic)  # [B, M+W+S, D]
+    keys, values = self.keys_values(a)
+    q = self.queries(a[:, m:])  # [B, W+S, H, K]
+    o = self.attend_window(q, keys, values, slice(None), state, ctx, deterministic)
+    y = self.residual_mlp(xu, o, deterministic)
+    x_out = y[:, :w]
+    u_next, state = self.mix_window(x_out, y[:, w:], state, deterministic)
+    return jnp.concatenate([x_out, u_next], axis=1), state
+
+  def attend_window(self, q, keys, values, rows, state: MelodiState, ctx, deterministic):
+    """Queries `q` (the window rows `rows` of [context; summary]) over [memory; window keys].
+
+    `keys, values: [B, M + N, H, K]`; `rows` a static slice, or [B, Nq] per-row positions.
+    Long-term layers gate the result with the cross-attention to the FIFO.
     """
     cfg = self.config
-    w, s, m = x.shape[1], u.shape[1], self.memory_size
-    xu = jnp.concatenate([x, u], axis=1)  # [B, W+S, D]
-    keys_in = xu if z is None else jnp.concatenate([z.astype(xu.dtype), xu], axis=1)
-    a = self.normed_input(keys_in, deterministic)  # [B, M+W+S, D]
-    k, v = self.keys_values(a)
-    q = self.queries(a[:, m:])  # [B, W+S, H, K]
-
+    m = self.memory_size
     bucket, visible = window_geometry(
-      w, s, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+      cfg.window_length,
+      cfg.summary_size,
+      m,
+      cfg.relative_position_buckets,
+      cfg.relative_position_max_distance,
     )
-    mask = jnp.asarray(visible)[None, None]
+    n = keys.shape[1]
+    if isinstance(rows, slice):
+      bias = self.position_bias(bucket[rows, :n])
+      mask = jnp.asarray(visible[rows, :n])[None, None]
+    else:  # per-row query positions [B, Nq]
+      bias = jnp.moveaxis(self.relpos_bias[:, jnp.take(jnp.asarray(bucket[:, :n]), rows, 0)], 0, 1)
+      mask = jnp.take(jnp.asarray(visible[:, :n]), rows, axis=0)[:, None]
+    memory_valid, long_valid = self.valid(ctx)
     if memory_valid is not None and m:
-      key_ok = jnp.concatenate(
+      ok = jnp.concatenate(
         [
-          jnp.broadcast_to(memory_valid[:, None], (x.shape[0], m)),
-          jnp.ones((x.shape[0], w + s), bool),
+          jnp.broadcast_to(memory_valid[:, None], (q.shape[0], m)),
+          jnp.ones((q.shape[0], n - m), bool),
         ],
         axis=1,
       )
-      mask = mask & key_ok[:, None, None, :]
-    o = self.attention(q, k, v, self.position_bias(bucket), mask, deterministic)  # [B, W+S, H, K]
-    o = self.with_long_term(q, o, long_kv, long_valid, deterministic)
-
-    y = self.residual_mlp(xu, o, deterministic)
-    x_out, u_out = y[:, :w], y[:, w:]
-    return (x_out, *self.mix_window(x_out, u_out))
-
-  def with_long_term(self, q, o, long_kv, long_valid, deterministic: bool) -> Array:
-    """Long-term layers: gates self-attention `o` with cross-attention of `q` to the FIFO."""
+      mask = mask & ok[:, None, None, :]
+    o = self.attention(q, keys, values, bias, mask, deterministic)
     if not self.is_long:
       return o
     cmask = None if long_valid is None else long_valid[:, None, None, :]
-    o_long = self.attention(q, *long_kv, None, cmask, deterministic)
+    o_long = self.attention(q, *state.fifo_kv(), None, cmask, deterministic)
     g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
     return g * o + (1.0 - g) * o_long
 
-  def mix_window(self, x_out: Array, u_out: Array):
-    """Token mixers over a window's outputs: (next summary tokens, next z or None, delta)."""
-    delta = self.long_mixer(x_out, u_out) if self.is_long else None
-    if not self.memory_size:
-      return u_out, None, delta
-    branching = self.config.summary_branching
-    if branching == 'separate':
-      return self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out), delta
-    # No branching: the next window's memory is the next layer's summary.
-    u_next = u_out if branching == 'none' else self.summary_mixer(x_out, u_out)
-    return u_next, u_next, delta
-
-  # -- incremental decoding: the window's context tokens one call at a time, then its summary --
-
-  def _memory_mask(self, mask: Array, memory_valid: Array | None) -> Array:
-    """Hides the memory keys (the first M) of rows whose memory is empty (`mask_empty_memory`)."""
-    if memory_valid is None or not self.memory_size:
-      return mask
-    n = mask.shape[-1] - self.memory_size
-    ok = jnp.concatenate(
-      [
-        jnp.broadcast_to(memory_valid[:, None], (memory_valid.shape[0], self.memory_size)),
-        jnp.ones((memory_valid.shape[0], n), bool),
-      ],
-      axis=1,
-    )
-    return mask & ok[:, None, None, :]
-
-  def _with_memory(self, kv: tuple[Array, Array], memory_kv) -> tuple[Array, Array]:
-    """Prepends the memory keys/values [B, M, H, K] (if any) to `kv`."""
+  def with_memory(self, kv: KV, memory_kv: KV | None) -> KV:
+    """Prepends the short-term memory's keys/values [B, M, H, K] (if any) to `kv`."""
     if not self.memory_size:
       return kv
     return tuple(jnp.concatenate([m.astype(c.dtype), c], axis=1) for m, c in zip(memory_kv, kv))
 
-  def context_step(self, x, position, context_kv, memory_kv, long_kv, memory_valid, long_valid):
-    """Context tokens `x: [B, N, D]` at window positions `position[b] + 0..N-1`.
+  def mix_window(self, x_out: Array, u_out: Array, state: MelodiState, deterministic: bool):
+    """Token mixers over a window's outputs: (next summary tokens, state with next memory)."""
+    if self.is_long:
+      delta = self.long_mixer(x_out, u_out)  # [B, L, D]
+      keys, values = self.project_kv(delta, deterministic)
+      state = state.replace(
+        fifo=state_lib.fifo_push(state.fifo, delta),
+        fifo_keys=state_lib.fifo_push(state.fifo_keys, keys),
+        fifo_values=state_lib.fifo_push(state.fifo_values, values),
+      )
+    if not self.memory_size:
+      return u_out, state
+    branching = self.config.summary_branching
+    if branching == 'separate':
+      u_next, z = self.summary_mixer(x_out, u_out), self.memory_mixer(x_out, u_out)
+    else:  # No branching: the next window's memory is the next layer's summary.
+      u_next = z = u_out if branching == 'none' else self.summary_mixer(x_out, u_out)
+    return u_next, state.replace(short=z.astype(state.short.dtype))
+
+  # -- incremental decoding ------------------------------------------------------------------------
+
+  def decode_state(self, state: MelodiState, batch: int) -> MelodiState:
+    """The decode state of a training carry: memory keys/values added, the window empty."""
+    spec = self.state_spec(True)
+    fresh = state_lib.zeros(spec, batch)
+    new = fresh.replace(short=state.short, fifo=state.fifo)
+    new = new.replace(fifo_keys=state.fifo_keys, fifo_values=state.fifo_values)
+    if self.memory_size:
+      keys, values = self.project_kv(state.short, True)
+      new = new.replace(short_keys=keys, short_values=values)
+    return jax.tree_util.tree_map(lambda a, s: a.astype(s.dtype), new, fresh)
+
+  def decode(self, x: Array, state: MelodiState, ctx: Context):
+    """Context tokens `x: [B, N, D]` at window positions `tokens_seen % W + 0..N-1`.
 
     Each attends to the memory and to the window's context tokens before it, exactly as in
-    `__call__` (context tokens never see the summary tokens), so the window can be read a few
-    tokens at a time.
-
-    Args:
-      x: [B, N, D] inputs of this layer; position: [B] window position of x[:, 0].
-      context_kv: keys and values [B, W, H, K] of the window's context tokens so far (slots at or
-        after `position` are ignored and overwritten).
-      memory_kv: keys and values [B, M, H, K] of the short-term memory (None without memory).
-      long_kv: keys and values [B, Q, H, K] of the long-term FIFO (long-term layers).
-      memory_valid, long_valid: as in `__call__` (None unless masking empty memory).
-
-    Returns:
-      y: [B, N, D] outputs; the updated context keys and values.
+    `__call__` (context tokens never see the summary tokens). Slots of the window at or after the
+    position are ignored and overwritten.
     """
-    cfg = self.config
-    w, m = cfg.window_length, self.memory_size
+    w = self.config.window_length
+    position = ctx.tokens_seen % w
     a = self.normed_input(x, True)
-    q = self.queries(a)
-    context_kv = tuple(
-      decoding.write_rows(c, new, position) for c, new in zip(context_kv, self.keys_values(a))
-    )
-    bucket, visible = window_geometry(
-      w, cfg.summary_size, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    keys, values = self.keys_values(a)
+    context = (
+      state_lib.write_rows(state.context_keys, keys, position),
+      state_lib.write_rows(state.context_values, values, position),
     )
     rows = position[:, None] + jnp.arange(x.shape[1])  # [B, N] query positions in the window
-    bucket = jnp.take(jnp.asarray(bucket[:w, : m + w]), rows, axis=0)  # [B, N, M+W]
-    mask = jnp.take(jnp.asarray(visible[:w, : m + w]), rows, axis=0)[:, None]
-    bias = jnp.moveaxis(self.relpos_bias[:, bucket], 0, 1)  # [B, H, N, M+W]
-    k, v = self._with_memory(context_kv, memory_kv)
-    o = self.attention(q, k, v, bias, self._memory_mask(mask, memory_valid), True)
-    o = self.with_long_term(q, o, long_kv, long_valid, True)
-    return self.residual_mlp(x, o, True), context_kv
+    k, v = self.with_memory(context, state.short_kv())
+    o = self.attend_window(self.queries(a), k, v, rows, state, ctx, True)
+    y = self.residual_mlp(x, o, True)
+    outputs = state_lib.write_rows(state.context_outputs, y, position)
+    return y, state.replace(
+      context_keys=context[0], context_values=context[1], context_outputs=outputs
+    )
 
-  def summary_step(self, x_out, u, context_kv, memory_kv, long_kv, memory_valid, long_valid):
-    """The summary tokens `u: [B, S, D]` of a complete window, then the token mixers.
+  def end_window(self, u: Array, state: MelodiState, ctx: Context):
+    """The summary tokens `u: [B, S, D]` over the complete cached window, then the mixers.
 
-    Args:
-      x_out: [B, W, D] this layer's outputs for the window's context tokens.
-      u: [B, S, D] summary tokens entering this layer.
-      context_kv: keys and values [B, W, H, K] of the window's context tokens.
-      memory_kv, long_kv, memory_valid, long_valid: as in `context_step`.
-
-    Returns:
-      As `__call__` without x: the next layer's summary tokens, z for the next window (or None),
-      the long-term increment (or None).
+    Returns the next layer's summary tokens and the state with the next memory.
     """
-    cfg = self.config
-    w, s, m = cfg.window_length, u.shape[1], self.memory_size
+    w = self.config.window_length
     a = self.normed_input(u, True)
-    q = self.queries(a)
     ku, vu = self.keys_values(a)
-    k, v = self._with_memory(
-      tuple(jnp.concatenate([c, n], axis=1) for c, n in zip(context_kv, (ku, vu))), memory_kv
+    kv = (
+      jnp.concatenate([state.context_keys, ku], axis=1),
+      jnp.concatenate([state.context_values, vu], axis=1),
     )
-    bucket, visible = window_geometry(
-      w, s, m, cfg.relative_position_buckets, cfg.relative_position_max_distance
-    )
-    mask = self._memory_mask(jnp.asarray(visible[w:])[None, None], memory_valid)
-    o = self.attention(q, k, v, self.position_bias(bucket[w:]), mask, True)
-    o = self.with_long_term(q, o, long_kv, long_valid, True)
-    return self.mix_window(x_out, self.residual_mlp(u, o, True))
+    k, v = self.with_memory(kv, state.short_kv())
+    o = self.attend_window(self.queries(a), k, v, slice(w, None), state, ctx, True)
+    u_next, new = self.mix_window(state.context_outputs, self.residual_mlp(u, o, True), state, True)
+    if self.memory_size:
+      keys, values = self.project_kv(new.short, True)
+      new = new.replace(short_keys=keys, short_values=values)
+    return u_next, new
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoder.
+# The decoder and its record.
 # ---------------------------------------------------------------------------------------------
 
 
-def _valid_memory(cfg: MelodiConfig, seen: Array) -> tuple[Array | None, Array | None]:
-  """(memory_valid [B], long_valid [B, Q]) from windows seen, or Nones without masking."""
-  if not cfg.mask_empty_memory:
-    return None, None
-  q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
-  return seen > 0, jnp.arange(q)[None, :] >= q - inc * seen[:, None]
-
-
-def _window_step(module: MelodiDecoder, carry, x: Array, deterministic: bool):
-  """Runs every layer on one window. carry = (short, long, windows_seen); x: [B, W, D]."""
-  cfg = module.config
-  short, long, seen = carry
-  short, long = dict(short), dict(long)
-  batch = x.shape[0]
-  u = jnp.broadcast_to(
-    module.summary_embeddings.astype(x.dtype)[None], (batch, cfg.summary_size, cfg.embed_dim)
-  )
-  memory_valid, long_valid = _valid_memory(cfg, seen)
-  for i, layer in enumerate(module.layers):
-    kv = long[i][1:] if i in long else None
-    x, u, z, delta = layer(x, u, short.get(i), kv, memory_valid, long_valid, deterministic)
-    if z is not None:
-      short[i] = z
-    if delta is not None:
-      dk, dv = layer.project_kv(delta, deterministic)
-      n = delta.shape[1]
-      long[i] = tuple(
-        jnp.concatenate([old[:, n:], new.astype(old.dtype)], axis=1)
-        for old, new in zip(long[i], (delta, dk, dv))
-      )
-  return (short, long, seen + 1), x
-
-
-class MelodiDecoder(nn.Module):
-  """MELODI decoder-only LM with the call signature of `t5x.models.DecoderOnlyModel`."""
+class MelodiDecoder(Decoder):
+  """MELODI decoder-only LM: the windows in order, every layer on [window; summary tokens]."""
 
   config: MelodiConfig
+  window_major = True
 
-  def setup(self):
+  def layout(self):
+    return tuple((f'layers_{i}', MelodiLayer) for i in range(self.config.num_layers))
+
+  def setup_extra(self):
     cfg = self.config
-    d = cfg.embed_dim
-    self.embedding = embedding_param(self, cfg)
     self.summary_embeddings = param(
       self,
       'summary_embeddings',
       nn.initializers.truncated_normal(stddev=0.25),
-      (cfg.summary_size, d),
+      (cfg.summary_size, cfg.embed_dim),
       ('summary', 'embed'),
       cfg.param_dtype,
     )
-    layer = layer_class(MelodiLayer, cfg, deterministic_argnum=7, in_scan=True)
-    self.layers = [layer(cfg, i) for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
-    self.short_memory = {
-      str(i): memory.CarriedState((cfg.short_memory_size(i), d), ('memory_length', 'embed'))
-      for i in range(cfg.num_layers)
-      if cfg.short_memory_size(i)
-    }
-    self.long_memory = {
-      str(i): memory.CarriedState((cfg.long_term_memory_tokens, d), ('memory_length', 'embed'))
-      for i in cfg.long_term_memory_layers
-    }
-    self.windows_seen = memory.CarriedState((), (), jnp.int32)
-    self.decode_state = decoding.DecodeCache(melodi_decoding.cache_specs(cfg))
 
-  def __call__(
-    self,
-    decoder_input_tokens: Array,
-    decoder_target_tokens: Array | None = None,
-    decoder_segment_ids: Array | None = None,
-    decoder_positions: Array | None = None,
-    decoder_causal_attention: Array | None = None,
-    *,
-    start_of_sequence: Array | None = None,
-    enable_dropout: bool = True,
-    decode: bool = False,
-    max_decode_length: int | None = None,
-    prefill: bool | None = None,
-    prefill_lengths: Array | None = None,
-  ) -> Array:
-    """Logits [B, T, V] (float32) of the segment `decoder_input_tokens: [B, T]`.
+  def summary_tokens(self, like: Array) -> Array:
+    """The learned summary tokens for every row: [B, S, D] in `like`'s dtype."""
+    s = self.summary_embeddings.astype(like.dtype)[None]
+    return jnp.broadcast_to(s, (like.shape[0], *s.shape[1:]))
 
-    `start_of_sequence: [B]` marks rows whose document starts with this segment (their memory is
-    reset); None resets every row. Memory is read from and, when the `memory` collection is
-    mutable, written to the `memory` collection. Targets, positions and causal-attention flags
-    are accepted for T5X compatibility; MELODI's attention pattern is fixed by the windows.
+  def block_tokens(self, x: Array) -> Array:
+    """A window `x: [B, W, D]` and the summary tokens: [B, W+S, D]."""
+    return jnp.concatenate([x, self.summary_tokens(x)], axis=1)
 
-    Incremental decoding (T5X's convention, state in the `cache` collection): `prefill=True`
-    reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
-    """
-    del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    if prefill:
-      return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
-    if decode:
-      return self.decode_step(decoder_input_tokens)
+  def report(self, deterministic: bool) -> None:
+    del deterministic
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    tokens, sos = segment_inputs(cfg, decoder_input_tokens, decoder_segment_ids, start_of_sequence)
-    batch, length = tokens.shape
-    num_windows = cfg.num_windows(length)
-    deterministic = not enable_dropout
-
-    x = jnp.take(self.embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
-    x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
-    carry = self._start_segment(sos, deterministic, dtype)
-    windows = x.reshape(batch, num_windows, cfg.window_length, -1).swapaxes(0, 1)  # [N, B, W, D]
-    step = functools.partial(_window_step, deterministic=deterministic)
-    if cfg.remat == 'window':
-      # The backward pass keeps each window's carry and input, and recomputes the step.
-      step = nn.remat(step, prevent_cse=False)
-    elif cfg.remat == 'none':
-      # No matmul is recomputed: the backward pass keeps every projection's output (the matmuls
-      # without batch dimensions) and recomputes only what is elementwise (norms, ReLU, the
-      # float32 upcasts) and, in `layers.recomputed_attention`, the attention logits.
-      step = nn.remat(step, prevent_cse=False, policy=SAVE_MATMUL_OUTPUTS)
-    scan = nn.scan(
-      step,
-      variable_broadcast=['params', 'params_axes'],
-      split_rngs={'params': False, 'dropout': True},
-      length=num_windows,
-    )
-    carry, windows = scan(self, carry, windows)
-    self._end_segment(carry)
-
-    y = windows.swapaxes(0, 1).reshape(batch, length, -1)
-    y = self.dropout(self.final_norm(y), deterministic=deterministic)
-    logits = tied_logits(y, self.embedding, cfg)
     if cfg.long_term_memory_layers and not self.is_initializing():
-      gates = [self.layers[i].gate_mean() for i in cfg.long_term_memory_layers]
+      gates = [self.stack[i].gate_mean() for i in cfg.long_term_memory_layers]
       self.sow('intermediates', 'long_term_gate', jnp.mean(jnp.stack(gates)))
-    return logits
 
-  def _start_segment(self, sos: Array, deterministic: bool, dtype):
-    """Reads the carried memory (reset where `sos`) and precomputes the FIFO keys/values."""
-    short = {int(i): s.start_segment(sos).astype(dtype) for i, s in self.short_memory.items()}
-    long = {}
-    for i, state in self.long_memory.items():
-      fifo = state.start_segment(sos).astype(dtype)  # [B, Q, D]
-      long[int(i)] = (fifo, *self.layers[int(i)].project_kv(fifo, deterministic))
-    return short, long, self.windows_seen.start_segment(sos)
+  def prefill_windows(self, tokens: Array, states: list, ctx: Context):
+    """The prompt's complete windows through the training path (per row: the windows its prompt
+    covers), the rest of it through `MelodiLayer.decode`."""
+    w = self.config.window_length
+    batch, length = tokens.shape
+    n = length // w
+    outputs = []
+    if n:
+      x = self.embed(tokens[:, : n * w])
+      windows = x.reshape(batch, n, w, -1).swapaxes(0, 1)  # [n, B, W, D]
+      complete = window_flags(n * w, w, ctx.lengths)  # [n, B]
+      scan = nn.scan(
+        functools.partial(window_step, deterministic=True),
+        variable_broadcast=['params', 'params_axes'],
+        split_rngs={'params': False, 'dropout': True},
+        length=n,
+      )
+      (states, _), y = scan(self, (states, ctx.tokens_seen), (windows, complete))
+      outputs.append(y.swapaxes(0, 1).reshape(batch, n * w, -1))
+    states = [layer.decode_state(s, batch) for layer, s in zip(self.stack, states)]
+    start = ctx.lengths // w * w  # the window holding the rest of the prompt
+    x = self.embed(state_lib.slice_rows(tokens, start, w))
+    rest = Context(ctx.tokens_seen + start)
+    for i, layer in enumerate(self.stack):
+      x, states[i] = layer.decode(x, states[i], rest)
+    return jnp.concatenate([*outputs, x[:, : length - n * w]], axis=1), states
 
-  def _end_segment(self, carry) -> None:
-    short, long, seen = carry
-    for i, state in self.short_memory.items():
-      state.end_segment(short[int(i)])
-    for i, state in self.long_memory.items():
-      state.end_segment(long[int(i)][0])
-    self.windows_seen.end_segment(seen)
+  def after_decode(self, states: list, ctx: Context) -> list:
+    """Rows whose window the token completed: the summary pass writes their next memory."""
+    done = ctx.tokens_seen % self.config.window_length == 0
+    before = Context(ctx.tokens_seen - 1)
+    new = nn.cond(jnp.any(done), _summary_pass, lambda _, s, __: s, self, states, before)
+    return state_lib.select_rows(done, new, states)
 
-  # -- incremental decoding (melodi_decoding.py) ------------------------------------------------
 
-  def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
-    """Reads a prompt into the `cache` collection: `melodi_decoding.prefill`."""
-    return melodi_decoding.prefill(self, tokens, lengths, start_of_sequence)
+def _summary_pass(module: MelodiDecoder, states: list, ctx: Context) -> list:
+  """Summary tokens over every layer's cached window, then the next memory (every row)."""
+  u = module.summary_tokens(states[0].context_outputs)
+  new = []
+  for layer, s in zip(module.stack, states):
+    u, s = layer.end_window(u, s, ctx)
+    new.append(s)
+  return new
 
-  def decode_step(self, tokens: Array) -> Array:
-    """Logits [B, 1, V] after one token per row: `melodi_decoding.decode_step`."""
-    return melodi_decoding.decode_step(self, tokens)
+
+def memory_components(cfg: MelodiConfig) -> list[MemoryComponent]:
+  d = cfg.embed_dim
+  short_layers = [i for i in range(cfg.num_layers) if cfg.short_memory_size(i)]
+  short = sum(cfg.short_memory_size(i) * d for i in short_layers)
+  parts = [
+    MemoryComponent(
+      'short-term memory',
+      f'{len(short_layers)} layers x {cfg.short_term_memory_size} tokens x d',
+      short,
+      short,
+    )
+  ]
+  n_long = len(cfg.long_term_memory_layers)
+  if n_long:
+    q = cfg.long_term_memory_tokens
+    parts.append(
+      MemoryComponent(
+        'long-term memory',
+        f'{n_long} layer(s) x {cfg.long_term_memory_windows} windows x '
+        f'{cfg.long_term_memory_increment_size} tokens x (keys + values)',
+        n_long * q * kv_width(cfg),
+        n_long * q * d,
+        note='stored as token embeddings (d per token); keys and values recomputed per segment',
+      )
+    )
+  return parts
+
+
+def train_flops(cfg: MelodiConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of MELODI on `batch` rows of a `length`-token segment, by term.
+
+  Terms (each already x 3 for forward + backward):
+    dense: 6 x (block matmul weights of every layer + the tied output embedding V x D) x tokens.
+    summary_tokens: the S summary tokens of each window run through every layer's Q, K, V, out
+      and MLP like context tokens: 6 x layers x S x block weights, per window.
+    memory_keys: the M short-term memory tokens of a layer get keys and values: 6 x M x 2 x D x HK
+      per window and memory layer.
+    attention: per window and layer, queries [W+S] x keys [M+W+S]: 2 x 2 x (W+S)(M+W+S) HK
+      (logits and weighted values), x 3.
+    mixers: per window and memory layer, the summary and memory token mixers map W+S tokens to
+      S and M tokens: 2 x (W+S)(S+M) D, x 3.
+    long_term: per window and long-term layer, cross-attention of W+S queries to the Q FIFO
+      tokens (2 x 2 x (W+S) Q HK), the long mixer (W+S -> L tokens: 2 x (W+S) L D) and the keys
+      and values of the L new tokens (2 x 2 x L D HK); per segment, the keys and values of the
+      FIFO read from memory (2 x 2 x Q D HK). All x 3.
+  """
+  d, hk = cfg.embed_dim, cfg.num_heads * cfg.head_dim
+  w, s = cfg.window_length, cfg.summary_size
+  windows = cfg.num_windows(length) * batch
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2  # 2 FLOPs per multiply-add, x 3 for the train step
+  terms = dict.fromkeys(
+    ('dense', 'summary_tokens', 'memory_keys', 'attention', 'mixers', 'long_term'), 0.0
+  )
+  terms['dense'] = f * tokens * (cfg.num_layers * layer_matmul_params(cfg) + cfg.vocab_size * d)
+  terms['summary_tokens'] = f * windows * cfg.num_layers * s * layer_matmul_params(cfg)
+  q_fifo, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
+  for layer in range(cfg.num_layers):
+    m = cfg.short_memory_size(layer)
+    nq, nk = w + s, m + w + s
+    terms['memory_keys'] += f * windows * m * 2 * d * hk
+    terms['attention'] += f * windows * 2 * nq * nk * hk
+    if m:
+      terms['mixers'] += f * windows * nq * (s + m) * d
+    if cfg.is_long_term_layer(layer):
+      per_window = 2 * nq * q_fifo * hk + nq * inc * d + 2 * inc * d * hk
+      terms['long_term'] += f * (windows * per_window + batch * 2 * q_fifo * d * hk)
+  return terms
+
+
+def recompute_flops(cfg: MelodiConfig, batch: int, length: int) -> float:
+  """Every attention's logits, and the long-term cross-attention's (2 x (W+S) x Q x HK/window)."""
+  extra = attention_recompute_flops(train_flops(cfg, batch, length))
+  nq = cfg.window_length + cfg.summary_size
+  windows = cfg.num_windows(length) * batch
+  long_layers = sum(cfg.is_long_term_layer(i) for i in range(cfg.num_layers))
+  hk = cfg.num_heads * cfg.head_dim
+  return extra + 2 * windows * long_layers * nq * cfg.long_term_memory_tokens * hk
+
+
+ARCHITECTURE = Architecture(
+  name='melodi',
+  config_class=MelodiConfig,
+  decoder_class=MelodiDecoder,
+  memory_components=memory_components,
+  train_flops=train_flops,
+  recompute_flops=recompute_flops,
+  gin_file='gin/models/melodi_base.gin',
+)

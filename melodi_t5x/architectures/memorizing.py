@@ -23,8 +23,8 @@ Residual convention (reproduced for parity with the reference): the memory layer
 y = h + MLP(norm(h)), h = x + W_O attn, already contains its input x, and the stack adds x once
 more: **x_next = x + y = 2x + W_O attn + MLP(...)**.
 
-Write index: one per batch row (`write_index`, `[B]` int32), reset to 0 with the row's memory at
-its document start, so each row's memory is its own FIFO, as T5X streaming needs (rows hold
+Write index: one per batch row, the row's tokens since its document start modulo M (the decoder's
+`tokens_seen`), so each row's memory is its own FIFO, as T5X streaming needs (rows hold
 unrelated documents). The reference keeps one counter for the whole batch that is not reset at a
 document start. Since memory attention has no positions, the slot order never changes an output:
 the two conventions give identical logits, losses and gradients, and the same memory read in
@@ -51,11 +51,20 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from melodi_t5x import memory
-from melodi_t5x.architectures.xl import XLDecoder, windowed
+from melodi_t5x.architectures import xl
+from melodi_t5x.architectures.decoder import (
+  TRAIN_FACTOR,
+  Architecture,
+  Decoder,
+  MemoryComponent,
+  attention_recompute_flops,
+  kv_width,
+  layer_matmul_params,
+)
 from melodi_t5x.config import MemorizingConfig
-from melodi_t5x.layers import TransformerBlock, apply_attention, attention_logits, safe_softmax
+from melodi_t5x.layers import StatefulLayer, apply_attention, attention_logits, safe_softmax
 
 Array = jax.Array
 KV = tuple[Array, Array]
@@ -111,22 +120,41 @@ def weigh_values(probs: Array, mem_values: Array, v: Array) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 
-class MemoryLayer(TransformerBlock):
+@struct.dataclass
+class MemoryState:
+  """The external memory of the memory layer (a constant: no gradient flows into it)."""
+
+  keys: Array  # [B, M, H, K] normalised keys, slot i written at token i mod M of the document
+  values: Array  # [B, M, H, K]
+
+
+class MemoryLayer(StatefulLayer):
   """The extra layer: joint attention over the memory and the causal segment, then the MLP."""
 
   config: MemorizingConfig
   has_relpos: ClassVar[bool] = False
+  decodes: ClassVar[bool] = False
 
-  def __call__(self, x: Array, slots: KV, deterministic: bool) -> tuple[Array, KV]:
-    """x: [B, T, D]; slots: memory ([B, M, H, K], [B, M, H, K]) -> (y [B, T, D], segment k, v).
+  def state_spec(self, decode: bool):
+    kv = xl.kv_spec(self.config, self.config.memory_size, decode)
+    return MemoryState(kv, kv)
 
-    y = h + MLP(norm(h)), h = x + W_O attn (the stack adds x once more). The returned keys and
-    values [B, T, H, K] are what the segment writes to memory.
+  def __call__(self, x: Array, state: MemoryState, ctx, deterministic: bool):
+    """x: [B, T, D] -> (x + y, the memory with the segment's keys and values written).
+
+    y = h + MLP(norm(h)), h = x + W_O attn, and the layer adds x once more (the reference's
+    residual convention, module docstring).
     """
+    slots = (state.keys.astype(x.dtype), state.values.astype(x.dtype))
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
     o = self.memory_attention(q, k, v, slots, deterministic)
-    return self.residual_mlp(x, o, deterministic), (k, v)
+    y = self.residual_mlp(x, o, deterministic)
+    index = ctx.tokens_seen % self.config.memory_size  # [B] each row's write position
+    new = MemoryState(
+      *(write_slots(s, jax.lax.stop_gradient(n), index) for s, n in zip(slots, (k, v)))
+    )
+    return x + y, new
 
   def memory_attention(self, q: Array, k: Array, v: Array, slots: KV, deterministic: bool):
     """Joint attention output [B, T, H, K], one block of queries at a time (see module doc)."""
@@ -151,57 +179,85 @@ class MemoryLayer(TransformerBlock):
         probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
       return weigh_values(probs, mem_values, v)
 
-    qs = windowed(q, w).swapaxes(0, 1)  # [N, B, Q, H, K]
+    qs = xl.windowed(q, w).swapaxes(0, 1)  # [N, B, Q, H, K]
     o = jax.lax.map(jax.checkpoint(block, prevent_cse=False), (qs, visible, rngs))
     return o.swapaxes(0, 1).reshape(q.shape)
 
 
-def memory_slots_state(config: MemorizingConfig) -> memory.CarriedState:
-  """One carried memory array (keys or values) `[B, M, H, K]`."""
-  shape = (config.memory_size, config.num_heads, config.head_dim)
-  return memory.CarriedState(shape, ('memory_length', 'heads', 'kv'))
+def write_slots(slots: Array, new: Array, index: Array) -> Array:
+  """FIFO write of a segment's `new: [B, T, H, K]` into `slots: [B, M, H, K]` at rows' `index`."""
+  put = lambda row, n, i: jax.lax.dynamic_update_slice_in_dim(row, n.astype(row.dtype), i, 0)
+  return jax.vmap(put)(slots, new, index)
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoder.
+# The decoder and its record.
 # ---------------------------------------------------------------------------------------------
 
 
-class MemorizingDecoder(XLDecoder):
-  """The XL decoder with the memory layer after XL layer `memory_layer_index`.
-
-  Carried state (`memory` collection): the XL caches of `XLDecoder`, plus `memory_keys` and
-  `memory_values` `[B, M, H, K]` and `write_index` `[B]` (per row, reset at a document start).
-  """
+class MemorizingDecoder(Decoder):
+  """The XL stack with the memory layer after XL layer `memory_layer_index`."""
 
   config: MemorizingConfig
 
-  def setup(self):
-    super().setup()
-    self.memory_layer = MemoryLayer(self.config)
-    self.memory_keys = memory_slots_state(self.config)
-    self.memory_values = memory_slots_state(self.config)
-    self.write_index = memory.CarriedState((), (), jnp.int32)
+  def layout(self):
+    cfg = self.config
+    stack = [(f'layers_{i}', xl.XLLayer) for i in range(cfg.num_layers)]
+    stack.insert(cfg.memory_layer_index + 1, ('memory_layer', MemoryLayer))
+    return tuple(stack)
 
-  def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
-    """After XL layer `memory_layer_index`: x [B, T, D] -> x + memory_layer(x) (the quirk)."""
-    if layer != self.config.memory_layer_index:
-      return x
-    slots = (
-      jax.lax.stop_gradient(self.memory_keys.start_segment(sos).astype(x.dtype)),
-      jax.lax.stop_gradient(self.memory_values.start_segment(sos).astype(x.dtype)),
-    )
-    y, (k, v) = self.memory_layer(x, slots, deterministic)
-    self.write_memory(slots, self.write_index.start_segment(sos), k, v)
-    return x + y
 
-  def write_memory(self, slots: KV, index: Array, k: Array, v: Array) -> None:
-    """FIFO write of the segment's k, v [B, T, H, K] at each row's `index` [B]."""
+def memory_components(cfg: MemorizingConfig) -> list[MemoryComponent]:
+  w, kv, layers = cfg.window_length, kv_width(cfg), cfg.num_layers
+  external = cfg.memory_size * kv
+  return [
+    MemoryComponent(
+      'XL caches',
+      f'{layers + 1} layers ({layers} + the memory layer) x {w} tokens x (keys + values)',
+      (layers + 1) * w * kv,
+      layers * w * kv,
+      note=f'we allocate {layers}: the reference memory layer owns an XL cache it never reads or '
+      'writes, which the paper counts',
+    ),
+    MemoryComponent(
+      'external memory', f'{cfg.memory_size} slots x (keys + values)', external, external
+    ),
+  ]
 
-    def put(row_slots: Array, new: Array, i: Array) -> Array:  # [M, H, K], [T, H, K], []
-      return jax.lax.dynamic_update_slice_in_dim(row_slots, new.astype(row_slots.dtype), i, 0)
 
-    length = k.shape[1]
-    self.memory_keys.end_segment(jax.vmap(put)(slots[0], jax.lax.stop_gradient(k), index))
-    self.memory_values.end_segment(jax.vmap(put)(slots[1], jax.lax.stop_gradient(v), index))
-    self.write_index.end_segment((index + length) % self.config.memory_size)
+def train_flops(cfg: MemorizingConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of the Memorizing Transformer (dense or top-k memory), by term.
+
+  Terms (x 3 for forward + backward; the recomputation of the checkpointed query blocks in the
+  backward pass is not counted, as model FLOPs exclude rematerialisation):
+    dense, attention: the Transformer-XL stack (`xl.train_flops`), plus the memory layer's Q, K, V, out
+      and MLP weights in `dense` (6 x weights x tokens).
+    memory: every token's query against the M memory slots (logits: 2 x M x HK) and against all
+      T keys of the segment (logits and values: 2 x 2 x T x HK, computed for every query and
+      masked), and the values of the memory (2 x M x HK; with top-k, 2 x k x HK).
+  """
+  terms = xl.train_flops(cfg, batch, length)
+  hk = cfg.num_heads * cfg.head_dim
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2
+  terms['dense'] += f * tokens * layer_matmul_params(cfg)
+  values = cfg.memory_top_k or cfg.memory_size
+  terms['memory'] = f * tokens * (cfg.memory_size * hk + 2 * length * hk + values * hk)
+  return terms
+
+
+def recompute_flops(cfg: MemorizingConfig, batch: int, length: int) -> float:
+  """The XL stack's attention logits; the memory layer recomputes its query blocks under its own
+  `jax.checkpoint`, not counted."""
+  return attention_recompute_flops(train_flops(cfg, batch, length))
+
+
+ARCHITECTURE = Architecture(
+  name='memorizing',
+  config_class=MemorizingConfig,
+  decoder_class=MemorizingDecoder,
+  memory_components=memory_components,
+  train_flops=train_flops,
+  recompute_flops=recompute_flops,
+  gin_file='gin/models/memorizing.gin',
+)

@@ -23,20 +23,20 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax.linen import partitioning
+from flax import struct
 
-from melodi_t5x import decoding, memory
-from melodi_t5x.config import XLConfig
-from melodi_t5x.layers import (
-  RMSNorm,
-  TransformerBlock,
-  embedding_param,
-  layer_class,
-  segment_inputs,
-  t5_bucket,
-  tied_logits,
+from melodi_t5x import state as state_lib
+from melodi_t5x.architectures.decoder import (
+  TRAIN_FACTOR,
+  Architecture,
+  Decoder,
+  MemoryComponent,
+  attention_recompute_flops,
+  layer_matmul_params,
+  xl_caches,
 )
+from melodi_t5x.config import XLConfig
+from melodi_t5x.layers import StatefulLayer, t5_bucket
 
 Array = jax.Array
 KV = tuple[Array, Array]
@@ -82,25 +82,68 @@ def window_before(first_previous: Array, x: Array, end: Array) -> Array:
   `first_previous: [B, W, ...]` stands before position 0 (the XL cache), so `end` may be 0..T.
   """
   full = jnp.concatenate([first_previous.astype(x.dtype), x], axis=1)
-  return decoding.slice_rows(full, end, first_previous.shape[1])
+  return state_lib.slice_rows(full, end, first_previous.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks.
+# State and blocks.
 # ---------------------------------------------------------------------------------------------
 
 
-class XLLayer(TransformerBlock):
+@struct.dataclass
+class XLState:
+  """A sliding-window layer's cache: the W tokens before the block, oldest first.
+
+  In training, the last window of the previous segment (a constant, zero at a document start);
+  in decoding, the last W tokens read. Zero slots are not masked (see the module docstring).
+  """
+
+  keys: Array  # [B, W, H, K] normalised keys
+  values: Array  # [B, W, H, K]
+
+
+def state_dtype(config, decode: bool) -> str:
+  """Carried memory is stored in float32 (as the paper counts it), the decode cache in the compute
+  dtype (both hold values computed in the compute dtype)."""
+  return config.dtype if decode else 'float32'
+
+
+def kv_spec(config, length: int, decode: bool) -> state_lib.ArraySpec:
+  """`[B, length, H, K]` keys or values."""
+  shape = (length, config.num_heads, config.head_dim)
+  axis = 'length' if decode and length == config.window_length else 'memory_length'
+  return state_lib.ArraySpec(shape, (axis, 'heads', 'kv'), state_dtype(config, decode))
+
+
+class XLLayer(StatefulLayer):
   """Sliding-window self-attention + MLP over a whole segment."""
 
   config: XLConfig
 
-  def sliding_attention(self, q: Array, k: Array, v: Array, cache: KV, deterministic: bool):
+  def state_spec(self, decode: bool):
+    cfg = self.config
+    if not (cfg.use_cache or decode):
+      return None  # the memory-free lower bound: a zero cache in every segment
+    kv = kv_spec(cfg, cfg.window_length, decode)
+    return XLState(kv, kv)
+
+  def start_segment(self, reset: Array, deterministic: bool) -> XLState:
+    if self.config.use_cache:
+      return super().start_segment(reset, deterministic)
+    return state_lib.zeros(
+      XLState(*(kv_spec(self.config, self.config.window_length, False),) * 2), reset.shape[0]
+    )
+
+  def end_segment(self, state: XLState) -> None:
+    if self.config.use_cache:
+      super().end_segment(state)
+
+  def sliding_attention(self, q: Array, k: Array, v: Array, cache: XLState, deterministic: bool):
     """Each window's queries over `[previous window; window]`.
 
     Args:
       q, k, v: [B, T, H, K] normalised queries, keys and values of the segment.
-      cache: normalised keys and values [B, W, H, K] of the window before the segment.
+      cache: the keys and values of the window before the segment.
       deterministic: disables dropout.
 
     Returns:
@@ -113,247 +156,108 @@ class XLLayer(TransformerBlock):
     bucket, visible = sliding_window_geometry(
       w, cfg.relative_position_buckets, cfg.relative_position_max_distance
     )
-    kw = with_previous_window(k, cache[0], w).reshape(batch * n, 2 * w, *k.shape[2:])
-    vw = with_previous_window(v, cache[1], w).reshape(batch * n, 2 * w, *v.shape[2:])
+    kw = with_previous_window(k, cache.keys, w).reshape(batch * n, 2 * w, *k.shape[2:])
+    vw = with_previous_window(v, cache.values, w).reshape(batch * n, 2 * w, *v.shape[2:])
     qw = q.reshape(batch * n, w, *q.shape[2:])
     o = self.attention(qw, kw, vw, self.position_bias(bucket), visible, deterministic)
     return o.reshape(q.shape)
 
-  def __call__(self, x: Array, cache: KV, deterministic: bool) -> tuple[Array, KV]:
-    """x: [B, T, D]; cache: ([B, W, H, K], [B, W, H, K]) -> (y: [B, T, D], new cache)."""
-    y, (k, v) = self.forward(x, cache, deterministic)
+  def __call__(self, x: Array, state: XLState, ctx, deterministic: bool):
+    """x: [B, T, D] -> (y: [B, T, D], the cache for the next segment: the last window)."""
+    del ctx
+    y, (k, v) = self.forward(x, state, deterministic)
     w = self.config.window_length
-    return y, (k[:, -w:], v[:, -w:])
+    return y, XLState(k[:, -w:], v[:, -w:])
 
-  def forward(self, x: Array, cache: KV, deterministic: bool) -> tuple[Array, KV]:
+  def forward(self, x: Array, state: XLState, deterministic: bool):
     """As `__call__`, but returns the keys and values [B, T, H, K] of every token."""
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
-    o = self.sliding_attention(q, k, v, cache, deterministic)
+    o = self.sliding_attention(q, k, v, state.astype(x.dtype), deterministic)
     return self.residual_mlp(x, o, deterministic), (k, v)
 
-  def decode_step(self, x: Array, cache: KV) -> tuple[Array, KV]:
-    """One token `x: [B, 1, D]` after the W tokens whose keys/values are `cache` (oldest first).
+  def prefill(self, x: Array, state: XLState, ctx):
+    """The cache after the prompt: the keys/values of positions lengths-W .. lengths-1."""
+    state = state.astype(x.dtype)
+    y, (k, v) = self.forward(x, state, True)
+    return y, window_state(state, k, v, ctx.lengths)
 
-    Returns y: [B, 1, D] and the cache shifted by one (oldest dropped, this token appended).
-    """
-    o, cache = self.decode_attention(self.normed_input(x, True), cache)
-    return self.residual_mlp(x, o, True), cache
+  def decode(self, x: Array, state: XLState, ctx):
+    """One token `x: [B, 1, D]`; the cache shifts by one (oldest dropped, this token appended)."""
+    del ctx
+    o, state = self.decode_attention(self.normed_input(x, True), state)
+    return self.residual_mlp(x, o, True), state
 
-  def decode_attention(self, a: Array, cache: KV) -> tuple[Array, KV]:
+  def decode_attention(self, a: Array, state: XLState) -> tuple[Array, XLState]:
     """The sliding attention of one normed token `a: [B, 1, D]`: (o: [B, 1, H, K], new cache)."""
     cfg = self.config
     w = cfg.window_length
-    q, kv = self.queries(a), self.keys_values(a)
+    q, (k, v) = self.queries(a), self.keys_values(a)
     bucket = t5_bucket(
       w - np.arange(w), cfg.relative_position_buckets, cfg.relative_position_max_distance
     )
-    o = self.attention(q, *cache, self.position_bias(bucket[None]), None, True)
-    cache = tuple(jnp.concatenate([c[:, 1:], n.astype(c.dtype)], axis=1) for c, n in zip(cache, kv))
-    return o, cache
+    o = self.attention(q, state.keys, state.values, self.position_bias(bucket[None]), None, True)
+    return o, XLState(state_lib.fifo_push(state.keys, k), state_lib.fifo_push(state.values, v))
 
 
-def xl_cache_state(config) -> memory.CarriedState:
-  """One carried XL cache array (keys or values) `[B, W, H, K]`."""
-  shape = (config.window_length, config.num_heads, config.head_dim)
-  return memory.CarriedState(shape, ('memory_length', 'heads', 'kv'))
+def window_state(before: XLState, k: Array, v: Array, end: Array) -> XLState:
+  """The W keys/values before position `end: [B]` of a block's `k, v: [B, T, H, K]`."""
+  return XLState(window_before(before.keys, k, end), window_before(before.values, v, end))
+
+
+def _astype(self, dtype):
+  return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
+
+
+XLState.astype = _astype
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoder.
+# The decoder and its record.
 # ---------------------------------------------------------------------------------------------
 
 
-class XLDecoder(nn.Module):
-  """Transformer-XL decoder-only LM with the call signature of `t5x.models.DecoderOnlyModel`."""
+class XLDecoder(Decoder):
+  """Transformer-XL decoder-only LM: `num_layers` sliding-window layers."""
 
   config: XLConfig
 
-  def setup(self):
-    cfg = self.config
-    self.embedding = embedding_param(self, cfg)
-    self.layers = [self.make_layer(i) for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
-    if cfg.use_cache:
-      self.cache_keys = {str(i): xl_cache_state(cfg) for i in range(cfg.num_layers)}
-      self.cache_values = {str(i): xl_cache_state(cfg) for i in range(cfg.num_layers)}
-    self.decode_state = decoding.DecodeCache(self.decode_cache_specs())
+  def layout(self):
+    return tuple((f'layers_{i}', XLLayer) for i in range(self.config.num_layers))
 
-  def __call__(
-    self,
-    decoder_input_tokens: Array,
-    decoder_target_tokens: Array | None = None,
-    decoder_segment_ids: Array | None = None,
-    decoder_positions: Array | None = None,
-    decoder_causal_attention: Array | None = None,
-    *,
-    start_of_sequence: Array | None = None,
-    enable_dropout: bool = True,
-    decode: bool = False,
-    max_decode_length: int | None = None,
-    prefill: bool | None = None,
-    prefill_lengths: Array | None = None,
-  ) -> Array:
-    """Logits [B, T, V] (float32) of the segment `decoder_input_tokens: [B, T]`.
 
-    `start_of_sequence: [B]` marks rows whose document starts here (their caches are zeroed);
-    None resets every row. Caches are written back when the `memory` collection is mutable.
+def memory_components(cfg: XLConfig) -> list[MemoryComponent]:
+  return [xl_caches(cfg, cfg.num_layers)] if cfg.use_cache else []
 
-    Incremental decoding (T5X's convention, state in the `cache` collection): `prefill=True`
-    reads a prompt (see `prefill`), `decode=True` one token per call (see `decode_step`).
-    """
-    del decoder_target_tokens, decoder_positions, decoder_causal_attention, max_decode_length
-    if (decode or prefill) and not self.decodes_incrementally():
-      raise NotImplementedError(
-        f'{type(self).__name__} has no incremental decoding (it changes the XL stack without '
-        'the decoding hooks prefill_layer/decode_layer); use teacher-forced scoring '
-        '(decode=False).'
-      )
-    if prefill:
-      return self.prefill(decoder_input_tokens, prefill_lengths, start_of_sequence)
-    if decode:
-      return self.decode_step(decoder_input_tokens)
-    cfg = self.config
-    tokens, sos = segment_inputs(cfg, decoder_input_tokens, decoder_segment_ids, start_of_sequence)
-    deterministic = not enable_dropout
-    x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
-    x = partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
-    for i in range(cfg.num_layers):
-      x = self.run_layer(i, x, sos, deterministic)
-      x = self.after_layer(i, x, sos, deterministic)
-    y = self.dropout(self.final_norm(x), deterministic=deterministic)
-    return tied_logits(y, self.embedding, cfg)
 
-  # Hooks for decoders built on this stack (Memorizing and Block-Recurrent Transformers).
+def train_flops(cfg: XLConfig, batch: int, length: int) -> dict[str, float]:
+  """Train-step FLOPs of Transformer-XL with a sliding window, by term.
 
-  def make_layer(self, index: int) -> nn.Module:
-    """The (unbound) layer `index` of the stack (see the Block-Recurrent decoder).
+  Terms (x 3 for forward + backward):
+    dense: 6 x (block matmul weights of every layer + the tied output embedding V x D) x tokens.
+    attention: every token's query against the 2W keys of [previous window; window]:
+      2 x 2 x 2W x HK per token and layer, x 3.
+  """
+  d, hk = cfg.embed_dim, cfg.num_heads * cfg.head_dim
+  cfg.num_windows(length)
+  tokens = batch * length
+  f = TRAIN_FACTOR * 2
+  return {
+    'dense': f * tokens * (cfg.num_layers * layer_matmul_params(cfg) + cfg.vocab_size * d),
+    'attention': f * tokens * cfg.num_layers * 2 * (2 * cfg.window_length) * hk,
+  }
 
-    With `remat='layer'` the layer is recomputed in the backward pass (also the XL layers of the
-    decoders built on this stack; their own extra layers keep their activations).
-    """
-    del index
-    return layer_class(XLLayer, self.config, deterministic_argnum=3, in_scan=False)(self.config)
 
-  def run_layer(self, index: int, x: Array, sos: Array, deterministic: bool) -> Array:
-    """Applies layer `index` to `x: [B, T, D]` with its XL cache, and stores the new cache."""
-    x, cache = self.layers[index](x, self.read_cache(index, sos, x.dtype), deterministic)
-    self.write_cache(index, cache)
-    return x
+def recompute_flops(cfg: XLConfig, batch: int, length: int) -> float:
+  return attention_recompute_flops(train_flops(cfg, batch, length))
 
-  def after_layer(self, layer: int, x: Array, sos: Array, deterministic: bool) -> Array:
-    """Extra computation after XL layer `layer` (none here; see the Memorizing decoder)."""
-    del layer, sos, deterministic
-    return x
 
-  def write_cache(self, layer: int, cache: KV) -> None:
-    """Stores the last window's keys and values of `layer` (a constant for the next segment)."""
-    if self.config.use_cache:
-      self.cache_keys[str(layer)].end_segment(jax.lax.stop_gradient(cache[0]))
-      self.cache_values[str(layer)].end_segment(jax.lax.stop_gradient(cache[1]))
-
-  def read_cache(self, layer: int, sos: Array, dtype) -> KV:
-    """The XL cache of `layer` for this segment (zeros at a document start or without cache)."""
-    cfg = self.config
-    if not cfg.use_cache:
-      shape = (sos.shape[0], cfg.window_length, cfg.num_heads, cfg.head_dim)
-      return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-    keys, values = self.cache_keys[str(layer)], self.cache_values[str(layer)]
-    return keys.start_segment(sos).astype(dtype), values.start_segment(sos).astype(dtype)
-
-  # -- incremental decoding ----------------------------------------------------------------------
-  #
-  # Cache (collection `cache`): `index` (tokens read, [B]) and per layer the keys and values of the
-  # last W tokens, oldest first ([B, W, H, K]; zero before the document start, as the XL cache).
-  # A decoder that changes the stack (the training hooks above) decodes only if it also overrides
-  # the decoding hooks `decode_cache_specs`, `prefill_layer` and `decode_layer` (see brt.py).
-
-  def decodes_incrementally(self) -> bool:
-    """False for a subclass that overrides a training hook but no decoding hook."""
-    overrides = lambda hooks: any(
-      getattr(type(self), h) is not getattr(XLDecoder, h) for h in hooks
-    )
-    training = ('make_layer', 'run_layer', 'after_layer')
-    return not overrides(training) or overrides(('prefill_layer', 'decode_layer'))
-
-  def decode_cache_specs(self) -> tuple[decoding.Spec, ...]:
-    """The cache arrays (name, shape without batch, logical axes, dtype): see above."""
-    cfg = self.config
-    kv = ((cfg.window_length, cfg.num_heads, cfg.head_dim), ('length', 'heads', 'kv'), cfg.dtype)
-    layers = tuple(
-      (f'{name}_{i}', *kv) for i in range(cfg.num_layers) for name in ('keys', 'values')
-    )
-    return (('index', (), (), 'int32'),) + layers
-
-  def prefill(self, tokens: Array, lengths: Array | None, start_of_sequence: Array | None):
-    """Reads a prompt into the cache; logits [B, L, V] (valid at positions < lengths[b]).
-
-    Row b consumes `tokens[b, :lengths[b]]` (default: T5X's count of non-zero tokens after
-    position 0) through the training path, after the carried XL cache of the `memory` collection
-    (reset where `start_of_sequence`; None resets every row).
-    """
-    cfg = self.config
-    w = cfg.window_length
-    tokens = jnp.asarray(tokens).astype(jnp.int32)
-    batch, length = tokens.shape
-    lengths = decoding.prefill_lengths_of(tokens, lengths)
-    sos = jnp.ones((batch,), bool) if start_of_sequence is None else start_of_sequence
-    sos = jnp.asarray(sos).astype(bool).reshape(batch)
-    padded = jnp.pad(tokens, ((0, 0), (0, -length % w)))  # whole windows for the training path
-    x = jnp.take(self.embedding, padded, axis=0).astype(jnp.dtype(cfg.dtype))
-    state = {'index': lengths}
-    for i in range(cfg.num_layers):
-      x = self.prefill_layer(i, x, sos, lengths, state)
-    self.decode_state.read(batch)
-    self.decode_state.write(state)
-    return tied_logits(self.final_norm(x[:, :length]), self.embedding, cfg)
-
-  def prefill_layer(
-    self, index: int, x: Array, sos: Array, lengths: Array, state: dict[str, Array]
-  ) -> Array:
-    """Layer `index` over the padded prompt `x: [B, L', D]` (training path, carried XL cache).
-
-    Writes the layer's cache arrays into `state`: the keys/values of positions
-    lengths-W .. lengths-1 (the carried cache stands before position 0).
-    """
-    cache = self.read_cache(index, sos, x.dtype)
-    x, kv = self.layers[index].forward(x, cache, True)
-    for name, before, new in zip(('keys', 'values'), cache, kv):
-      state[f'{name}_{index}'] = window_before(before, new, lengths)
-    return x
-
-  def decode_step(self, tokens: Array) -> Array:
-    """Logits [B, 1, V] of the next token after `tokens: [B, 1]`.
-
-    A call on an empty cache (T5X's cache-initialising call, any `[B, L]`) creates a zero cache
-    and returns zero logits.
-    """
-    cfg = self.config
-    tokens = jnp.asarray(tokens).astype(jnp.int32)
-    batch, n = tokens.shape
-    if not self.decode_state.exists():
-      self.decode_state.read(batch)
-      return jnp.zeros((batch, n, cfg.vocab_size), jnp.float32)
-    if n != 1:
-      raise ValueError(
-        f'decode=True reads one token per call, got {n}; read a prompt with prefill=True.'
-      )
-    state = self.decode_state.read(batch)
-    x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, 1, D]
-    for i in range(cfg.num_layers):
-      x = self.decode_layer(i, x, state)
-    state['index'] = state['index'] + 1
-    self.decode_state.write(state)
-    return tied_logits(self.final_norm(x), self.embedding, cfg)
-
-  def decode_layer(self, index: int, x: Array, state: dict[str, Array]) -> Array:
-    """Layer `index` on the token at position `state['index']`, `x: [B, 1, D]`.
-
-    Updates the layer's cache arrays in `state` (the last W keys/values shift by one).
-    """
-    keys, values = f'keys_{index}', f'values_{index}'
-    x, (state[keys], state[values]) = self.layers[index].decode_step(
-      x, (state[keys], state[values])
-    )
-    return x
+ARCHITECTURE = Architecture(
+  name='xl',
+  config_class=XLConfig,
+  decoder_class=XLDecoder,
+  memory_components=memory_components,
+  train_flops=train_flops,
+  recompute_flops=recompute_flops,
+  gin_file='gin/models/xl.gin',
+)

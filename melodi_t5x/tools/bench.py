@@ -39,7 +39,7 @@ import optax
 from melodi_t5x import architectures
 from melodi_t5x import config as config_lib
 from melodi_t5x.config import MelodiConfig
-from melodi_t5x.memory import MEMORY
+from melodi_t5x.state import MEMORY
 from melodi_t5x.tools import flops as flops_lib
 
 
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
   params = jax.eval_shape(init, jax.random.PRNGKey(0))[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   # Models without analytic FLOPs yet report no FLOPs and no MFU.
-  known = args.model in flops_lib.ANALYTIC_FLOPS
+  known = args.model in architectures.NAMES
   flop_terms = analytic_flops(args, cfg) if known else None
   flops = flop_terms['total'] if known else None
   step_sec, loss = time_train_steps(compiled, init, cfg, bsz, length, args.steps)
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
     return 0
   if args.remat_sweep:
     result = {'device': jax.devices()[0].device_kind, 'model': args.model, 'config': vars(args)}
-    if args.model in flops_lib.ANALYTIC_FLOPS:
+    if args.model in architectures.NAMES:
       result['flops_by_term'] = analytic_flops(args, config_from_args(args))
     result['remat'] = remat_sweep(args)
     print_remat_sweep(result['remat'])

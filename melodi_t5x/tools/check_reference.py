@@ -154,14 +154,15 @@ def _melodi_state(ref_key: str) -> tuple[str, ...] | None:
   match = re.fullmatch(
     r'state/layer_stack/melodi_layers_(\d+)/(short|long)_memory/previous_mems_train', ref_key
   )
-  return None if match is None else (f'{match.group(2)}_memory_{match.group(1)}', 'value')
+  field = {'short': 'short', 'long': 'fifo'}
+  return None if match is None else (f'layers_{match.group(1)}', field[match.group(2)])
 
 
 def _xl_state(ref_key: str) -> tuple[str, ...] | None:
   match = re.fullmatch(
     r'state/layer_stack/transformer(\d+)/kvi_cache/previous_(keys|values)_train', ref_key
   )
-  return None if match is None else (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+  return None if match is None else (f'layers_{match.group(1)}', match.group(2))
 
 
 _MEMORY = 'state/layer_stack/side_layer/'
@@ -185,7 +186,8 @@ def _memorizing_state_pairs(ours: dict, states: dict[str, np.ndarray]) -> dict[s
   """
   pairs = {}
   ref_index = states[_MEMORY + 'recurrent_memory/write_index_train']
-  our_index = np.asarray(ours['write_index']['value'])
+  # Our write index: each row's tokens since its document start, modulo the memory size.
+  our_index = np.asarray(ours['tokens_seen']) % ours['memory_layer']['keys'].shape[1]
   for key, ref in states.items():
     if key.startswith(_MEMORY + 'kvi_cache/'):
       if np.any(ref):
@@ -193,7 +195,7 @@ def _memorizing_state_pairs(ours: dict, states: dict[str, np.ndarray]) -> dict[s
       continue
     match = re.fullmatch(_MEMORY + r'recurrent_memory/memory_(keys|values)_train', key)
     if match:
-      mine = np.asarray(ours[f'memory_{match.group(1)}']['value'])
+      mine = np.asarray(ours['memory_layer'][match.group(1)])
       ref_fifo = fifo_order(ref, np.full(ref.shape[0], int(ref_index)))
       pairs[key] = (fifo_order(mine, our_index), ref_fifo)
     elif key != _MEMORY + 'recurrent_memory/write_index_train':
@@ -207,9 +209,9 @@ def _memorizing_state_pairs(ours: dict, states: dict[str, np.ndarray]) -> dict[s
 def _brt_state(ref_key: str) -> tuple[str, ...] | None:
   match = re.fullmatch(r'state/transformer(\d+)/previous_(keys|values)_train', ref_key)
   if match is not None:
-    return (f'cache_{match.group(2)}_{match.group(1)}', 'value')
+    return (f'layers_{match.group(1)}', match.group(2))
   match = re.fullmatch(r'state/transformer(\d+)/recurrent_state_train', ref_key)
-  return None if match is None else ('recurrent_state', 'value')
+  return None if match is None else (f'layers_{match.group(1)}', 'recurrent')
 
 
 def melodi_config_from_fixture(meta: dict) -> MelodiConfig:
