@@ -41,7 +41,8 @@ TOKENS_SEEN = MemoryComponent(
 def memory_components(cfg) -> list[MemoryComponent]:
   """The parts of the state `cfg`'s model carries across segments, per sequence: its
   architecture's (`Architecture.memory_components`) and the decoder's token counter."""
-  return [*architectures.for_config(cfg).memory_components(cfg), TOKENS_SEEN]
+  parts = architectures.for_config(cfg).memory_components(cfg)
+  return [*parts, TOKENS_SEEN] if parts else []
 
 
 def paper_floats(cfg) -> int:

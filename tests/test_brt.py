@@ -104,8 +104,9 @@ def test_parameters_and_memory_layout():
   assert not any(k.startswith('layers_1/') and ('2' in k or 'state' in k) for k in flat)
   assert not any(k.endswith('/bias') for k in flat)
   mem = variables['memory']
-  assert mem['recurrent_state']['value'].shape == (B, CFG.num_states, d)
-  assert {f'cache_{kv}_{i}' for kv in ('keys', 'values') for i in (0, 1)} < set(mem)
+  assert mem['layers_0']['recurrent'].shape == (B, CFG.num_states, d)
+  assert set(mem['layers_0']) == {'keys', 'values', 'recurrent'}
+  assert set(mem['layers_1']) == {'keys', 'values'}
 
 
 def test_one_segment_of_8_windows_equals_two_segments_of_4():
@@ -115,12 +116,12 @@ def test_one_segment_of_8_windows_equals_two_segments_of_4():
   first, mem = step(params, _zeros_memory(), tokens[:, : 4 * W], jnp.ones((B,), bool))
   second, mem = step(params, mem, tokens[:, 4 * W :], jnp.zeros((B,), bool))
   np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=2e-5, rtol=1e-5)
-  assert set(mem) == set(mem_full)
-  for name in mem:
-    np.testing.assert_allclose(mem[name]['value'], mem_full[name]['value'], atol=2e-5, rtol=1e-5)
+  assert jax.tree_util.tree_structure(mem) == jax.tree_util.tree_structure(mem_full)
+  for a, b in zip(jax.tree_util.tree_leaves(mem), jax.tree_util.tree_leaves(mem_full)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
   # The state does change from one segment to the next.
   assert (
-    np.max(np.abs(mem['recurrent_state']['value'] - _params()['layers_0']['initial_state'])) > 1e-3
+    np.max(np.abs(mem['layers_0']['recurrent'] - _params()['layers_0']['initial_state'])) > 1e-3
   )
 
 
@@ -136,7 +137,7 @@ def test_document_start_reads_the_learned_initial_state_not_the_carried_one():
   # whose XL caches are zero.
   mem = _zeros_memory()
   initial = params['layers_0']['initial_state']
-  mem['recurrent_state'] = {'value': jnp.broadcast_to(initial, (B, *initial.shape))}
+  mem['layers_0']['recurrent'] = jnp.broadcast_to(initial, (B, *initial.shape))
   continued, _ = step(params, mem, tokens, jnp.zeros((B,), bool))
   np.testing.assert_allclose(started[0], continued[0], atol=1e-6)
   assert np.max(np.abs(started[1] - continued[1])) > 1e-3  # row 1 read the garbage

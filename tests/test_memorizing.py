@@ -366,18 +366,19 @@ def test_query_blocks_do_not_change_results():
     out = _run(dataclasses.replace(CFG, memory_query_block=block), sos)
     for (logits, mem), (ref_logits, ref_mem) in zip(out, ref):
       np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-      np.testing.assert_array_equal(mem['write_index']['value'], ref_mem['write_index']['value'])
+      np.testing.assert_array_equal(mem['tokens_seen'], ref_mem['tokens_seen'])
 
 
 def test_write_index_is_per_row_and_restarts_at_document_start():
   outs = _run(CFG, [[True, True], [False, True], [False, False], [False, True]])
-  index = [out[1]['write_index']['value'].tolist() for out in outs]
+  # The write index of a row is its tokens since the document start, modulo the memory size.
+  index = [(out[1]['tokens_seen'] % CFG.memory_size).tolist() for out in outs]
   assert index == [[8, 8], [0, 8], [8, 0], [0, 8]]
   # Row 1 restarted at segment 3: the slots of its old document are zero.
-  final = outs[3][1]['memory_keys']['value']
+  final = outs[3][1]['memory_layer']['keys']
   assert np.all(final[1, 8:] == 0) and np.any(final[1, :8] != 0)
   # Row 0 read one document throughout: segment 3 overwrote segment 1 (slots [0, 8)).
-  assert np.any(final[0, :8] != outs[1][1]['memory_keys']['value'][0, :8])
+  assert np.any(final[0, :8] != outs[1][1]['memory_layer']['keys'][0, :8])
 
 
 def test_attention_dropout_runs_in_the_memory_layer():

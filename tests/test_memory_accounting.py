@@ -125,5 +125,5 @@ def test_table_prints_every_model(table):
 
 
 def test_unknown_config_is_rejected():
-  with pytest.raises(TypeError, match='no memory accounting'):
+  with pytest.raises(TypeError, match='no architecture is registered'):
     acc.memory_components(config_lib.BaseConfig())

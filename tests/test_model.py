@@ -60,18 +60,23 @@ def test_shapes_memory_and_axes():
   params = variables['params']
   logits, mem = _step()(params, _zeros_memory(), _tokens(0, 24), jnp.ones((B,), bool))
   assert logits.shape == (B, 24, CFG.vocab_size) and logits.dtype == jnp.float32
-  assert mem['short_memory_0']['value'].shape == (B, 4, 32)
-  assert mem['long_memory_1']['value'].shape == (B, 6, 32)
-  assert 'long_memory_0' not in mem and 'long_memory_2' not in mem
-  np.testing.assert_array_equal(mem['windows_seen']['value'], [3, 3])
+  assert mem['layers_0']['short'].shape == (B, 4, 32)
+  assert mem['layers_1']['fifo'].shape == (B, 6, 32)
+  assert 'fifo' not in mem['layers_0'] and 'fifo' not in mem['layers_2']
+  np.testing.assert_array_equal(mem['tokens_seen'], [3 * CFG.window_length] * 2)
   # Every parameter and memory leaf carries logical axis names of matching rank.
   flat = traverse_util.flatten_dict(params)
   axes = traverse_util.flatten_dict(variables['params_axes'])
   for path, value in flat.items():
     names = axes[path[:-1] + (path[-1] + '_axes',)].names
     assert len(names) == value.ndim, path
-  for name, leaf in variables['memory_axes'].items():
-    assert leaf['value_axes'].names[0] == 'batch', name
+  memory = traverse_util.flatten_dict(variables['memory'])
+  memory_axes = traverse_util.flatten_dict(variables['memory_axes'])
+  short = sum(CFG.short_memory_size(i) > 0 for i in range(CFG.num_layers))
+  assert len(memory) == len(memory_axes) == short + len(CFG.long_term_memory_layers) + 1
+  for path, value in memory.items():
+    names = memory_axes[path[:-1] + (path[-1] + '_axes',)].names
+    assert len(names) == value.ndim and names[0] == 'batch', path
 
 
 def test_start_of_sequence_row_equals_fresh_model():
@@ -105,7 +110,7 @@ def test_fifo_is_first_in_first_out():
   history = []
   for w in range(5):  # one window per call
     _, mem = step(params, mem, _tokens(10 + w, 8), jnp.array([w == 0] * B))
-    fifo = np.asarray(mem['long_memory_1']['value'])
+    fifo = np.asarray(mem['layers_1']['fifo'])
     history.append(fifo[:, -inc:])  # the newest increment is appended at the end
     filled = min(w + 1, CFG.long_term_memory_windows) * inc
     assert np.all(fifo[:, : q - filled] == 0), 'unfilled slots stay empty'
@@ -144,7 +149,7 @@ def test_bfloat16_runs_and_stays_close_to_float32():
   ref, _ = _step()(params, _zeros_memory(), tokens, jnp.ones((B,), bool))
   out, mem = _step(cfg16)(params, _zeros_memory(cfg16), tokens, jnp.ones((B,), bool))
   assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
-  assert mem['short_memory_0']['value'].dtype == jnp.float32  # memory stored in float32
+  assert mem['layers_0']['short'].dtype == jnp.float32  # memory stored in float32
   p_ref, p_out = jax.nn.softmax(ref), jax.nn.softmax(out)
   assert float(jnp.max(jnp.abs(p_ref - p_out))) < 0.05
   assert float(jnp.mean(jnp.argmax(ref, -1) == jnp.argmax(out, -1))) > 0.9
@@ -162,7 +167,7 @@ def test_dropout_needs_rng_and_changes_output():
 def test_mask_empty_memory_and_no_memory_layers():
   cfg = dataclasses.replace(CFG, mask_empty_memory=True, no_memory_layers=(2,))
   model, variables = _model_and_params(cfg)
-  assert 'short_memory_2' not in variables['memory']
+  assert 'short' not in variables['memory'].get('layers_2', {})
   assert 'memory_mixer' not in variables['params']['layers_2']
   tokens = _tokens(7, 16)
   masked, mem = _step(cfg)(variables['params'], _zeros_memory(cfg), tokens, jnp.ones((B,), bool))

@@ -65,7 +65,7 @@ _SCRIPT = textwrap.dedent(
   multi, memory = run(True)
   for a, b in zip(single, multi):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-  leaf = memory['long_memory_1']['value']
+  leaf = memory['layers_1']['fifo']
   assert leaf.sharding.spec == P('data', None, None), leaf.sharding
   assert {s.data.shape for s in leaf.addressable_shards} == {(2, 8, 32)}
   print('DATA PARALLEL OK')

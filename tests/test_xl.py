@@ -126,6 +126,6 @@ def test_cache_is_not_written_without_mutable_memory(params):
     mutable=['memory'],
   )
   # The cache holds the last window's keys (L2-normalised per head) and values.
-  keys = np.asarray(new['memory']['cache_keys_0']['value'])
+  keys = np.asarray(new['memory']['layers_0']['keys'])
   assert keys.shape == (2, W, CFG.num_heads, CFG.head_dim)
   np.testing.assert_allclose(np.linalg.norm(keys, axis=-1), 1.0, atol=1e-3)

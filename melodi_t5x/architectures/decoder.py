@@ -216,7 +216,8 @@ class Decoder(nn.Module):
       y, states = self.run_stack(x, states, Context(seen), deterministic)
     for layer, s in zip(self.stack, states):
       layer.end_segment(s)
-    state_lib.write(self, state_lib.MEMORY, SEEN, Seen(seen + tokens.shape[1]))
+    if self.carries_memory():
+      state_lib.write(self, state_lib.MEMORY, SEEN, Seen(seen + tokens.shape[1]))
     self.report(deterministic)
     y = self.dropout(self.final_norm(y), deterministic=deterministic)
     return tied_logits(y, self.embedding, self.config)
@@ -249,9 +250,15 @@ class Decoder(nn.Module):
     x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
     return partitioning.with_sharding_constraint(x, ('batch', 'length', 'embed'))
 
+  def carries_memory(self) -> bool:
+    """Whether any layer carries state across segments (if none, neither does the shell)."""
+    return any(layer.state_spec(False) is not None for layer in self.stack)
+
   def read_seen(self, collection: str, reset: Array | None = None, batch: int | None = None):
     """The shell's `tokens_seen: [B]` from `collection` (0 where `reset`)."""
     batch = reset.shape[0] if batch is None else batch
+    if collection == state_lib.MEMORY and not self.carries_memory():
+      return jnp.zeros((batch,), jnp.int32)
     return state_lib.read(self, collection, SEEN, batch, reset=reset).tokens_seen
 
   def run_stack(self, x: Array, states: list, ctx: Context, deterministic: bool):
