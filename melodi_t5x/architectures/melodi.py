@@ -219,7 +219,7 @@ class MelodiLayer(StatefulLayer):
     q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
     return seen > 0, jnp.arange(q)[None, :] >= q - inc * seen[:, None]
 
-  # -- one window ------------------------------------------------------------------------------------
+  # -- one window ----------------------------------------------------------------------------------
 
   def __call__(self, xu: Array, state: MelodiState, ctx: Context, deterministic: bool):
     """A window `xu: [B, W+S, D]` (context tokens, then summary tokens) -> (next xu, state).

@@ -230,8 +230,8 @@ def train_flops(cfg: MemorizingConfig, batch: int, length: int) -> dict[str, flo
 
   Terms (x 3 for forward + backward; the recomputation of the checkpointed query blocks in the
   backward pass is not counted, as model FLOPs exclude rematerialisation):
-    dense, attention: the Transformer-XL stack (`xl.train_flops`), plus the memory layer's Q, K, V, out
-      and MLP weights in `dense` (6 x weights x tokens).
+    dense, attention: the Transformer-XL stack (`xl.train_flops`), plus the memory layer's Q, K,
+      V, out and MLP weights in `dense` (6 x weights x tokens).
     memory: every token's query against the M memory slots (logits: 2 x M x HK) and against all
       T keys of the segment (logits and values: 2 x 2 x T x HK, computed for every query and
       masked), and the values of the memory (2 x M x HK; with top-k, 2 x k x HK).
