@@ -13,11 +13,12 @@ module resets the rows whose `start_of_sequence` flag is set (a document starts 
 and the memory written at the end of the chunk becomes the next step's memory. Row r of step t+1
 must continue the document of row r of step t; `melodi_t5x.t5x_data` builds such batches.
 
-Memory follows its document: `get_initial_variables` adds a leaf `stream_position` to the memory
-collection (`document: [B]` and `next_chunk: [B]` int32, the document key and the next chunk index
-of each row's state). A row that is not a document start (`start_of_sequence`) and whose
-`document_id` / `chunk_index` do not continue that position is misaligned: it is reset (memory
-zeroed, as at a document start) and counted in `memory/misaligned_rows`, or, with
+Memory follows its document: `get_initial_variables` adds the collection `stream` beside the
+module's `memory` (`document: [B]` and `next_chunk: [B]` int32, the document key and the next chunk
+index of each row's state; the data-position bookkeeping, never passed to the module, which counts
+only its own tokens, `memory/tokens_seen`). A row that is not a document start (`start_of_sequence`)
+and whose `document_id` / `chunk_index` do not continue that position is misaligned: it is reset
+(memory zeroed, as at a document start) and counted in `memory/misaligned_rows`, or, with
 `misaligned_rows='error'`, the step fails with an error naming the rows. The batch must therefore
 carry `document_id` and `chunk_index` (the document stream of `melodi_t5x.t5x_data` does).
 
@@ -49,9 +50,9 @@ from tasks import vocab as vocab_lib
 
 MEMORY = 'memory'
 INTERMEDIATES = 'intermediates'
-# Leaf of the memory collection added by `MemoryDecoderModel`: which document and chunk each row's
-# state belongs to. Handled here, never passed to the module.
-POSITION = 'stream_position'
+# Collection added by `MemoryDecoderModel` beside `memory`: which document and chunk each row's
+# memory belongs to. Handled here, never passed to the module.
+STREAM = 'stream'
 MISALIGNED_ROWS = 'memory/misaligned_rows'
 # Intermediate (not a metric): [B] bool, the rows reset because they broke their memory's document.
 MISALIGNED_MASK = 'memory/misaligned_mask'
@@ -174,19 +175,16 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       )
 
   def get_initial_variables(self, rng, input_shapes, input_types=None):
-    """The module's variables plus the `stream_position` leaf of the memory collection."""
+    """The module's variables plus the `stream` collection (each row's document and chunk)."""
     variables = flax.core.unfreeze(super().get_initial_variables(rng, input_shapes, input_types))
     if MEMORY in variables:
       batch = input_shapes['decoder_input_tokens'][0]
-      variables[MEMORY][POSITION] = {
+      variables[STREAM] = {
         'document': jnp.zeros((batch,), jnp.int32),
         'next_chunk': jnp.zeros((batch,), jnp.int32),
       }
       axes = flax_partitioning.AxisMetadata(names=('batch',))
-      variables.setdefault(MEMORY + '_axes', {})[POSITION] = {
-        'document_axes': axes,
-        'next_chunk_axes': axes,
-      }
+      variables[STREAM + '_axes'] = {'document_axes': axes, 'next_chunk_axes': axes}
     return flax.core.freeze(variables)
 
   # -- forward ---------------------------------------------------------------------------------
@@ -225,7 +223,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     Args:
       params: model parameters.
       batch: features of one chunk per row (`start_of_sequence: [B]` resets rows).
-      flax_mutables: the carried collections (`{'memory': ...}`), or None for fresh memory.
+      flax_mutables: the carried collections (`{'memory': ..., 'stream': ...}`), or None for
+        fresh memory.
       dropout_rng: dropout rng, or None for deterministic mode.
 
     Returns:
@@ -233,11 +232,8 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
       input; None if the input was None); the sown intermediates.
     """
     incoming = dict(flax_mutables or {})
-    position = None
-    if MEMORY in incoming and POSITION in incoming[MEMORY]:
-      memory = dict(incoming[MEMORY])
-      position = memory.pop(POSITION)
-      incoming[MEMORY] = type(incoming[MEMORY])(memory) if memory else memory
+    position = incoming.pop(STREAM, None)
+    if position is not None:
       batch, misaligned, new_position = self._follow_documents(batch, position)
     logits, updated = self._compute_logits(
       params,
@@ -265,9 +261,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
         memory = flax.core.freeze(memory)
       new[MEMORY] = memory
     if position is not None:
-      memory = flax.core.unfreeze(new[MEMORY])
-      memory[POSITION] = new_position
-      new[MEMORY] = type(flax_mutables[MEMORY])(memory)
+      new[STREAM] = type(position)(new_position)
     if isinstance(flax_mutables, flax.core.FrozenDict):
       new = flax.core.freeze(new)
     return logits, new, intermediates
@@ -277,7 +271,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
 
     Returns:
       the batch with `start_of_sequence` set on misaligned rows, the misaligned rows ([B] bool)
-      and the new `stream_position` (document key and next chunk of each row).
+      and the new `stream` position (document key and next chunk of each row).
     """
     missing = [k for k in ('document_id', 'chunk_index', 'start_of_sequence') if k not in batch]
     if missing:
@@ -337,10 +331,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     batch['start_of_sequence'] = jnp.ones(batch['decoder_input_tokens'].shape[:1], bool)
     if flax_mutables is not None:
       flax_mutables = jax.tree_util.tree_map(jnp.zeros_like, flax_mutables)
-      if MEMORY in flax_mutables and POSITION in flax_mutables[MEMORY]:
-        memory = dict(flax_mutables[MEMORY])
-        del memory[POSITION]
-        flax_mutables = {**flax_mutables, MEMORY: memory}
+      flax_mutables = {k: v for k, v in flax_mutables.items() if k != STREAM}
     loss, aux = self.loss_fn(params, batch, None, flax_mutables)
     return loss, (aux[0] if flax_mutables is not None else aux)
 
@@ -467,7 +458,7 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
     variables = {'params': params}
     sos = batch.get('start_of_sequence')
     if memory is not None and sos is not None:
-      variables[MEMORY] = {k: v for k, v in memory.items() if k != POSITION}
+      variables[MEMORY] = memory
     _, prefilled = self.module.apply(
       variables,
       prompt,

@@ -1,8 +1,8 @@
 """What a checkpoint was trained with: architecture and vocabulary, checked before any restore.
 
 T5X restores a checkpoint into whatever model the gin files build. Another architecture fails
-deep inside the restore with a pytree-structure error (mentioning leaves such as
-`stream_position`); another vocabulary of the same padded size restores cleanly and scores the
+deep inside the restore with a pytree-structure error (mentioning the other architecture's
+state leaves); another vocabulary of the same padded size restores cleanly and scores the
 wrong ids. `t5x.train` therefore writes `<MODEL_DIR>/model_signature.json` (architecture, config
 class, config, vocabulary name, size and checksum of its SentencePiece model) and `t5x.eval` /
 `t5x.infer` compare it with the model they build before restoring, with an error naming both.

@@ -92,7 +92,9 @@ def test_every_axis_has_rules_and_t5x_builds_the_train_state(name):
   state = jax.eval_shape(
     lambda: train_state.FlaxOptimTrainState.create(model.optimizer_def, _initial_variables(model))
   )
-  assert set(state.flax_mutables) == ({'memory'} if 'memory' in variables else set())
+  # The module's memory, and beside it the data position of each row (`t5x_model.STREAM`).
+  carried = {'memory', 'stream'} if 'memory' in variables else set()
+  assert set(state.flax_mutables) == carried
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))

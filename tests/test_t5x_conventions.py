@@ -69,7 +69,7 @@ def _init(model):
   shapes = {'decoder_input_tokens': (B, T), 'decoder_target_tokens': (B, T)}
   types = {k: jnp.int32 for k in shapes}
   variables = model.get_initial_variables(jax.random.PRNGKey(0), shapes, types)
-  return variables['params'], {'memory': variables['memory']}
+  return variables['params'], {'memory': variables['memory'], 'stream': variables['stream']}
 
 
 def _step(model, params, mutables, batch):
@@ -80,11 +80,11 @@ def _step(model, params, mutables, batch):
 def test_memory_records_document_and_chunk_and_resets_misaligned_rows():
   model = _model()
   params, mutables = _init(model)
-  position = mutables['memory'][t5x_model.POSITION]
+  position = mutables[t5x_model.STREAM]
   assert position['document'].shape == (B,) and position['next_chunk'].shape == (B,)
   metrics, mutables = _step(model, params, mutables, _batch([5, 6, 7], [0, 0, 0], [1, 1, 1]))
-  np.testing.assert_array_equal(mutables['memory'][t5x_model.POSITION]['document'], [5, 6, 7])
-  np.testing.assert_array_equal(mutables['memory'][t5x_model.POSITION]['next_chunk'], [1, 1, 1])
+  np.testing.assert_array_equal(mutables[t5x_model.STREAM]['document'], [5, 6, 7])
+  np.testing.assert_array_equal(mutables[t5x_model.STREAM]['next_chunk'], [1, 1, 1])
   assert float(metrics[t5x_model.MISALIGNED_ROWS].compute()) == 0.0
   carried = mutables
   # Row 0 continues (5, chunk 1); row 1 jumps to another document; row 2 skips a chunk.

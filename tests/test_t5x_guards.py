@@ -54,7 +54,7 @@ def _eval_path(checkpoint, *extra):
 
 
 def test_checkpoint_of_another_architecture_is_refused_naming_both(tmp_path, entry_points):
-  """Issue 16 item 7: instead of a pytree-structure error mentioning `stream_position`."""
+  """Issue 16 item 7: instead of a pytree-structure error deep in the restore."""
   del entry_points
   saved = _train_signature(tmp_path / 'melodi')
   assert (saved['architecture'], saved['config_class']) == ('MelodiDecoder', 'MelodiConfig')

@@ -160,7 +160,7 @@ def test_train_steps_carry_memory_count_misalignment_and_follow_the_schedule(tra
     after = jax.tree_util.tree_map(np.asarray, trainer.train_state.flax_mutables)
     # T5X's train step carried exactly the memory the model wrote (same tree, dtypes, values).
     _assert_trees_close(after, expected, rtol=1e-5, atol=1e-6)
-    position = after['memory']['stream_position']
+    position = after['stream']
     np.testing.assert_array_equal(position['document'], [d for d, _, _ in rows])
     np.testing.assert_array_equal(position['next_chunk'], [c + 1 for _, c, _ in rows])
     memories.append((before, batch, after))

@@ -1,11 +1,11 @@
 """Analytic FLOPs of one train step, written out per architecture, and a matmul counter.
 
-The analytic FLOPs of each architecture are written out in its module (`train_flops`, read
-through its `Architecture` record). Model FLOPs count the matrix multiplications the model
-performs (2 FLOPs per multiply-add), as in the usual "6 x parameters x tokens" rule: a train
-step is 3 forward passes (forward, and a backward pass of twice the forward's cost). Elementwise
-work (norms, softmax, gates) is not counted. Attention is counted as computed: the full query x key matrix of every window, masked
-entries included.
+The analytic FLOPs of each architecture are written out in its module (`train_flops`, read through
+its `Architecture` record). Model FLOPs count the matrix multiplications the model performs (2 FLOPs
+per multiply-add), as in the usual "6 x parameters x tokens" rule: a train step is 3 forward passes
+(forward, and a backward pass of twice the forward's cost). Elementwise work (norms, softmax, gates)
+is not counted. Attention is counted as computed: the full query x key matrix of every window,
+masked entries included.
 
 Why not XLA's cost analysis: it counts the body of a `scan` once, so for MELODI (a scan over the
 windows of a segment) its FLOPs per token fall as the number of windows grows.
