@@ -26,6 +26,7 @@ from melodi_t5x import state as state_lib
 from melodi_t5x.state import CACHE, MEMORY
 
 Array = jax.Array
+KV = tuple[Array, Array]  # (keys, values), each [B, N, H, K]
 MASKED = -1_000_000.0  # Logit of a masked key.
 FLOOR = -1000.0  # Softmax floor: a row with every key masked attends to nothing.
 EPS = 1e-6
@@ -170,6 +171,12 @@ def recomputed_attention(
 def param(module: nn.Module, name: str, init, shape, axes, dtype: str):
   """A parameter with logical axis names (`flax.linen.partitioning`)."""
   return partitioning.param_with_axes(name, init, shape, jnp.dtype(dtype), axes=axes, module=module)
+
+
+def token_table(module: nn.Module, name: str, rows: int, init) -> Array:
+  """A learned table of `rows` token vectors `[rows, D]` (summary tokens, recurrent states)."""
+  cfg = module.config
+  return param(module, name, init, (rows, cfg.embed_dim), ('summary', 'embed'), cfg.param_dtype)
 
 
 class RMSNorm(nn.Module):

@@ -53,10 +53,9 @@ from melodi_t5x.architectures.decoder import (
   xl_caches,
 )
 from melodi_t5x.config import BRTConfig
-from melodi_t5x.layers import Dense, TransformerBlock, l2_normalize, param
+from melodi_t5x.layers import KV, Dense, TransformerBlock, l2_normalize, param, token_table
 
 Array = jax.Array
-KV = tuple[Array, Array]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,14 +84,8 @@ class StateBlock(TransformerBlock):
     self.setup_block()
     cross_query_params(self)
     # Learned position embeddings of the N state vectors, and the per-channel gate logits.
-    self.position_embeddings = param(
-      self,
-      'position_embeddings',
-      nn.initializers.normal(stddev=1.0),
-      (cfg.num_states, cfg.embed_dim),
-      ('summary', 'embed'),
-      cfg.param_dtype,
-    )
+    normal = nn.initializers.normal
+    self.position_embeddings = token_table(self, 'position_embeddings', cfg.num_states, normal(1.0))
     self.gate_bias = param(
       self, 'gate_bias', nn.initializers.normal(stddev=0.1), (cfg.embed_dim,), ('embed',), 'float32'
     )
@@ -168,13 +161,8 @@ class RecurrentLayer(xl.XLLayer):
     cross_query_params(self)
     self.state_block = StateBlock(cfg)
     # S at a document start, shared by all rows.
-    self.initial_state = param(
-      self,
-      'initial_state',
-      nn.initializers.normal(stddev=0.1),
-      (cfg.num_states, cfg.embed_dim),
-      ('summary', 'embed'),
-      cfg.param_dtype,
+    self.initial_state = token_table(
+      self, 'initial_state', cfg.num_states, nn.initializers.normal(0.1)
     )
 
   def state_spec(self, decode: bool):
@@ -347,12 +335,6 @@ def recompute_flops(cfg: BRTConfig, batch: int, length: int) -> float:
   return extra + 2 * batch * length * n * hk + 2 * windows * (n * n + n * 2 * w) * hk
 
 
-ARCHITECTURE = Architecture(
-  name='brt',
-  config_class=BRTConfig,
-  decoder_class=BRTDecoder,
-  memory_components=memory_components,
-  train_flops=train_flops,
-  recompute_flops=recompute_flops,
-  gin_file='gin/models/brt.gin',
+ARCHITECTURE = Architecture.from_module(
+  'brt', BRTConfig, BRTDecoder, 'gin/models/brt.gin', globals()
 )

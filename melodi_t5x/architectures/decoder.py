@@ -126,6 +126,13 @@ class Architecture:
   # The gin model file at the paper's size.
   gin_file: str
 
+  @classmethod
+  def from_module(cls, name: str, config_class: type, decoder_class: type, gin_file: str, names):
+    """The record of an architecture module that defines `memory_components`, `train_flops` and
+    `recompute_flops` (pass its `globals()`)."""
+    functions = {f: names[f] for f in ('memory_components', 'train_flops', 'recompute_flops')}
+    return cls(name, config_class, decoder_class, gin_file=gin_file, **functions)
+
 
 # FLOPs of a train step = 3 forward passes (forward, and a backward pass of twice its cost).
 TRAIN_FACTOR = 3

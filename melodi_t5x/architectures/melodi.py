@@ -48,10 +48,9 @@ from melodi_t5x.architectures.decoder import (
 )
 from melodi_t5x.architectures.xl import kv_spec, state_dtype
 from melodi_t5x.config import MelodiConfig
-from melodi_t5x.layers import RMSNorm, StatefulLayer, dense_init, param, t5_bucket
+from melodi_t5x.layers import KV, RMSNorm, StatefulLayer, dense_init, param, t5_bucket, token_table
 
 Array = jax.Array
-KV = tuple[Array, Array]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,14 +377,8 @@ class MelodiDecoder(Decoder):
 
   def setup_extra(self):
     cfg = self.config
-    self.summary_embeddings = param(
-      self,
-      'summary_embeddings',
-      nn.initializers.truncated_normal(stddev=0.25),
-      (cfg.summary_size, cfg.embed_dim),
-      ('summary', 'embed'),
-      cfg.param_dtype,
-    )
+    init = nn.initializers.truncated_normal(stddev=0.25)
+    self.summary_embeddings = token_table(self, 'summary_embeddings', cfg.summary_size, init)
 
   def summary_tokens(self, like: Array) -> Array:
     """The learned summary tokens for every row: [B, S, D] in `like`'s dtype."""
@@ -528,12 +521,6 @@ def recompute_flops(cfg: MelodiConfig, batch: int, length: int) -> float:
   return extra + 2 * windows * long_layers * nq * cfg.long_term_memory_tokens * hk
 
 
-ARCHITECTURE = Architecture(
-  name='melodi',
-  config_class=MelodiConfig,
-  decoder_class=MelodiDecoder,
-  memory_components=memory_components,
-  train_flops=train_flops,
-  recompute_flops=recompute_flops,
-  gin_file='gin/models/melodi_base.gin',
+ARCHITECTURE = Architecture.from_module(
+  'melodi', MelodiConfig, MelodiDecoder, 'gin/models/melodi_base.gin', globals()
 )

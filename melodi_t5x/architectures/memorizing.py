@@ -64,10 +64,9 @@ from melodi_t5x.architectures.decoder import (
   layer_matmul_params,
 )
 from melodi_t5x.config import MemorizingConfig
-from melodi_t5x.layers import StatefulLayer, apply_attention, attention_logits, safe_softmax
+from melodi_t5x.layers import KV, StatefulLayer, apply_attention, attention_logits, safe_softmax
 
 Array = jax.Array
-KV = tuple[Array, Array]
 
 # ---------------------------------------------------------------------------------------------
 # Joint attention over the memory and the current segment.
@@ -252,12 +251,6 @@ def recompute_flops(cfg: MemorizingConfig, batch: int, length: int) -> float:
   return attention_recompute_flops(train_flops(cfg, batch, length))
 
 
-ARCHITECTURE = Architecture(
-  name='memorizing',
-  config_class=MemorizingConfig,
-  decoder_class=MemorizingDecoder,
-  memory_components=memory_components,
-  train_flops=train_flops,
-  recompute_flops=recompute_flops,
-  gin_file='gin/models/memorizing.gin',
+ARCHITECTURE = Architecture.from_module(
+  'memorizing', MemorizingConfig, MemorizingDecoder, 'gin/models/memorizing.gin', globals()
 )

@@ -39,7 +39,6 @@ from melodi_t5x.config import XLConfig
 from melodi_t5x.layers import StatefulLayer, t5_bucket
 
 Array = jax.Array
-KV = tuple[Array, Array]
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: window geometry.
@@ -252,12 +251,4 @@ def recompute_flops(cfg: XLConfig, batch: int, length: int) -> float:
   return attention_recompute_flops(train_flops(cfg, batch, length))
 
 
-ARCHITECTURE = Architecture(
-  name='xl',
-  config_class=XLConfig,
-  decoder_class=XLDecoder,
-  memory_components=memory_components,
-  train_flops=train_flops,
-  recompute_flops=recompute_flops,
-  gin_file='gin/models/xl.gin',
-)
+ARCHITECTURE = Architecture.from_module('xl', XLConfig, XLDecoder, 'gin/models/xl.gin', globals())
