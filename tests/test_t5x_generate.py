@@ -156,8 +156,8 @@ def test_prompt_feature_converter_starts_documents_like_training():
 
 @pytest.mark.slow
 def test_generate_cli_continues_a_text_file(tmp_path, capsys):
-  # The quickstart model (gin/models/melodi_tiny.gin, local_books vocabulary), random weights.
-  model = generate_cli.load_model(['gin/models/melodi_tiny.gin'], [], 'local_books')
+  # The quickstart model (tiny MELODI, local_books vocabulary), random weights.
+  model = generate_cli.load_model(list(generate_cli.DEFAULT_GIN_FILES), [], 'local_books')
   tokens = jnp.ones((1, 32), jnp.int32)
   params = model.module.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)['params']
   ckpt = tmp_path / 'checkpoint_1'
