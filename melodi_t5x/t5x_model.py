@@ -116,8 +116,6 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
   a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). `predict_batch_with_aux`
   samples continuations with the module's incremental decoding (`prefill` / `decode`).
 
-  `MelodiModel` is the same class under its former name (gin files may use either).
-
   Beyond `DecoderOnlyModel`'s arguments:
     misaligned_rows: 'reset' (default): a row that does not continue its memory's document is
       reset and counted in `memory/misaligned_rows`; 'error': the step fails instead.
@@ -523,10 +521,6 @@ def _raise_if_misaligned(misaligned, document, chunk, memory_document) -> None:
       "MemoryDecoderModel.misaligned_rows = 'reset' to reset such rows and count them in "
       'memory/misaligned_rows.'
     )
-
-
-# Former name, kept so existing gin files and imports keep working.
-MelodiModel = MemoryDecoderModel
 
 
 def zeros_memory_like(flax_mutables: PyTree, batch_size: int) -> PyTree:

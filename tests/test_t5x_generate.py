@@ -26,8 +26,8 @@ from tiny_configs import DIMS, MELODI_MEMORY  # noqa: E402
 
 from melodi_t5x import t5x_generate, t5x_model  # noqa: E402
 from melodi_t5x.architectures.brt import BRTDecoder  # noqa: E402
+from melodi_t5x.architectures.melodi import MelodiDecoder  # noqa: E402
 from melodi_t5x.config import BRTConfig, MelodiConfig  # noqa: E402
-from melodi_t5x.model import MelodiDecoder  # noqa: E402
 from melodi_t5x.tools import generate as generate_cli  # noqa: E402
 
 CFG = MelodiConfig(num_layers=2, **DIMS, **MELODI_MEMORY)

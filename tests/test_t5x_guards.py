@@ -111,9 +111,9 @@ def _trainer(tmp_path, **kwargs):
   from t5x import adafactor, utils  # pylint: disable=g-import-not-at-top
 
   from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
-  from melodi_t5x import model as model_lib  # pylint: disable=g-import-not-at-top
   from melodi_t5x import partitioning as melodi_partitioning  # pylint: disable=g-import-not-at-top
   from melodi_t5x import t5x_eval, t5x_model  # pylint: disable=g-import-not-at-top
+  from melodi_t5x.architectures import melodi  # pylint: disable=g-import-not-at-top
 
   tiny = config_lib.MelodiConfig(
     num_layers=1,
@@ -129,7 +129,7 @@ def _trainer(tmp_path, **kwargs):
     dtype='float32',
   )
   model = t5x_model.MemoryDecoderModel(
-    module=model_lib.MelodiDecoder(tiny),
+    module=melodi.MelodiDecoder(tiny),
     vocabulary=seqio.PassThroughVocabulary(size=32),
     optimizer_def=adafactor.Adafactor(),
   )
