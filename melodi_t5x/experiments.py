@@ -12,9 +12,10 @@ config settings) that serves both `t5x.train` and `t5x.eval`: the mode file goes
   python -m t5x.train --gin_file=gin/experiments/train.gin --gin_file=EXPERIMENT.gin ...
   python -m t5x.eval --gin_file=gin/experiments/eval.gin --gin_file=EXPERIMENT.gin ...
 
-`size='tiny'` gives the same grids on the tiny CPU models of `gin/models/*_tiny.gin` (the local
-rehearsal and the tests): token counts (S, L, windows) are divided by `Scale.divisor` and layer
-indices follow the tiny stack; those files are rendered into the run directory, not committed.
+`size='tiny'` gives the same grids on the tiny CPU models (each architecture's model file, then
+`gin/models/tiny.gin`; the local rehearsal and the tests): token counts (S, L, windows) are divided
+by `Scale.divisor` and layer indices follow the tiny stack; those files are rendered into the run
+directory, not committed.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from melodi_t5x import config as config_lib
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS_DIR = 'gin/experiments'
 TRAIN_MODE_GIN = f'{EXPERIMENTS_DIR}/train.gin'
 EVAL_MODE_GIN = f'{EXPERIMENTS_DIR}/eval.gin'
+# The tiny CPU size of every architecture, given after the architecture's model file.
+TINY_GIN = 'gin/models/tiny.gin'
 # Eval settings reported per run (t5x_eval.MEMORY_MODES).
 MEMORY_MODES = ('carried', 'reset')
 
@@ -44,8 +49,9 @@ class Model:
   config_class: str
   # Gin model file at the paper size.
   gin: str
-  # Gin model file at the tiny CPU size.
-  tiny_gin: str
+  # Gin model files at the tiny CPU size, in include order: the architecture's model file, then
+  # TINY_GIN.
+  tiny_gins: tuple[str, ...]
   # MELODI only: (S, L) at the paper size; L=0 removes the long-term layer.
   melodi_memory: tuple[int, int] | None = None
   # Rematerialisation of the paper runs (BaseConfig.remat), chosen from the TPU compile check
@@ -55,42 +61,35 @@ class Model:
   remat: str = 'none'
 
 
+# The tiny MELODI models set S and L in the experiment file (every setting is written at the tiny
+# size), so all of them start from melodi_base.gin.
+_MELODI_TINY = ('gin/models/melodi_base.gin', TINY_GIN)
 MODELS: dict[str, Model] = {
   'melodi_s192_l32': Model(
-    'MELODI S192+L32',
-    'MelodiConfig',
-    'gin/models/melodi_s192_l32.gin',
-    'gin/models/melodi_tiny.gin',
-    (192, 32),
+    'MELODI S192+L32', 'MelodiConfig', 'gin/models/melodi_s192_l32.gin', _MELODI_TINY, (192, 32)
   ),
   'melodi_s128_l64': Model(
-    'MELODI S128+L64',
-    'MelodiConfig',
-    'gin/models/melodi_s128_l64.gin',
-    'gin/models/melodi_tiny.gin',
-    (128, 64),
+    'MELODI S128+L64', 'MelodiConfig', 'gin/models/melodi_s128_l64.gin', _MELODI_TINY, (128, 64)
   ),
   'melodi_s192_l96': Model(
-    'MELODI S192+L96',
-    'MelodiConfig',
-    'gin/models/melodi_s192_l96.gin',
-    'gin/models/melodi_tiny.gin',
-    (192, 96),
+    'MELODI S192+L96', 'MelodiConfig', 'gin/models/melodi_s192_l96.gin', _MELODI_TINY, (192, 96)
   ),
   'melodi_s128_l0': Model(
     'MELODI S128 (no long-term)',
     'MelodiConfig',
     'gin/models/melodi_s128_l64.gin',
-    'gin/models/melodi_tiny.gin',
+    _MELODI_TINY,
     (128, 0),
   ),
-  'xl': Model('Transformer-XL', 'XLConfig', 'gin/models/xl.gin', 'gin/models/xl_tiny.gin'),
-  'brt': Model('Block-Recurrent', 'BRTConfig', 'gin/models/brt.gin', 'gin/models/brt_tiny.gin'),
+  'xl': Model('Transformer-XL', 'XLConfig', 'gin/models/xl.gin', ('gin/models/xl.gin', TINY_GIN)),
+  'brt': Model(
+    'Block-Recurrent', 'BRTConfig', 'gin/models/brt.gin', ('gin/models/brt.gin', TINY_GIN)
+  ),
   'memorizing': Model(
     'Memorizing (dense 64K)',
     'MemorizingConfig',
     'gin/models/memorizing.gin',
-    'gin/models/memorizing_tiny.gin',
+    ('gin/models/memorizing.gin', TINY_GIN),
   ),
 }
 MAIN_MODELS = (
@@ -176,9 +175,10 @@ class Experiment:
     return MODELS[self.model]
 
   @property
-  def model_gin(self) -> str:
+  def model_gins(self) -> tuple[str, ...]:
+    """The model gin files the experiment file includes, in order."""
     spec = self.model_spec
-    return spec.gin if self.size == 'paper' else spec.tiny_gin
+    return (spec.gin,) if self.size == 'paper' else spec.tiny_gins
 
   @property
   def path(self) -> str:
@@ -467,7 +467,8 @@ S128+L64 (summary_branching). The paper reports a consistent gain of about 0.3 p
 branching.""",
 }
 ABLATION_DATASET = 'pg19_t5'
-# What the model files bind for the settings the grids vary: a grid binding equal to one of these
+# What each model gin file binds for the settings the grids vary (an experiment's files apply in
+# include order, the fields of other config classes left out): a grid binding equal to one of these
 # restates the default, so two experiments that differ only by such bindings train the same model.
 # tests/test_experiments.py checks every suite entry against its parsed configuration.
 _MELODI_PAPER_DEFAULTS = {
@@ -481,9 +482,10 @@ _MELODI_PAPER_DEFAULTS = {
   'summary_branching': 'separate',
 }
 MODEL_FILE_DEFAULTS: dict[str, dict[str, Any]] = {
+  'gin/models/melodi_base.gin': _MELODI_PAPER_DEFAULTS,
   'gin/models/melodi_s128_l64.gin': _MELODI_PAPER_DEFAULTS,
-  'gin/models/melodi_tiny.gin': {
-    **_MELODI_PAPER_DEFAULTS,
+  **{f'gin/models/{m}.gin': {'window_length': 512} for m in ('xl', 'brt', 'memorizing')},
+  TINY_GIN: {
     'window_length': 32,
     'summary_size': 8,
     'short_term_memory_size': 8,
@@ -491,8 +493,6 @@ MODEL_FILE_DEFAULTS: dict[str, dict[str, Any]] = {
     'long_term_memory_increment_size': 4,
     'long_term_memory_windows': 16,
   },
-  **{f'gin/models/{m}.gin': {'window_length': 512} for m in ('xl', 'brt', 'memorizing')},
-  **{f'gin/models/{m}_tiny.gin': {'window_length': 32} for m in ('xl', 'brt', 'memorizing')},
 }
 # Timing: the models the paper timed (12 layers, d=1024) with the benchmark CLI.
 TIMING_MODELS = MAIN_MODELS
@@ -543,15 +543,24 @@ def _grid(name: str, size: str, dataset: str | None) -> list[Experiment]:
 def resolved_key(exp: Experiment) -> tuple[Any, ...]:
   """What makes two experiments the same training run: model file, data, schedule, settings.
 
-  Bindings that restate the model file's value (`MODEL_FILE_DEFAULTS`) do not count.
+  Bindings that restate the model files' values (`MODEL_FILE_DEFAULTS`) do not count.
   """
-  settings = {**MODEL_FILE_DEFAULTS.get(exp.model_gin, {}), **dict(exp.overrides)}
+  settings = {**model_file_defaults(exp), **dict(exp.overrides)}
   return (
-    exp.model_gin,
+    exp.model_gins,
     exp.dataset,
     exp.run,
     tuple(sorted((k, repr(v)) for k, v in settings.items())),
   )
+
+
+def model_file_defaults(exp: Experiment) -> dict[str, Any]:
+  """What the experiment's model files bind for its config class (`MODEL_FILE_DEFAULTS`)."""
+  fields = {f.name for f in dataclasses.fields(getattr(config_lib, exp.model_spec.config_class))}
+  out = {}
+  for path in exp.model_gins:
+    out.update(MODEL_FILE_DEFAULTS.get(path, {}))
+  return {k: v for k, v in out.items() if k in fields}
 
 
 def shared_by(exp: Experiment) -> list[str]:
@@ -652,7 +661,7 @@ def render(exp: Experiment) -> str:
     lines.append('from melodi_t5x import config')
   lines += [
     '',
-    f"include '{exp.model_gin}'",
+    *[f"include '{path}'" for path in exp.model_gins],
     f"include '{EXPERIMENTS_DIR}/data/{exp.dataset}.gin'",
     f"include '{EXPERIMENTS_DIR}/runs/{exp.run}.gin'",
   ]

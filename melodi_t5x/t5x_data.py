@@ -52,8 +52,6 @@ def document_key(document_id: np.ndarray) -> np.ndarray:
 class StreamingFeatureConverter(seqio.FeatureConverter):
   """Per-chunk examples -> decoder-only model features (never packed).
 
-  (`MelodiFeatureConverter` is the same class under its former name.)
-
   Task features: `targets: [T]` (the chunk), optional `inputs: [T]` (the chunk shifted right by
   one, starting with the last token of the previous chunk of the document), optional rank-0
   `start_of_sequence` (True when absent, i.e. every example starts a fresh memory). Model
@@ -619,7 +617,3 @@ class _Take(clu_dataset_iterator.DatasetIterator):
   @property
   def element_spec(self):
     return self._inner.element_spec
-
-
-# Former name, kept so existing gin files and imports keep working.
-MelodiFeatureConverter = StreamingFeatureConverter

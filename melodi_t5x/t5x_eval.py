@@ -464,10 +464,6 @@ class MemoryTrainer(trainer_lib.Trainer):
     }
 
 
-# Former name, kept so existing gin files and imports keep working.
-StreamingPerplexityEvaluator = MemoryTrainer
-
-
 def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.PerplexityAccumulator:
   """The sum of every host's accumulator (each host streamed different documents)."""
   blob = np.frombuffer(json.dumps(acc.get_state()).encode(), np.uint8)

@@ -1,7 +1,7 @@
 """Makes melodi-t5x's gin files includable from any working directory, installed or not.
 
 The gin files live in a `gin/` folder and include each other by paths relative to the folder
-above it (`include 'gin/models/melodi_base.gin'`). Gin resolves such a path against the current
+above it (`include 'gin/models/common.gin'`). Gin resolves such a path against the current
 directory and its search paths; importing this module (every melodi-t5x gin file starts with
 `import melodi_t5x.t5x_gin` before its includes) adds `GIN_ROOT`, the folder that holds `gin/`:
 - running from a checkout (`pip install -e .` or `PYTHONPATH=<repo>`): the repository root;
@@ -49,8 +49,6 @@ def find_gin_root() -> str:
 
 GIN_ROOT = find_gin_root()
 GIN_DIR = os.path.join(GIN_ROOT, 'gin')
-# Former name, kept working: in a checkout it is the repository root.
-REPO_ROOT = GIN_ROOT
 
 
 def register_search_path() -> str:

@@ -112,12 +112,10 @@ def _sown(intermediates: Mapping[str, Any], name: str) -> Array | None:
 class MemoryDecoderModel(models.DecoderOnlyModel):
   """`DecoderOnlyModel` whose module carries per-row memory from one batch to the next.
 
-  The module (e.g. `melodi_t5x.model.MelodiDecoder`) must accept a `start_of_sequence: [B]`
-  keyword and keep its memory in the `memory` collection with leading batch axis. Construct it as
+  The module (e.g. `melodi_t5x.architectures.melodi.MelodiDecoder`) must accept a
+  `start_of_sequence: [B]` keyword and keep its memory in the `memory` collection with leading batch axis. Construct it as
   a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). `predict_batch_with_aux`
   samples continuations with the module's incremental decoding (`prefill` / `decode`).
-
-  `MelodiModel` is the same class under its former name (gin files may use either).
 
   Beyond `DecoderOnlyModel`'s arguments:
     misaligned_rows: 'reset' (default): a row that does not continue its memory's document is
@@ -514,10 +512,6 @@ def _raise_if_misaligned(misaligned, document, chunk, memory_document) -> None:
       "MemoryDecoderModel.misaligned_rows = 'reset' to reset such rows and count them in "
       'memory/misaligned_rows.'
     )
-
-
-# Former name, kept so existing gin files and imports keep working.
-MelodiModel = MemoryDecoderModel
 
 
 def zeros_memory_like(flax_mutables: PyTree, batch_size: int) -> PyTree:

@@ -7,6 +7,7 @@ is requested. Document streaming: `tasks.streaming.DocumentStreamIterator` (on t
 """
 
 from tasks.config import (
+  TASK_NAMES,
   ArxivMathConfig,
   C4Config,
   LocalBooksConfig,
@@ -17,8 +18,9 @@ from tasks.config import (
   get_config,
   reset_config,
 )
-from tasks.definitions import TASK_NAMES, embedding_size, register_tasks, vocabulary
+from tasks.definitions import register_tasks
 from tasks.preprocessors import START_OF_DOCUMENT_ID, chunk_documents
+from tasks.vocab import embedding_size, vocabulary
 
 register_tasks()
 

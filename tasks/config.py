@@ -196,6 +196,8 @@ CONFIG_CLASSES: dict[str, type] = {
   'c4_4k': C4Config,
   'text_corpus': TextCorpusConfig,
 }
+# The tasks of this package (registered with seqio by `tasks.definitions.register_tasks`).
+TASK_NAMES = tuple(CONFIG_CLASSES)
 _OVERRIDES: dict[str, dict[str, Any]] = {}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 
-import gin
 import seqio
 import tensorflow as tf
 
@@ -19,50 +18,13 @@ from tasks import config as config_lib
 from tasks import preprocessors, sources
 from tasks import vocab as vocab_lib
 
-TASK_NAMES = ('local_books', 'pg19_t5', 'arxiv_math', 'c4_4k', 'text_corpus')
 # Tasks with a `min_document_tokens` setting (the length filter).
 _FILTERED_TASKS = ('c4_4k', 'text_corpus')
 
 
-@gin.configurable(module='tasks')
-def vocabulary(task_name: str = 'local_books') -> seqio.Vocabulary:
-  """The vocabulary of a registered task or mixture (gin: `tasks.vocabulary.task_name`).
-
-  For this package's tasks the file is resolved from the task's settings at first use; any other
-  registered seqio task or mixture gives the vocabulary of its `targets` feature.
-  """
-  if task_name in TASK_NAMES:
-    return vocab_lib.TaskVocabulary(task_name)
-  try:
-    provider = seqio.get_mixture_or_task(task_name)
-  except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise ValueError(
-      f'Unknown task {task_name!r} (tasks.vocabulary.task_name, usually %MIXTURE_OR_TASK_NAME): '
-      f'it is neither one of {TASK_NAMES} nor a registered seqio task or mixture. Registered: '
-      f'{known}. For a corpus of your own use the task text_corpus (tasks.TextCorpusConfig).'
-    ) from None
-  features = provider.output_features
-  if 'targets' not in features:
-    raise ValueError(f'Task {task_name!r} has no targets feature; features: {sorted(features)}.')
-  return features['targets'].vocabulary
-
-
-@gin.configurable(module='tasks')
-def embedding_size(task_name: str = 'local_books', multiple: int = 128) -> int:
-  """Rows a model embedding needs for a task: its vocabulary size rounded up to `multiple`.
-
-  T5's vocabulary (32100 ids) gives 32128, the size T5X configs use. Bind it in gin so the model
-  follows the task: `VOCAB_SIZE = @tasks.embedding_size()` with
-  `tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME`.
-  """
-  size = vocabulary(task_name).vocab_size
-  return -(-size // multiple) * multiple
-
-
 def output_features(task_name: str) -> dict[str, seqio.Feature]:
   """`targets` (the chunk) and `inputs` (shifted by one; not required by seqio's checks)."""
-  vocab = vocabulary(task_name)
+  vocab = vocab_lib.vocabulary(task_name)
   return {
     'targets': seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
     'inputs': seqio.Feature(vocab, add_eos=False, dtype=tf.int32, required=False),
@@ -117,6 +79,6 @@ def build_task(task_name: str) -> seqio.Task:
 
 def register_tasks() -> None:
   """Registers every task with seqio (replacing earlier registrations of the same names)."""
-  for name in TASK_NAMES:
+  for name in config_lib.TASK_NAMES:
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add_provider(name, build_task(name))

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
+from tasks import vocab as vocab_lib
+
 # Input token at the first position of a document. 0 is padding (and T5X's decoder BOS), so using
 # it would make the first real position look like padding to anything that masks inputs == 0.
 # EOS (1 in every T5-layout vocabulary) is what an LM reading concatenated documents sees before a
@@ -120,8 +122,6 @@ def chunk_documents(
   if start_id is None:
     start_id = START_OF_DOCUMENT_ID
     if output_features and 'targets' in output_features:
-      from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-
       start_id = vocab_lib.start_of_document_id(output_features['targets'].vocabulary)
 
   def to_chunks(ex):

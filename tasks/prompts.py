@@ -18,7 +18,9 @@ import functools
 import seqio
 import tensorflow as tf
 
+from tasks import config as config_lib
 from tasks import definitions, preprocessors
+from tasks import vocab as vocab_lib
 
 SUFFIX = '_prompts'
 
@@ -51,7 +53,7 @@ def make_prompts(dataset: tf.data.Dataset, sequence_length, output_features) -> 
 
 def build_prompt_task(task_name: str) -> seqio.Task:
   """`<task_name>_prompts` over the documents of `task_name` (one of `tasks.TASK_NAMES`)."""
-  vocab = definitions.vocabulary(task_name)
+  vocab = vocab_lib.vocabulary(task_name)
   return seqio.Task(
     task_name + SUFFIX,
     source=seqio.FunctionDataSource(
@@ -72,7 +74,7 @@ def build_prompt_task(task_name: str) -> seqio.Task:
 
 
 def register_prompt_tasks() -> None:
-  for name in definitions.TASK_NAMES:
+  for name in config_lib.TASK_NAMES:
     seqio.TaskRegistry.remove(name + SUFFIX)
     seqio.TaskRegistry.add_provider(name + SUFFIX, build_prompt_task(name))
 

@@ -1,9 +1,12 @@
-"""A SentencePiece vocabulary whose model path is a task setting, resolved on first use."""
+"""Vocabularies of the tasks: a SentencePiece model whose path is a task setting, resolved on first
+use (`TaskVocabulary`), the vocabulary of any task (`vocabulary`) and the embedding size it needs.
+"""
 
 from __future__ import annotations
 
 import functools
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -31,9 +34,7 @@ def check_vocabulary_file(task_name: str) -> str:
   cfg = config_lib.get_config(task_name)
   other = delegate_task(task_name)
   if other is not None:
-    from tasks import definitions  # pylint: disable=g-import-not-at-top
-
-    return str(getattr(definitions.vocabulary(other), 'sentencepiece_model_file', ''))
+    return str(getattr(vocabulary(other), 'sentencepiece_model_file', ''))
   path = cfg.vocabulary_path
   if not path:
     raise ValueError(
@@ -72,9 +73,7 @@ class TaskVocabulary(seqio.Vocabulary):
     vocabulary of the task named by a `vocabulary_task` setting)."""
     other = delegate_task(self._task_name)
     if other is not None:
-      from tasks import definitions  # pylint: disable=g-import-not-at-top
-
-      vocab = definitions.vocabulary(other)
+      vocab = vocabulary(other)
       return vocab.resolved if isinstance(vocab, TaskVocabulary) else vocab
     path = check_vocabulary_file(self._task_name)
     extra_ids = config_lib.get_config(self._task_name).vocabulary_extra_ids
@@ -148,6 +147,43 @@ class TaskVocabulary(seqio.Vocabulary):
 
   def __repr__(self) -> str:
     return f'TaskVocabulary({self._task_name!r})'
+
+
+@gin.configurable(module='tasks')
+def vocabulary(task_name: str = 'local_books') -> seqio.Vocabulary:
+  """The vocabulary of a registered task or mixture (gin: `tasks.vocabulary.task_name`).
+
+  For this package's tasks the file is resolved from the task's settings at first use; any other
+  registered seqio task or mixture gives the vocabulary of its `targets` feature.
+  """
+  if task_name in config_lib.TASK_NAMES:
+    return TaskVocabulary(task_name)
+  try:
+    provider = seqio.get_mixture_or_task(task_name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    raise ValueError(
+      f'Unknown task {task_name!r} (tasks.vocabulary.task_name, usually %MIXTURE_OR_TASK_NAME): '
+      f'it is neither one of {config_lib.TASK_NAMES} nor a registered seqio task or mixture. '
+      f'Registered: {known}. For a corpus of your own use the task text_corpus '
+      '(tasks.TextCorpusConfig).'
+    ) from None
+  features = provider.output_features
+  if 'targets' not in features:
+    raise ValueError(f'Task {task_name!r} has no targets feature; features: {sorted(features)}.')
+  return features['targets'].vocabulary
+
+
+@gin.configurable(module='tasks')
+def embedding_size(task_name: str = 'local_books', multiple: int = 128) -> int:
+  """Rows a model embedding needs for a task: its vocabulary size rounded up to `multiple`.
+
+  T5's vocabulary (32100 ids) gives 32128, the size T5X configs use. Bind it in gin so the model
+  follows the task: `VOCAB_SIZE = @tasks.embedding_size()` with
+  `tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME`.
+  """
+  size = vocabulary(task_name).vocab_size
+  return -(-size // multiple) * multiple
 
 
 def start_of_document_id(vocabulary) -> int:

@@ -20,9 +20,9 @@ import pytest
 from tiny_configs import DIMS, MELODI_MEMORY
 
 from melodi_t5x.architectures.brt import BRTDecoder
+from melodi_t5x.architectures.melodi import MelodiDecoder
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import BRTConfig, MelodiConfig, XLConfig
-from melodi_t5x.model import MelodiDecoder
 
 # Window 8, long-term FIFO of 3 windows: 64 tokens are 8 windows, so the FIFO wraps.
 MELODI = MelodiConfig(num_layers=3, **DIMS, **MELODI_MEMORY)

@@ -26,13 +26,14 @@ COMMITTED = experiments.all_committed()
 
 def _need_model_file(exp):
   """Fails (never skips) when an experiment's model gin file is missing: it would not run."""
-  path = os.path.join(REPO, exp.model_gin)
-  assert os.path.exists(path), f'{exp.path} includes {exp.model_gin}, which does not exist'
+  for gin_file in exp.model_gins:
+    path = os.path.join(REPO, gin_file)
+    assert os.path.exists(path), f'{exp.path} includes {gin_file}, which does not exist'
 
 
 def test_a_missing_model_file_fails_instead_of_skipping():
   """Issue 16 item 11: a missing model file used to skip ('issue 7 is not in this tree yet')."""
-  missing = types.SimpleNamespace(model_gin='gin/models/no_such_model.gin', path='x.gin')
+  missing = types.SimpleNamespace(model_gins=('gin/models/no_such_model.gin',), path='x.gin')
   with pytest.raises(AssertionError, match='no_such_model.gin'):
     _need_model_file(missing)
 

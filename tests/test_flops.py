@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from melodi_t5x.architectures.brt import BRTDecoder
+from melodi_t5x.architectures.melodi import MelodiDecoder
 from melodi_t5x.architectures.memorizing import MemorizingDecoder
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import BRTConfig, MelodiConfig, MemorizingConfig, XLConfig
-from melodi_t5x.model import MelodiDecoder
 from melodi_t5x.tools import bench, flops
 
 # A memory-free layer, a long-term layer and M != S, so every term of the formula is exercised.

@@ -12,18 +12,26 @@ import gin
 import gin_entry_points
 import pytest
 
+import tasks
 from melodi_t5x import config as config_lib
 from melodi_t5x import memory_accounting, t5x_gin
 
-REPO = t5x_gin.REPO_ROOT
+REPO = t5x_gin.GIN_ROOT
 GIN_DIR = os.path.join(REPO, 'gin')
 # Configurables that need T5X; skipped when it is absent (and used normally when present).
 T5X_SELECTORS = ['adafactor.Adafactor', 't5x_model.MemoryDecoderModel']
 
 
-# A seqio task with T5's vocabulary size (32100 ids) but no file to read: the paper model files
-# derive their embedding (VOCAB_SIZE = @tasks.embedding_size()) from the task's vocabulary.
+# A seqio task with T5's vocabulary size (32100 ids) but no file to read: the model files are
+# parsed here without a data file, with the embedding following the task's vocabulary.
 T5_SIZED_TASK = 'test_t5_sized_vocabulary'
+# What a data file binds (gin/experiments/data/<task>.gin): here the embedding follows the task.
+FOLLOW_THE_TASK = [
+  'VOCAB_SIZE = @tasks.embedding_size()',
+  'tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME',
+]
+# The tiny size: an architecture's model file, then tiny.gin.
+TINY = 'tiny.gin'
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -44,14 +52,16 @@ def _t5_sized_task():
   seqio.TaskRegistry.remove(T5_SIZED_TASK)
 
 
-def _model_module(gin_file: str, tmp_path, monkeypatch, task: str = T5_SIZED_TASK):
-  """Parses a model gin file from an unrelated cwd and builds its decoder module (`MODULE`)."""
+def _model_module(gin_files, tmp_path, monkeypatch, task: str = T5_SIZED_TASK):
+  """Parses model gin file(s) from an unrelated cwd and builds the decoder module (`MODULE`)."""
+  if isinstance(gin_files, str):
+    gin_files = [gin_files]
   monkeypatch.chdir(tmp_path)
   gin.clear_config(clear_constants=True)
   try:
     gin.parse_config_files_and_bindings(
-      [os.path.join(GIN_DIR, 'models', gin_file)],
-      [f'MIXTURE_OR_TASK_NAME = {task!r}', 'DROPOUT_RATE = 0.05'],
+      [os.path.join(GIN_DIR, 'models', f) for f in gin_files],
+      [f'MIXTURE_OR_TASK_NAME = {task!r}', 'DROPOUT_RATE = 0.05', *FOLLOW_THE_TASK],
       skip_unknown=T5X_SELECTORS,
       finalize_config=False,
     )
@@ -60,8 +70,8 @@ def _model_module(gin_file: str, tmp_path, monkeypatch, task: str = T5_SIZED_TAS
     gin.clear_config(clear_constants=True)
 
 
-def _model_config(gin_file: str, tmp_path, monkeypatch, task: str = T5_SIZED_TASK):
-  return _model_module(gin_file, tmp_path, monkeypatch, task).config
+def _model_config(gin_files, tmp_path, monkeypatch, task: str = T5_SIZED_TASK):
+  return _model_module(gin_files, tmp_path, monkeypatch, task).config
 
 
 PAPER = dict(
@@ -97,7 +107,7 @@ def test_paper_model_files(gin_file, summary, long_increment, tmp_path, monkeypa
 
 
 def test_tiny_model_file(tmp_path, monkeypatch):
-  cfg = _model_config('melodi_tiny.gin', tmp_path, monkeypatch, 'local_books')
+  cfg = _model_config(['melodi_base.gin', TINY], tmp_path, monkeypatch, 'local_books')
   assert (cfg.num_layers, cfg.embed_dim, cfg.window_length, cfg.vocab_size) == (2, 64, 32, 4096)
   assert cfg.dtype == 'float32'
   assert cfg.num_windows(128) == 4
@@ -135,11 +145,50 @@ def test_embedding_follows_the_task_vocabulary(gin_file, tmp_path, monkeypatch):
   assert _model_config(gin_file, tmp_path, monkeypatch, 'local_books').vocab_size == 4096
 
 
+DATA_DIR = os.path.join(GIN_DIR, 'experiments', 'data')
+
+
+@pytest.mark.parametrize('data', sorted(f[:-4] for f in os.listdir(DATA_DIR) if f.endswith('.gin')))
+def test_vocab_size_comes_from_the_data_file(data, tmp_path, monkeypatch):
+  """VOCAB_SIZE has one binding per setup: the data file's (common.gin only requires it)."""
+  monkeypatch.chdir(tmp_path)
+  files = [os.path.join(GIN_DIR, 'models', 'xl.gin'), os.path.join(DATA_DIR, f'{data}.gin')]
+  expected = {'pg19_t5': 32128, 'c4_4k': 32128, 'arxiv_math': 32000}.get(data, 4096)
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      files, ['DROPOUT_RATE = 0.0'], skip_unknown=T5X_SELECTORS, finalize_config=False
+    )
+    cfg = gin.query_parameter('%MODULE').scoped_configurable_fn().config
+    assert gin.query_parameter('%MIXTURE_OR_TASK_NAME') == data
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert cfg.vocab_size == expected
+  if data in ('local_books', 'text_corpus'):  # the vocabulary of local_books, in the repository
+    assert cfg.vocab_size == tasks.embedding_size('local_books')
+
+
+def test_a_model_file_without_a_data_file_asks_for_vocab_size(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      [os.path.join(GIN_DIR, 'models', 'xl.gin')],
+      ["MIXTURE_OR_TASK_NAME = 'local_books'", 'DROPOUT_RATE = 0.0'],
+      skip_unknown=T5X_SELECTORS,
+      finalize_config=False,
+    )
+    with pytest.raises(ValueError, match='vocab_size'):  # the gin.REQUIRED of VOCAB_SIZE
+      gin.query_parameter('%MODULE').scoped_configurable_fn()
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
 @pytest.mark.parametrize('name', ['xl', 'memorizing', 'brt'])
 def test_tiny_baseline_files_match_the_tiny_melodi_sizes(name, tmp_path, monkeypatch):
-  tiny = _model_config(f'{name}_tiny.gin', tmp_path, monkeypatch, 'local_books')
+  tiny = _model_config([f'{name}.gin', TINY], tmp_path, monkeypatch, 'local_books')
   paper = _model_config(f'{name}.gin', tmp_path, monkeypatch)
-  melodi = _model_config('melodi_tiny.gin', tmp_path, monkeypatch, 'local_books')
+  melodi = _model_config(['melodi_base.gin', TINY], tmp_path, monkeypatch, 'local_books')
   shared = ('embed_dim', 'num_heads', 'head_dim', 'mlp_dim', 'vocab_size', 'window_length', 'dtype')
   for field in shared:
     assert getattr(tiny, field) == getattr(melodi, field), field
@@ -195,12 +244,13 @@ def test_gin_folders_and_gin_config_not_shadowed():
   assert out.stdout.strip() == 'True'
 
 
-# quickstart.gin trains any architecture with one binding (MODULE); each tiny file binds its config.
+# quickstart.gin trains any architecture with one binding (MODULE); each model file binds its
+# config, tiny.gin sizes them all.
 QUICKSTART_MODULES = {
-  None: ('MelodiDecoder', 'melodi_tiny.gin'),
-  '@xl.XLDecoder()': ('XLDecoder', 'xl_tiny.gin'),
-  '@memorizing.MemorizingDecoder()': ('MemorizingDecoder', 'memorizing_tiny.gin'),
-  '@brt.BRTDecoder()': ('BRTDecoder', 'brt_tiny.gin'),
+  None: ('MelodiDecoder', 'melodi_base.gin'),
+  '@xl.XLDecoder()': ('XLDecoder', 'xl.gin'),
+  '@memorizing.MemorizingDecoder()': ('MemorizingDecoder', 'memorizing.gin'),
+  '@brt.BRTDecoder()': ('BRTDecoder', 'brt.gin'),
 }
 
 
@@ -212,8 +262,8 @@ def test_quickstart_trains_any_architecture_with_one_binding(
   pytest.importorskip('t5x', reason='the quickstart includes T5X run files: see docs/t5x.md')
   # The run files bind `__main__.train` / `evaluate` (t5x.train's and t5x.eval's entry points).
   gin_entry_points.install(monkeypatch)
-  expected_class, tiny_file = QUICKSTART_MODULES[module]
-  expected = _model_config(tiny_file, tmp_path, monkeypatch, 'local_books')
+  expected_class, model_file = QUICKSTART_MODULES[module]
+  expected = _model_config([model_file, TINY], tmp_path, monkeypatch, 'local_books')
   bindings = ["MODEL_DIR = '/tmp/unused'", "CHECKPOINT_PATH = '/tmp/unused'"]
   bindings += ["EVAL_OUTPUT_DIR = '/tmp/unused'"] + ([f'MODULE = {module}'] if module else [])
   gin.clear_config(clear_constants=True)

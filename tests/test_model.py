@@ -12,8 +12,8 @@ import pytest
 from flax import traverse_util
 from tiny_configs import DIMS, MELODI_MEMORY
 
+from melodi_t5x.architectures.melodi import MelodiDecoder
 from melodi_t5x.config import MelodiConfig
-from melodi_t5x.model import MelodiDecoder
 
 # 3 layers, long-term layer in the middle, FIFO of 3 windows so that it wraps quickly.
 CFG = MelodiConfig(num_layers=3, **DIMS, **MELODI_MEMORY)

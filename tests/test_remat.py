@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from tiny_configs import DIMS, MELODI_MEMORY
 
+from melodi_t5x.architectures.melodi import MelodiDecoder
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import MelodiConfig, XLConfig
-from melodi_t5x.model import MelodiDecoder
 from melodi_t5x.tools import flops
 
 # Long-term layer, dropout on (remat must replay the same dropout masks), 4 windows per segment.

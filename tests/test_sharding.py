@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent(
   from flax.core import unfreeze
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from melodi_t5x.config import MelodiConfig
-  from melodi_t5x.model import MelodiDecoder
+  from melodi_t5x.architectures.melodi import MelodiDecoder
   from melodi_t5x.partitioning import MELODI_AXIS_RULES
 
   assert jax.device_count() == 2, jax.devices()

@@ -8,6 +8,7 @@ position, combining per-host perplexity totals, and the former class names.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -24,8 +25,8 @@ from t5x import adafactor  # noqa: E402
 from t5x import trainer as trainer_lib  # noqa: E402
 
 from melodi_t5x import config as config_lib  # noqa: E402
-from melodi_t5x import model as model_lib  # noqa: E402
-from melodi_t5x import report, t5x_data, t5x_eval, t5x_model  # noqa: E402
+from melodi_t5x import report, t5x_data, t5x_eval, t5x_gin, t5x_model  # noqa: E402
+from melodi_t5x.architectures import melodi  # noqa: E402
 
 B, T = 3, 16
 TINY = config_lib.MelodiConfig(
@@ -45,7 +46,7 @@ TINY = config_lib.MelodiConfig(
 
 def _model(**kwargs):
   return t5x_model.MemoryDecoderModel(
-    module=model_lib.MelodiDecoder(TINY),
+    module=melodi.MelodiDecoder(TINY),
     vocabulary=seqio.PassThroughVocabulary(size=32),
     optimizer_def=adafactor.Adafactor(),
     **kwargs,
@@ -204,13 +205,16 @@ t5x_eval.MemoryTrainer.num_microbatches = 2
   with pytest.raises(ValueError, match='disagree') as err:
     t5x_eval.forward_trainer_bindings(t5x_eval.MemoryTrainer, _trainer_kwargs())
   print('conflicting bindings:', str(err.value)[:160])
-  assert t5x_eval.MemoryTrainer is t5x_eval.StreamingPerplexityEvaluator
   assert issubclass(t5x_eval.MemoryTrainer, trainer_lib.Trainer)
 
 
-def test_former_names_are_aliases():
-  assert t5x_model.MelodiModel is t5x_model.MemoryDecoderModel
-  assert t5x_data.MelodiFeatureConverter is t5x_data.StreamingFeatureConverter
+def test_former_names_are_gone():
+  """Issue 18: the compatibility aliases were removed (CHANGELOG.md lists the replacements)."""
+  assert not hasattr(t5x_model, 'MelodiModel')
+  assert not hasattr(t5x_data, 'MelodiFeatureConverter')
+  assert not hasattr(t5x_eval, 'StreamingPerplexityEvaluator')
+  assert not hasattr(t5x_gin, 'REPO_ROOT')
+  assert importlib.util.find_spec('melodi_t5x.model') is None
 
 
 class _Counting:

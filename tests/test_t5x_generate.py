@@ -26,8 +26,8 @@ from tiny_configs import DIMS, MELODI_MEMORY  # noqa: E402
 
 from melodi_t5x import t5x_generate, t5x_model  # noqa: E402
 from melodi_t5x.architectures.brt import BRTDecoder  # noqa: E402
+from melodi_t5x.architectures.melodi import MelodiDecoder  # noqa: E402
 from melodi_t5x.config import BRTConfig, MelodiConfig  # noqa: E402
-from melodi_t5x.model import MelodiDecoder  # noqa: E402
 from melodi_t5x.tools import generate as generate_cli  # noqa: E402
 
 CFG = MelodiConfig(num_layers=2, **DIMS, **MELODI_MEMORY)
@@ -156,8 +156,8 @@ def test_prompt_feature_converter_starts_documents_like_training():
 
 @pytest.mark.slow
 def test_generate_cli_continues_a_text_file(tmp_path, capsys):
-  # The quickstart model (gin/models/melodi_tiny.gin, local_books vocabulary), random weights.
-  model = generate_cli.load_model(['gin/models/melodi_tiny.gin'], [], 'local_books')
+  # The quickstart model (tiny MELODI, local_books vocabulary), random weights.
+  model = generate_cli.load_model(list(generate_cli.DEFAULT_GIN_FILES), [], 'local_books')
   tokens = jnp.ones((1, 32), jnp.int32)
   params = model.module.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)['params']
   ckpt = tmp_path / 'checkpoint_1'

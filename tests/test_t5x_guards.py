@@ -18,7 +18,7 @@ pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
 
 from melodi_t5x import t5x_gin, t5x_signature  # noqa: E402
 
-GIN_DIR = os.path.join(t5x_gin.REPO_ROOT, 'gin')
+GIN_DIR = os.path.join(t5x_gin.GIN_ROOT, 'gin')
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_checkpoint_of_another_vocabulary_is_refused_naming_both(tmp_path, entry
   assert f"TaskVocabulary('local_books') (size 4096, checksum {vocab['checksum']}" in message
   with pytest.raises(ValueError, match='my_books'):  # t5x.infer checks it too
     _evaluate(
-      ['models/melodi_tiny.gin', 'infer.gin'],
+      ['models/melodi_base.gin', 'models/tiny.gin', 'infer.gin'],
       'utils.RestoreCheckpointConfig.path',
       [f'CHECKPOINT_PATH = {checkpoint!r}', "INFER_OUTPUT_DIR = '/tmp/unused'"],
     )
@@ -111,9 +111,9 @@ def _trainer(tmp_path, **kwargs):
   from t5x import adafactor, utils  # pylint: disable=g-import-not-at-top
 
   from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
-  from melodi_t5x import model as model_lib  # pylint: disable=g-import-not-at-top
   from melodi_t5x import partitioning as melodi_partitioning  # pylint: disable=g-import-not-at-top
   from melodi_t5x import t5x_eval, t5x_model  # pylint: disable=g-import-not-at-top
+  from melodi_t5x.architectures import melodi  # pylint: disable=g-import-not-at-top
 
   tiny = config_lib.MelodiConfig(
     num_layers=1,
@@ -129,7 +129,7 @@ def _trainer(tmp_path, **kwargs):
     dtype='float32',
   )
   model = t5x_model.MemoryDecoderModel(
-    module=model_lib.MelodiDecoder(tiny),
+    module=melodi.MelodiDecoder(tiny),
     vocabulary=seqio.PassThroughVocabulary(size=32),
     optimizer_def=adafactor.Adafactor(),
   )

@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from melodi_t5x import config as config_lib  # noqa: E402
-from melodi_t5x import model as model_lib  # noqa: E402
+from melodi_t5x.architectures import melodi  # noqa: E402
 from tasks import preprocessors  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,8 @@ import seqio
 import melodi_synthetic
 from melodi_t5x import config
 
-include 'gin/models/melodi_tiny.gin'
+include 'gin/models/melodi_base.gin'
+include 'gin/models/tiny.gin'
 
 VOCABULARY = @seqio.PassThroughVocabulary()
 seqio.PassThroughVocabulary.size = %(vocab)d
@@ -230,7 +231,7 @@ def _load(ckpt_dir):
 
 
 def _module():
-  return model_lib.MelodiDecoder(config_lib.MelodiConfig(**TINY))
+  return melodi.MelodiDecoder(config_lib.MelodiConfig(**TINY))
 
 
 def _chunks(doc):

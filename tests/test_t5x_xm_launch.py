@@ -80,7 +80,7 @@ def test_timing_and_single_experiment_jobs():
 
 
 def test_tiny_timing_jobs_time_the_tiny_models():
-  """`--sweep=timing --size=tiny --local`: the rehearsal models' sizes (gin/models/*_tiny.gin)."""
+  """`--sweep=timing --size=tiny --local`: the rehearsal models' sizes (gin/models/tiny.gin)."""
   from melodi_t5x.tools import bench  # pylint: disable=g-import-not-at-top
 
   timing = jobs_lib.sweep_jobs(ROOT, sweep='timing', size='tiny')
@@ -90,7 +90,7 @@ def test_tiny_timing_jobs_time_the_tiny_models():
     cfg = bench.config_from_args(bench.parse_args(list(job.flags)))
     assert (cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.window_length) == (2, 64, 256, 32)
     by_model[job.name.split('/')[1]] = cfg
-  # MELODI S192+L32 at 1/16: S12 + L2, long-term layer 1, FIFO of 16 windows (melodi_tiny.gin).
+  # MELODI S192+L32 at 1/16: S12 + L2, long-term layer 1, FIFO of 16 windows (tiny.gin).
   melodi = by_model['melodi_s192_l32']
   assert (melodi.summary_size, melodi.short_term_memory_size) == (12, 12)
   assert melodi.long_term_memory_increment_size == 2

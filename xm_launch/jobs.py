@@ -329,13 +329,13 @@ def prepare_jobs(
   return jobs + finals
 
 
-# The tiny CPU models of gin/models/*_tiny.gin (d=64, 2 heads of 32, MLP 256, fp32) as bench flags.
+# The tiny CPU models of gin/models/tiny.gin (d=64, 2 heads of 32, MLP 256, fp32) as bench flags.
 _TINY_BENCH_FLAGS = (
   *('--embed-dim', '64', '--num-heads', '2', '--head-dim', '32', '--mlp-dim', '256'),
   *('--vocab-size', '4096', '--dtype', 'float32', '--memory-size', '1024', '--num-states', '32'),
   *('--memory-layer-index', '0', '--recurrent-layer-index', '0', '--compile-windows', ''),
 )
-# Long-term FIFO of the MELODI models, in windows (paper: 128; gin/models/melodi_tiny.gin: 16).
+# Long-term FIFO of the MELODI models, in windows (paper: 128; gin/models/tiny.gin: 16).
 _FIFO_WINDOWS = {'paper': 128, 'tiny': 16}
 
 

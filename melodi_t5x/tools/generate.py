@@ -3,11 +3,13 @@ r"""Continue a long text document with a trained memory decoder (T5X checkpoint)
   python -m melodi_t5x.tools.generate --checkpoint /tmp/melodi_quickstart/checkpoint_400 \
     --prompt_file play.txt --max_new_tokens 200 --temperature 0.8 --topk 40
 
-The model comes from gin model files (default: the quickstart's `gin/models/melodi_tiny.gin`,
-vocabulary of `--task`). The whole prompt is read: its windows are streamed through the training
-path one segment at a time with memory carried (`--segment_length` tokens per step, a multiple of
-the window), the rest is prefilled, then tokens are sampled one at a time with T5X's
-`temperature_sample` (`--temperature 0` is greedy; `--topk 0` samples from the full softmax).
+The model comes from gin model files (default: the quickstart's tiny MELODI,
+`gin/models/melodi_base.gin` + `gin/models/tiny.gin`), with the vocabulary of `--task` and an
+embedding of its size (`tasks.embedding_size`). The whole prompt is read: its windows are
+streamed through the training path one segment at a time with memory carried (`--segment_length`
+tokens per step, a multiple of the window), the rest is prefilled, then tokens are sampled one at
+a time with T5X's `temperature_sample` (`--temperature 0` is greedy; `--topk 0` samples from the
+full softmax).
 Prints the continuation (with `--json`, one JSON line with tokens, timings and tokens/s).
 """
 
@@ -31,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--checkpoint', required=True, help='T5X checkpoint directory')
   parser.add_argument('--prompt_file', required=True, help='UTF-8 text to continue ("-": stdin)')
   parser.add_argument(
-    '--gin_file', action='append', help='model gin file(s); default gin/models/melodi_tiny.gin'
+    '--gin_file',
+    action='append',
+    help='model gin file(s); default gin/models/melodi_base.gin then gin/models/tiny.gin',
   )
   parser.add_argument('--gin_bindings', action='append', default=[], help='extra gin bindings')
   parser.add_argument('--task', default='local_books', help='task whose vocabulary to use')
@@ -51,13 +55,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+DEFAULT_GIN_FILES = ('gin/models/melodi_base.gin', 'gin/models/tiny.gin')
+
+
 def load_model(gin_files, bindings, task: str):
-  """The gin-configured `MemoryDecoderModel` (`MODEL`), dropout off."""
+  """The gin-configured `MemoryDecoderModel` (`MODEL`), dropout off, embedding sized to `task`."""
   t5x_gin.register_search_path()
   gin.clear_config(clear_constants=True)
-  gin.parse_config_files_and_bindings(
-    gin_files, [f"MIXTURE_OR_TASK_NAME = '{task}'", 'DROPOUT_RATE = 0.0', *bindings]
-  )
+  task_bindings = [
+    f"MIXTURE_OR_TASK_NAME = '{task}'",
+    'VOCAB_SIZE = @tasks.embedding_size()',
+    'tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME',
+  ]
+  gin.parse_config_files_and_bindings(gin_files, [*task_bindings, 'DROPOUT_RATE = 0.0', *bindings])
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
 
 
@@ -70,7 +80,7 @@ def load_params(checkpoint: str):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  model = load_model(args.gin_file or ['gin/models/melodi_tiny.gin'], args.gin_bindings, args.task)
+  model = load_model(args.gin_file or list(DEFAULT_GIN_FILES), args.gin_bindings, args.task)
   window = model.module.config.window_length
   segment = args.segment_length or 8 * window
   if segment % window:

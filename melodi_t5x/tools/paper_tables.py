@@ -99,11 +99,7 @@ def experiment_config(exp: experiments.Experiment):
 def _decoder_config():
   import gin  # pylint: disable=g-import-not-at-top
 
-  try:
-    return gin.query_parameter('%MODULE').scoped_configurable_fn().config
-  except ValueError:  # model files without the MODULE macro (MELODI only)
-    ref = gin.query_parameter('melodi_t5x.melodi_model.MelodiDecoder.config')
-    return ref.scoped_configurable_fn()
+  return gin.query_parameter('%MODULE').scoped_configurable_fn().config
 
 
 def memory_floats(exp: experiments.Experiment) -> tuple[float | None, int | None]:
