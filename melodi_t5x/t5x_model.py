@@ -113,9 +113,10 @@ class MemoryDecoderModel(models.DecoderOnlyModel):
   """`DecoderOnlyModel` whose module carries per-row memory from one batch to the next.
 
   The module (e.g. `melodi_t5x.architectures.melodi.MelodiDecoder`) must accept a
-  `start_of_sequence: [B]` keyword and keep its memory in the `memory` collection with leading batch axis. Construct it as
-  a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...). `predict_batch_with_aux`
-  samples continuations with the module's incremental decoding (`prefill` / `decode`).
+  `start_of_sequence: [B]` keyword and keep its memory in the `memory` collection with leading batch
+  axis. Construct it as a `DecoderOnlyModel` (module, vocabulary, optimizer_def, z_loss, ...).
+  `predict_batch_with_aux` samples continuations with the module's incremental decoding (`prefill` /
+  `decode`).
 
   Beyond `DecoderOnlyModel`'s arguments:
     misaligned_rows: 'reset' (default): a row that does not continue its memory's document is
