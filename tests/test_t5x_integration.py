@@ -105,6 +105,7 @@ include 'gin/models/tiny.gin'
 
 VOCABULARY = @seqio.PassThroughVocabulary()
 seqio.PassThroughVocabulary.size = %(vocab)d
+VOCAB_SIZE = %(vocab)d
 config.MelodiConfig:
 %(config)s
 """  # noqa: UP031
