@@ -20,7 +20,7 @@ and values (padding included) are written FIFO into slots [i, i + T) and i <- (i
 during a segment always see the memory as loaded at its start. M must be a multiple of T.
 
 Residual convention (reproduced for parity with the reference): the memory layer's output
-y = h + MLP(norm(h)), h = x + W_O attn, already contains its input x, and the stack adds x once
+y = h + MLP(norm(h)), h = x + W_O attn, already contains its input x, and the layer adds x once
 more: **x_next = x + y = 2x + W_O attn + MLP(...)**.
 
 Write index: one per batch row, the row's tokens since its document start modulo M (the decoder's
