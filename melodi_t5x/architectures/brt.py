@@ -27,10 +27,11 @@ document start S is the learned `initial_state` (not zeros), and the XL caches a
 The state block has no dropout (as in the reference, whose state update runs in "pure" mode),
 and the two cross-attentions have no attention dropout.
 
-Incremental decoding (T5X's `prefill` / `decode` calls): the recurrent layer's `RecurrentState`
-adds to the XL cache S, the keys/values of S and the keys/values of the previous window. The prefill runs the training path, in which a prompt
-window updates S only if the row's prompt covers it; a decode call that completes a window runs
-the state update over `[previous window; this window]` from the cache, as the training path does.
+Incremental decoding (T5X's `prefill` / `decode` calls): the recurrent layer's `RecurrentState` adds
+to the XL cache S, the keys/values of S and the keys/values of the previous window. The prefill runs
+the training path, in which a prompt window updates S only if the row's prompt covers it; a decode
+call that completes a window runs the state update over `[previous window; this window]` from the
+cache, as the training path does.
 """
 
 from __future__ import annotations
