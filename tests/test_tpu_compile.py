@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import gin
 import jax
@@ -222,3 +224,42 @@ def test_a_job_that_fails_to_compile_gives_exit_status_1(tmp_path, capsys):
   assert [r['name'] for r in rows] == ['main/pg19_t5_xl/train']
   assert not rows[0]['fits'] and rows[0]['error']
   assert 'main/pg19_t5_xl/train' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_table_command_prints_the_docs_table(tmp_path):
+  """`--table` as a user runs it (`python -m`), on a report of two jobs of one run."""
+  gib = 2**30
+  row = dict(fits=True, estimated_step_seconds=0.5, mfu_at_estimate=0.4, chip_hours=320.0)
+  report = {
+    'slice': 'v5e:4x8',
+    'jobs': [
+      {
+        **row,
+        'name': 'main/pg19_t5_xl/train',
+        'kind': 'train',
+        'peak_bytes_per_chip': 4 * gib,
+        'estimated_run_hours': 10.0,
+      },
+      {
+        **row,
+        'name': 'main/pg19_t5_xl/eval_carried',
+        'kind': 'eval',
+        'peak_bytes_per_chip': gib,
+        'estimated_run_hours': None,
+        'chip_hours': None,
+      },
+    ],
+  }
+  path = tmp_path / 'report.json'
+  path.write_text(json.dumps(report))
+  out = subprocess.run(
+    [sys.executable, '-m', 'melodi_t5x.tools.tpu_compile', '--table', str(path)],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=REPO,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  ).stdout
+  assert '| v5e:4x8 | xl | 4.0 | 1.0 | 0.50 | 0.40 | 0.4 | 320 |' in out, out
+  assert '| v5e:4x8 | **sweep total** |' in out, out

@@ -868,10 +868,6 @@ def main(argv=None) -> int:
   return 1 if bad else 0
 
 
-if __name__ == '__main__':
-  raise SystemExit(main())
-
-
 # ---------------------------------------------------------------------------------------------
 # The docs table (docs/experiments.md) from the JSON of one or more checks.
 # ---------------------------------------------------------------------------------------------
@@ -931,3 +927,7 @@ def cost_table(reports: Sequence[dict]) -> str:
         f'{total_chip_hours:,.0f} |'
       )
   return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
