@@ -8,8 +8,8 @@ T segment length, W window, D embed dim, V vocab.
 
 A layer kind (a `layers.StatefulLayer`) has one signature in every mode and carries one typed
 state (`melodi_t5x.state`):
-  state = layer.start_segment(reset)          # read from `memory`, fresh where reset: [B]
-  x, state = layer(x, state, ctx, deterministic)
+  state = layer.start_segment(reset, det)     # read from `memory`, fresh where reset: [B]
+  x, state = layer(x, state, ctx, det)       # det: no dropout (static)
   layer.end_segment(state)                    # written back to `memory`
   x, state = layer.prefill(x, state, ctx)     # a prompt through the training path -> cache state
   x, state = layer.decode(x, state, ctx)      # one token (or a few) per call, state in `cache`
