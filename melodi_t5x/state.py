@@ -130,6 +130,11 @@ def write(module: nn.Module, collection: str, spec, state) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def cast(state, dtype):
+  """`state` (any struct or tree of arrays) with every array in `dtype`."""
+  return jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), state)
+
+
 def select_rows(mask: Array, new: Any, old: Any) -> Any:
   """Per row, `new` where `mask: [B]` else `old` (same tree; None leaves stay None)."""
   pick = lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b.astype(a.dtype))

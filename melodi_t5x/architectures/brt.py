@@ -198,7 +198,7 @@ class RecurrentLayer(xl.XLLayer):
     w = self.config.window_length
     batch, length = x.shape[:2]
     n = length // w
-    cache = state.window().astype(x.dtype)
+    cache = state_lib.cast(state.window(), x.dtype)
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
     o_self = self.sliding_attention(q, k, v, cache, deterministic)  # [B, T, H, K]
@@ -235,7 +235,7 @@ class RecurrentLayer(xl.XLLayer):
     """Window j of the prompt updates S only where the row's prompt covers it, so S is the state
     before the window holding position lengths[b] (the next token's window)."""
     w = self.config.window_length
-    cache = state.window().astype(x.dtype)
+    cache = state_lib.cast(state.window(), x.dtype)
     complete = window_flags(x.shape[1], w, ctx.lengths)
     y, (k, v), s = self.forward(x, state, True, complete)
     last = xl.window_state(cache, k, v, ctx.lengths)
@@ -275,9 +275,6 @@ def _end_window(layer: RecurrentLayer, s: RecurrentState) -> RecurrentState:
     previous_values=s.values,
   )
   return jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, s)
-
-
-RecurrentState.astype = xl.XLState.astype
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,8 +280,14 @@ class Decoder(nn.Module):
     """The tokens a window-major block runs on (MELODI appends its summary tokens)."""
     return x
 
-  def scan_windows(self, x: Array, states: list, ctx: Context, deterministic: bool):
-    """`run_stack` on each window of `x: [B, T, D]` in order (`nn.scan`), state carried."""
+  def scan_windows(
+    self, x: Array, states: list, ctx: Context, deterministic: bool, complete: Array | None = None
+  ):
+    """`run_stack` on each window of `x: [B, T, D]` in order (`nn.scan`), state carried.
+
+    `complete: [n, B]` (prefill): a row keeps its state through the windows its prompt does not
+    cover.
+    """
     cfg = self.config
     batch, length = x.shape[:2]
     n, w = cfg.num_windows(length), cfg.window_length
@@ -300,7 +306,7 @@ class Decoder(nn.Module):
       split_rngs={'params': False, 'dropout': True},
       length=n,
     )
-    (states, _), y = scan(self, (states, ctx.tokens_seen), (windows, None))
+    (states, _), y = scan(self, (states, ctx.tokens_seen), (windows, complete))
     return y.swapaxes(0, 1).reshape(batch, length, -1), states
 
   def report(self, deterministic: bool) -> None:

@@ -44,7 +44,6 @@ from melodi_t5x.architectures.decoder import (
   kv_width,
   layer_matmul_params,
   window_flags,
-  window_step,
 )
 from melodi_t5x.architectures.xl import kv_spec, state_dtype
 from melodi_t5x.config import MelodiConfig
@@ -192,7 +191,7 @@ class MelodiLayer(StatefulLayer):
   def start_segment(self, reset: Array, deterministic: bool) -> MelodiState:
     """The carried memory in the compute dtype, with the FIFO's keys and values."""
     state = super().start_segment(reset, deterministic) or MelodiState()
-    state = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(self.config.dtype)), state)
+    state = state_lib.cast(state, self.config.dtype)
     if not self.is_long:
       return state
     keys, values = self.project_kv(state.fifo, deterministic)
@@ -404,17 +403,9 @@ class MelodiDecoder(Decoder):
     n = length // w
     outputs = []
     if n:
-      x = self.embed(tokens[:, : n * w])
-      windows = x.reshape(batch, n, w, -1).swapaxes(0, 1)  # [n, B, W, D]
       complete = window_flags(n * w, w, ctx.lengths)  # [n, B]
-      scan = nn.scan(
-        functools.partial(window_step, deterministic=True),
-        variable_broadcast=['params', 'params_axes'],
-        split_rngs={'params': False, 'dropout': True},
-        length=n,
-      )
-      (states, _), y = scan(self, (states, ctx.tokens_seen), (windows, complete))
-      outputs.append(y.swapaxes(0, 1).reshape(batch, n * w, -1))
+      y, states = self.scan_windows(self.embed(tokens[:, : n * w]), states, ctx, True, complete)
+      outputs.append(y)
     states = [layer.decode_state(s, batch) for layer, s in zip(self.stack, states)]
     start = ctx.lengths // w * w  # the window holding the rest of the prompt
     x = self.embed(state_lib.slice_rows(tokens, start, w))

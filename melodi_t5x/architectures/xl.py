@@ -172,12 +172,12 @@ class XLLayer(StatefulLayer):
     """As `__call__`, but returns the keys and values [B, T, H, K] of every token."""
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
-    o = self.sliding_attention(q, k, v, state.astype(x.dtype), deterministic)
+    o = self.sliding_attention(q, k, v, state_lib.cast(state, x.dtype), deterministic)
     return self.residual_mlp(x, o, deterministic), (k, v)
 
   def prefill(self, x: Array, state: XLState, ctx):
     """The cache after the prompt: the keys/values of positions lengths-W .. lengths-1."""
-    state = state.astype(x.dtype)
+    state = state_lib.cast(state, x.dtype)
     y, (k, v) = self.forward(x, state, True)
     return y, window_state(state, k, v, ctx.lengths)
 
@@ -202,13 +202,6 @@ class XLLayer(StatefulLayer):
 def window_state(before: XLState, k: Array, v: Array, end: Array) -> XLState:
   """The W keys/values before position `end: [B]` of a block's `k, v: [B, T, H, K]`."""
   return XLState(window_before(before.keys, k, end), window_before(before.values, v, end))
-
-
-def _astype(self, dtype):
-  return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
-
-
-XLState.astype = _astype
 
 
 # ---------------------------------------------------------------------------------------------
