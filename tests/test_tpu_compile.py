@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import gin
 import jax
@@ -206,6 +207,63 @@ def test_jobs_with_the_same_step_share_one_compile(tmp_path):
     slice_,
   )
   assert wider.key != carried.key
+
+
+def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
+  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+
+  cache = tc.ResultCache(str(tmp_path / 'cache'))
+  assert cache.get('abc') is None  # nothing there yet
+  cache.put('abc', {'memory': {'peak': 7}}, describe={'step': 'train'})
+  assert cache.get('abc') == {'memory': {'peak': 7}}
+  assert cache.get('abd') is None
+  # A damaged or foreign entry is a miss, not a result.
+  (tmp_path / 'cache' / 'abd.json').write_text('{"fingerprint": "abc", "result": {}}')
+  assert cache.get('abd') is None
+  (tmp_path / 'cache' / 'abe.json').write_text('{not json')
+  assert cache.get('abe') is None
+  assert not [p for p in os.listdir(tmp_path / 'cache') if p.endswith('.tmp')]
+
+
+@pytest.mark.slow
+def test_a_cached_step_is_read_back_without_compiling_and_a_changed_one_compiles(tmp_path):
+  tc = _tpu_compile()
+  from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+
+  def eval_job(bindings):
+    return jobs_lib.experiment_jobs(
+      experiments.sweep('main', size='tiny')[4],
+      str(tmp_path / 'root'),
+      gin_file=str(tmp_path / 'experiment.gin'),
+      bindings=bindings,
+      eval_modes=('carried',),
+    )[1]
+
+  _tiny_jobs(tmp_path, MESH_2X2)  # writes the experiment file
+  slice_ = tc.Slice('v5e', '2x2')
+  cache = tc.ResultCache(str(tmp_path / 'cache'))
+  [first] = tc.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)
+  assert first['fits'] and not first['cached']
+  assert os.listdir(tmp_path / 'cache') == [first['fingerprint'] + '.json']
+
+  real_compile = jax.stages.Lowered.compile
+  compiled = []
+
+  def counting_compile(self, *args, **kwargs):
+    compiled.append(1)
+    return real_compile(self, *args, **kwargs)
+
+  with mock.patch.object(jax.stages.Lowered, 'compile', counting_compile):
+    [again] = tc.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)
+    assert not compiled and again['cached']
+    assert again['memory'] == first['memory'] and again['fingerprint'] == first['fingerprint']
+    # Another program (twice the rows) misses the cache and compiles.
+    wider = [*MESH_2X2, 'EVAL_BATCH_SIZE=8']
+    [other] = tc.check_jobs([eval_job(wider)], slice_, cache=cache, log=lambda *_: None)
+    assert compiled and not other['cached']
+    assert other['fingerprint'] != first['fingerprint']
+    assert other['memory']['argument'] > first['memory']['argument']
 
 
 @pytest.mark.slow

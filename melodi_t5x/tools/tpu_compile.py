@@ -86,6 +86,8 @@ VOCABULARY = @seqio.PassThroughVocabulary()
 seqio.PassThroughVocabulary.size = %VOCAB_SIZE
 """
 GIB = 2**30
+# Environment variable naming the results cache (default ~/.cache/melodi_t5x/tpu_compile).
+CACHE_ENV = 'MELODI_TPU_COMPILE_CACHE'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,8 +557,92 @@ def memory_plan(compiled) -> dict[str, int]:
   return out
 
 
-def compile_target(target: Target) -> dict[str, Any]:
-  """Compiles `target`; returns the memory plan, XLA's cost figures and the compile seconds."""
+class ResultCache:
+  """Compile results on disk, keyed by the fingerprint of the lowered program.
+
+  A result (memory plan, traced FLOPs, XLA's cost figures) is a function of the program XLA:TPU
+  receives and of the compiler: the key hashes the lowered StableHLO (shardings included, source
+  locations not), the slice, the device kind, the jax / jaxlib / libtpu versions and the XLA flags
+  of the environment. Any change to the model code, the gin files or the mesh that reaches the
+  step changes the program and misses; a rerun of an unchanged sweep, or a job that another
+  sweep already compiled (e.g. an ablation family's shared run), is read back in seconds.
+  Results only: no executable is stored, and failed compiles are not cached.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+
+  def get(self, fingerprint: str) -> dict[str, Any] | None:
+    try:
+      with open(self._path(fingerprint)) as f:
+        entry = json.load(f)
+    except (OSError, ValueError):
+      return None
+    return entry.get('result') if entry.get('fingerprint') == fingerprint else None
+
+  def put(self, fingerprint: str, result: dict[str, Any], **about: Any) -> None:
+    os.makedirs(self.directory, exist_ok=True)
+    path = self._path(fingerprint)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump({'fingerprint': fingerprint, 'result': result, **about}, f, indent=1)
+    os.replace(tmp, path)  # atomic: parallel workers never read half an entry
+
+  def _path(self, fingerprint: str) -> str:
+    return os.path.join(self.directory, f'{fingerprint}.json')
+
+
+def default_cache_dir() -> str:
+  return os.environ.get(CACHE_ENV) or os.path.join(
+    os.path.expanduser('~'), '.cache', 'melodi_t5x', 'tpu_compile'
+  )
+
+
+def toolchain() -> dict[str, str]:
+  """What besides the program decides XLA:TPU's plan: compiler versions and flags."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  def version(dist: str) -> str:
+    try:
+      return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      return 'absent'
+
+  return {
+    'jax': jax.__version__,
+    'jaxlib': version('jaxlib'),
+    'libtpu': version('libtpu'),
+    'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+    'LIBTPU_INIT_ARGS': os.environ.get('LIBTPU_INIT_ARGS', ''),
+  }
+
+
+def program_fingerprint(lowered, target: Target, slice_name: str) -> str:
+  """Hash of the lowered program, where it compiles (slice, mesh, devices) and the toolchain."""
+  h = hashlib.sha256(lowered.as_text(debug_info=False).encode())
+  where = {
+    'slice': slice_name,
+    'device_kind': target.device_kind,
+    'devices': target.devices,
+    **{k: target.describe.get(k) for k in ('mesh_shape', 'mesh_devices', 'device')},
+    **toolchain(),
+  }
+  h.update(json.dumps(where, sort_keys=True, default=repr).encode())
+  return h.hexdigest()[:24]
+
+
+def compile_target(
+  target: Target, slice_name: str, cache: ResultCache | None = None
+) -> dict[str, Any]:
+  """Compiles `target` for `slice_name` (or reads its result from `cache`): memory plan, XLA's
+  cost figures, the traced matmul FLOPs and the compile seconds; 'cached' is True when read back.
+  """
+  lowered = target.lower()
+  fingerprint = program_fingerprint(lowered, target, slice_name)
+  if cache is not None:
+    hit = cache.get(fingerprint)
+    if hit is not None:
+      return {**hit, 'fingerprint': fingerprint, 'cached': True}
   traced = None
   if target.trace is not None:
     try:
@@ -564,13 +650,13 @@ def compile_target(target: Target) -> dict[str, Any]:
     except ValueError:  # a while loop: no static trip count; the analytic figure is used
       traced = None
   tick = time.perf_counter()
-  compiled = target.lower().compile()
+  compiled = lowered.compile()
   seconds = time.perf_counter() - tick
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   cost = dict(cost or {})
-  return {
+  result = {
     'memory': memory_plan(compiled),
     'compile_seconds': seconds,
     'traced_flops': traced,
@@ -578,6 +664,9 @@ def compile_target(target: Target) -> dict[str, Any]:
     'xla_flops_loop_blind': float(cost.get('flops', 0.0)),
     'xla_optimal_seconds': float(cost.get('optimal_seconds', 0.0)),
   }
+  if cache is not None:
+    cache.put(fingerprint, result, describe=target.describe, toolchain=toolchain(), at=time.time())
+  return {**result, 'fingerprint': fingerprint, 'cached': False}
 
 
 def estimate(target: Target, utilisation: float, traced: float | None = None) -> dict[str, Any]:
@@ -631,6 +720,8 @@ def job_row(job, target: Target | None, result: dict | None, error: str | None, 
     memory=mem,
     fits=bool(hbm_bytes and mem['peak'] <= FIT_FRACTION * hbm_bytes),
     compile_seconds=result['compile_seconds'],
+    cached=bool(result.get('cached')),
+    fingerprint=result.get('fingerprint'),
     xla_flops_loop_blind=result['xla_flops_loop_blind'],
     xla_optimal_seconds=result['xla_optimal_seconds'],
   )
@@ -649,10 +740,12 @@ def job_row(job, target: Target | None, result: dict | None, error: str | None, 
   return row
 
 
-def _compile_in_worker(job, slice_: Slice) -> tuple[dict | None, str | None]:
+def _compile_in_worker(
+  job, slice_: Slice, cache: ResultCache | None
+) -> tuple[dict | None, str | None]:
   """Worker process: rebuilds the job's target and compiles it."""
   try:
-    return compile_target(build_target(job, slice_)), None
+    return compile_target(build_target(job, slice_), slice_.name, cache), None
   except Exception as e:  # reported per job
     return None, _short_error(e)
 
@@ -682,9 +775,11 @@ def check_jobs(
   *,
   workers: int = 1,
   utilisation: float = DEFAULT_UTILISATION,
+  cache: ResultCache | None = None,
   log=print,
 ) -> list[dict]:
-  """Builds every job's target, compiles each distinct one once, returns one row per job."""
+  """Builds every job's target, compiles each distinct one once (or reads it from `cache`),
+  returns one row per job."""
   targets: dict[str, Target | None] = {}
   errors: dict[str, str] = {}
   built: dict[tuple, str] = {}
@@ -714,7 +809,9 @@ def check_jobs(
   if workers > 1 and len(first) > 1:
     ctx = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-      futures = {pool.submit(_compile_in_worker, job, slice_): key for key, job in first.items()}
+      futures = {
+        pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in first.items()
+      }
       for fut in concurrent.futures.as_completed(futures):
         key = futures[fut]
         results[key] = fut.result()
@@ -722,7 +819,7 @@ def check_jobs(
   else:
     for key, job in first.items():
       try:
-        results[key] = (compile_target(targets[job.name]), None)
+        results[key] = (compile_target(targets[job.name], slice_.name, cache), None)
       except Exception as e:  # reported per job
         results[key] = (None, _short_error(e))
       log(_progress(job.name, results[key]))
@@ -752,7 +849,8 @@ def _progress(name: str, outcome: tuple[dict | None, str | None]) -> str:
   if error:
     return f'[compile failed] {name}: {error}'
   mem = result['memory']
-  return f'[compiled {result["compile_seconds"]:.0f} s] {name}: {mem["peak"] / GIB:.2f} GiB/chip'
+  how = 'from cache, compiled in' if result.get('cached') else 'compiled'
+  return f'[{how} {result["compile_seconds"]:.0f} s] {name}: {mem["peak"] / GIB:.2f} GiB/chip'
 
 
 def format_rows(rows: Sequence[dict]) -> str:
@@ -803,6 +901,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--json', default=None, help='write the rows to this JSON file')
   p.add_argument('--workers', type=int, default=1, help='compile this many steps in parallel')
   p.add_argument(
+    '--cache_dir',
+    default=None,
+    help=f'results cache (default ${CACHE_ENV} or ~/.cache/melodi_t5x/tpu_compile)',
+  )
+  p.add_argument('--nocache', action='store_true', help='compile every step, read no cached result')
+  p.add_argument(
     '--utilisation',
     type=float,
     default=DEFAULT_UTILISATION,
@@ -844,13 +948,17 @@ def main(argv=None) -> int:
     raise SystemExit(f'--utilisation={args.utilisation}: must be in (0, 1].')
   tick = time.time()
   jobs, slice_ = launcher_jobs(args)
-  rows = check_jobs(jobs, slice_, workers=args.workers, utilisation=args.utilisation)
+  cache = None if args.nocache else ResultCache(args.cache_dir or default_cache_dir())
+  rows = check_jobs(jobs, slice_, workers=args.workers, utilisation=args.utilisation, cache=cache)
   wall = time.time() - tick
   print(format_rows(rows))
   bad = [r for r in rows if not r['fits']]
+  steps = {r['fingerprint']: r['cached'] for r in rows if r.get('fingerprint')}
   print(
     f'{len(rows)} jobs on {slice_.name}: {len(rows) - len(bad)} fit, {len(bad)} do not fit or '
-    f'failed; {wall:.0f} s. Estimates: analytic FLOPs at {args.utilisation:.0%} of peak.'
+    f'failed; {wall:.0f} s ({sum(not c for c in steps.values())} steps compiled, '
+    f'{sum(steps.values())} read from the cache). Estimates: matmul FLOPs (traced, else '
+    f'analytic) at {args.utilisation:.0%} of peak.'
   )
   if args.json:
     with open(args.json, 'w') as f:
@@ -860,6 +968,8 @@ def main(argv=None) -> int:
           'utilisation': args.utilisation,
           'fit_fraction': FIT_FRACTION,
           'wall_seconds': wall,
+          'steps_compiled': sum(not c for c in steps.values()),
+          'steps_from_cache': sum(steps.values()),
           'jobs': rows,
         },
         f,
