@@ -319,5 +319,5 @@ def test_table_command_prints_the_docs_table(tmp_path):
     cwd=REPO,
     env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   ).stdout
-  assert '| v5e:4x8 | xl | 4.0 | 1.0 | 0.50 | 0.40 | 0.4 | 320 |' in out, out
+  assert '| v5e:4x8 | xl | 4.0 | 1.0 | 0.5 | 0.40 | 10.0 | 320 |' in out, out
   assert '| v5e:4x8 | **sweep total** |' in out, out

@@ -996,9 +996,9 @@ def _model_of(name: str) -> str:
 
 def cost_table(reports: Sequence[dict]) -> str:
   """Markdown: per slice and model, GiB per device (train / eval), estimated step, MFU at the
-  estimate, wall-clock days and chip-hours of one run, and the main sweep's total."""
+  estimate, wall-clock hours and chip-hours of one run, and the main sweep's total."""
   lines = [
-    '| slice | model | train GiB/dev | eval GiB/dev | est. step (s) | MFU at est. | days / run '
+    '| slice | model | train GiB/dev | eval GiB/dev | est. step (s) | MFU at est. | hours / run '
     '| chip-hours / run |',
     '|---|---|---:|---:|---:|---:|---:|---:|',
   ]
@@ -1027,13 +1027,13 @@ def cost_table(reports: Sequence[dict]) -> str:
       total_chip_hours += sum(chip_hours)
       lines.append(
         f'| {report["slice"]} | {model} | {gib(train)} | {gib(evals)} | '
-        f'{"-" if sec is None else f"{sec:.2f}"} | {"-" if mfu is None else f"{mfu:.2f}"} | '
-        f'{f"{hours[0] / 24:.1f}" if hours else "-"} | '
+        f'{"-" if sec is None else f"{sec:.3g}"} | {"-" if mfu is None else f"{mfu:.2f}"} | '
+        f'{f"{hours[0]:.1f}" if hours else "-"} | '
         f'{f"{chip_hours[0]:,.0f}" if chip_hours else "-"} |'
       )
     if total_chip_hours:
       lines.append(
-        f'| {report["slice"]} | **sweep total** | | | | | {total_hours / 24:.0f} (one slice) | '
+        f'| {report["slice"]} | **sweep total** | | | | | {total_hours:,.0f} (one slice) | '
         f'{total_chip_hours:,.0f} |'
       )
   return '\n'.join(lines)
