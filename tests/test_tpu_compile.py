@@ -22,6 +22,7 @@ from melodi_t5x import experiments
 from melodi_t5x.tools import flops
 
 REPO = experiments.REPO_ROOT
+GIB_ = 2**30
 
 
 def _tpu_compile():
@@ -224,6 +225,80 @@ def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
   (tmp_path / 'cache' / 'abe.json').write_text('{not json')
   assert cache.get('abe') is None
   assert not [p for p in os.listdir(tmp_path / 'cache') if p.endswith('.tmp')]
+
+
+def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
+  """A worker killed for host memory breaks the pool: the check finishes the rest one by one."""
+  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+
+  def job(name, kind):
+    return types.SimpleNamespace(
+      name=name,
+      kind=kind,
+      module='t5x.train',
+      gin_files=(name,),
+      bindings=(),
+      flags=(),
+      topology='2x2',
+    )
+
+  jobs = [job('a/train', 'train'), job('b/train', 'train'), job('c/train', 'train')]
+
+  def target(job, slice_):
+    del slice_
+    return tc.Target(
+      job.name, None, 4, 1, 'TPU v5 lite', 1e12, 1e12, 10, {'mesh_shape': {'data': 4}}
+    )
+
+  plan = {'argument': 1, 'output': 1, 'alias': 1, 'temp': GIB_, 'peak': GIB_ + 1}
+  compiled_here = []
+
+  def compile_here(target, slice_name, cache=None):
+    del slice_name, cache
+    compiled_here.append(target.key)
+    return {
+      'memory': plan,
+      'compile_seconds': 1.0,
+      'traced_flops': None,
+      'cached': False,
+      'xla_flops_loop_blind': 0.0,
+      'xla_optimal_seconds': 0.0,
+      'fingerprint': target.key,
+    }
+
+  class BrokenPool:
+    """The first step finishes; then a worker dies and every pending future breaks."""
+
+    def __init__(self, *args, **kwargs):
+      del args, kwargs
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def submit(self, fn, job, slice_, cache):
+      del fn
+      fut = concurrent.futures.Future()
+      if job.name == 'a/train':
+        fut.set_result((compile_here(target(job, slice_), 'v5e:2x2'), None))
+      else:
+        fut.set_exception(concurrent.futures.process.BrokenProcessPool('killed'))
+      return fut
+
+  monkeypatch.setattr(tc, 'build_target', target)
+  monkeypatch.setattr(tc, 'compile_target', compile_here)
+  monkeypatch.setattr(concurrent.futures, 'ProcessPoolExecutor', BrokenPool)
+  logs = []
+  rows = tc.check_jobs(jobs, tc.Slice('v5e', '2x2'), workers=2, log=logs.append)
+  assert [r['fits'] for r in rows] == [True, True, True]
+  assert sorted(compiled_here) == ['a/train', 'b/train', 'c/train']  # each step exactly once
+  assert any('worker died' in line for line in logs), logs
 
 
 @pytest.mark.slow

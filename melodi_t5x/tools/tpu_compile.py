@@ -808,21 +808,31 @@ def check_jobs(
   results: dict[str, tuple[dict | None, str | None]] = {}
   if workers > 1 and len(first) > 1:
     ctx = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-      futures = {
-        pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in first.items()
-      }
-      for fut in concurrent.futures.as_completed(futures):
-        key = futures[fut]
-        results[key] = fut.result()
-        log(_progress(first[key].name, results[key]))
-  else:
-    for key, job in first.items():
-      try:
-        results[key] = (compile_target(targets[job.name], slice_.name, cache), None)
-      except Exception as e:  # reported per job
-        results[key] = (None, _short_error(e))
-      log(_progress(job.name, results[key]))
+    try:
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {
+          pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in first.items()
+        }
+        for fut in concurrent.futures.as_completed(futures):
+          key = futures[fut]
+          results[key] = fut.result()
+          log(_progress(first[key].name, results[key]))
+    except concurrent.futures.BrokenExecutor:
+      # A worker died, most often killed for host memory (a paper-size MELODI compile for v4
+      # takes ~13 GB): what is left compiles one step at a time, in this process.
+      left = [key for key in first if key not in results]
+      log(
+        f'[a compile worker died (host memory?)] compiling the {len(left)} remaining steps one at '
+        'a time; lower --workers on this machine'
+      )
+  for key, job in first.items():
+    if key in results:
+      continue
+    try:
+      results[key] = (compile_target(targets[job.name], slice_.name, cache), None)
+    except Exception as e:  # reported per job
+      results[key] = (None, _short_error(e))
+    log(_progress(job.name, results[key]))
   rows = []
   for job in jobs:
     target = targets[job.name]
