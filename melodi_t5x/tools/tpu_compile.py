@@ -808,22 +808,25 @@ def check_jobs(
   results: dict[str, tuple[dict | None, str | None]] = {}
   if workers > 1 and len(first) > 1:
     ctx = multiprocessing.get_context('spawn')
-    try:
-      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {
-          pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in first.items()
-        }
-        for fut in concurrent.futures.as_completed(futures):
-          key = futures[fut]
+    broken = 0
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      futures = {
+        pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in first.items()
+      }
+      for fut in concurrent.futures.as_completed(futures):
+        key = futures[fut]
+        try:
           results[key] = fut.result()
-          log(_progress(first[key].name, results[key]))
-    except concurrent.futures.BrokenExecutor:
-      # A worker died, most often killed for host memory (a paper-size MELODI compile for v4
-      # takes ~13 GB): what is left compiles one step at a time, in this process.
-      left = [key for key in first if key not in results]
+        except concurrent.futures.BrokenExecutor:
+          # A worker died, most often killed for host memory (a paper-size MELODI compile for
+          # v4 takes ~13 GB); the pool's pending steps are compiled below, one at a time.
+          broken += 1
+          continue
+        log(_progress(first[key].name, results[key]))
+    if broken:
       log(
-        f'[a compile worker died (host memory?)] compiling the {len(left)} remaining steps one at '
-        'a time; lower --workers on this machine'
+        f'[a compile worker died (host memory?)] compiling the {broken} steps it left one at a '
+        'time; lower --workers on this machine'
       )
   for key, job in first.items():
     if key in results:
