@@ -227,48 +227,59 @@ def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
   assert not [p for p in os.listdir(tmp_path / 'cache') if p.endswith('.tmp')]
 
 
-def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
-  """A worker killed for host memory breaks the pool: the check finishes the rest one by one."""
-  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import types  # pylint: disable=g-import-not-at-top
+class _FakeSteps:
+  """Three train jobs of a 4-device slice whose 'compile' records the step and plans 1 GiB."""
 
-  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+  def __init__(self, tc):
+    import types  # pylint: disable=g-import-not-at-top
 
-  def job(name, kind):
-    return types.SimpleNamespace(
-      name=name,
-      kind=kind,
-      module='t5x.train',
-      gin_files=(name,),
-      bindings=(),
-      flags=(),
-      topology='2x2',
-    )
+    self.tc = tc
+    self.compiled = []
+    self.jobs = [
+      types.SimpleNamespace(
+        name=name,
+        kind='train',
+        module='t5x.train',
+        gin_files=(name,),
+        bindings=(),
+        flags=(),
+        topology='2x2',
+      )
+      for name in ('a/train', 'b/train', 'c/train')
+    ]
 
-  jobs = [job('a/train', 'train'), job('b/train', 'train'), job('c/train', 'train')]
-
-  def target(job, slice_):
+  def target(self, job, slice_):
     del slice_
-    return tc.Target(
+    return self.tc.Target(
       job.name, None, 4, 1, 'TPU v5 lite', 1e12, 1e12, 10, {'mesh_shape': {'data': 4}}
     )
 
-  plan = {'argument': 1, 'output': 1, 'alias': 1, 'temp': GIB_, 'peak': GIB_ + 1}
-  compiled_here = []
-
-  def compile_here(target, slice_name, cache=None):
-    del slice_name, cache
-    compiled_here.append(target.key)
+  def result(self, key, cached=False):
+    plan = {'argument': 1, 'output': 1, 'alias': 1, 'temp': GIB_, 'peak': GIB_ + 1}
     return {
       'memory': plan,
       'compile_seconds': 1.0,
       'traced_flops': None,
-      'cached': False,
+      'cached': cached,
       'xla_flops_loop_blind': 0.0,
       'xla_optimal_seconds': 0.0,
-      'fingerprint': target.key,
+      'fingerprint': key,
     }
+
+  def compile(self, target, slice_name, cache=None):
+    del slice_name, cache
+    self.compiled.append(target.key)
+    return self.result(target.key)
+
+
+def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
+  """A worker killed for host memory breaks the pool: the check finishes the rest one by one."""
+  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+
+  steps = _FakeSteps(tc)
 
   class BrokenPool:
     """The first step finishes; then a worker dies and every pending future breaks."""
@@ -286,19 +297,69 @@ def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
       del fn
       fut = concurrent.futures.Future()
       if job.name == 'a/train':
-        fut.set_result((compile_here(target(job, slice_), 'v5e:2x2'), None))
+        fut.set_result((steps.compile(steps.target(job, slice_), 'v5e:2x2'), None))
       else:
         fut.set_exception(concurrent.futures.process.BrokenProcessPool('killed'))
       return fut
 
-  monkeypatch.setattr(tc, 'build_target', target)
-  monkeypatch.setattr(tc, 'compile_target', compile_here)
+  monkeypatch.setattr(tc, 'build_target', steps.target)
+  monkeypatch.setattr(tc, 'compile_target', steps.compile)
   monkeypatch.setattr(concurrent.futures, 'ProcessPoolExecutor', BrokenPool)
   logs = []
-  rows = tc.check_jobs(jobs, tc.Slice('v5e', '2x2'), workers=2, log=logs.append)
+  rows = tc.check_jobs(steps.jobs, tc.Slice('v5e', '2x2'), workers=2, log=logs.append)
   assert [r['fits'] for r in rows] == [True, True, True]
-  assert sorted(compiled_here) == ['a/train', 'b/train', 'c/train']  # each step exactly once
+  assert sorted(steps.compiled) == ['a/train', 'b/train', 'c/train']  # each step exactly once
   assert any('worker died' in line for line in logs), logs
+
+
+def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkeypatch, tmp_path):
+  """One step per spawned process (host memory returns between steps); cache hits stay here."""
+  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+
+  steps = _FakeSteps(tc)
+  pools, submitted = [], []
+
+  class RecordingPool:
+    def __init__(self, max_workers, **kwargs):
+      pools.append((max_workers, kwargs))
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def submit(self, fn, job, slice_, cache):
+      del fn, cache
+      submitted.append(job.name)
+      fut = concurrent.futures.Future()
+      fut.set_result((steps.compile(steps.target(job, slice_), 'v5e:2x2'), None))
+      return fut
+
+  def cached(target, slice_name, cache):
+    del slice_name, cache
+    return steps.result(target.key, cached=True) if target.key == 'b/train' else None
+
+  monkeypatch.setattr(tc, 'build_target', steps.target)
+  monkeypatch.setattr(tc, 'compile_target', steps.compile)
+  monkeypatch.setattr(tc, 'cached_result', cached)
+  monkeypatch.setattr(concurrent.futures, 'ProcessPoolExecutor', RecordingPool)
+  cache = tc.ResultCache(str(tmp_path / 'cache'))
+  rows = tc.check_jobs(
+    steps.jobs, tc.Slice('v5e', '2x2'), cache=cache, fresh_process=True, log=lambda *_: None
+  )
+  assert sorted(submitted) == ['a/train', 'c/train']  # the cached step spawns nothing
+  [(max_workers, kwargs)] = pools
+  assert max_workers == 1 and kwargs['max_tasks_per_child'] == 1
+  assert [r['cached'] for r in rows] == [False, True, False]
+  # In process (the library's default, --in_process): no pool at all.
+  pools.clear()
+  steps.compiled.clear()
+  tc.check_jobs(steps.jobs, tc.Slice('v5e', '2x2'), log=lambda *_: None)
+  assert not pools and sorted(steps.compiled) == ['a/train', 'b/train', 'c/train']
 
 
 @pytest.mark.slow

@@ -639,10 +639,9 @@ def compile_target(
   """
   lowered = target.lower()
   fingerprint = program_fingerprint(lowered, target, slice_name)
-  if cache is not None:
-    hit = cache.get(fingerprint)
-    if hit is not None:
-      return {**hit, 'fingerprint': fingerprint, 'cached': True}
+  hit = cache.get(fingerprint) if cache is not None else None
+  if hit is not None:
+    return {**hit, 'fingerprint': fingerprint, 'cached': True}
   traced = None
   if target.trace is not None:
     try:
@@ -667,6 +666,14 @@ def compile_target(
   if cache is not None:
     cache.put(fingerprint, result, describe=target.describe, toolchain=toolchain(), at=time.time())
   return {**result, 'fingerprint': fingerprint, 'cached': False}
+
+
+def cached_result(target: Target, slice_name: str, cache: ResultCache) -> dict[str, Any] | None:
+  """`compile_target`'s result when `cache` holds it (lowers the step, compiles nothing)."""
+  lowered = target.lower()
+  fingerprint = program_fingerprint(lowered, target, slice_name)
+  hit = cache.get(fingerprint)
+  return None if hit is None else {**hit, 'fingerprint': fingerprint, 'cached': True}
 
 
 def estimate(target: Target, utilisation: float, traced: float | None = None) -> dict[str, Any]:
@@ -776,10 +783,17 @@ def check_jobs(
   workers: int = 1,
   utilisation: float = DEFAULT_UTILISATION,
   cache: ResultCache | None = None,
+  fresh_process: bool = False,
   log=print,
 ) -> list[dict]:
   """Builds every job's target, compiles each distinct one once (or reads it from `cache`),
-  returns one row per job."""
+  returns one row per job.
+
+  With `workers` > 1 or `fresh_process`, each step that is not in `cache` compiles in a spawned
+  process that exits after that one step, `workers` at a time: XLA's host memory is returned
+  between steps (one process that compiles a whole paper-size sweep grows by several GB a step).
+  Cached steps are read back here, without a process.
+  """
   targets: dict[str, Target | None] = {}
   errors: dict[str, str] = {}
   built: dict[tuple, str] = {}
@@ -806,12 +820,25 @@ def check_jobs(
       first.setdefault(target.key, job)
   log(f'{len(jobs)} jobs, {len(first)} distinct compiles on {slice_.name}')
   results: dict[str, tuple[dict | None, str | None]] = {}
-  if workers > 1 and len(first) > 1:
+  pooled = workers > 1 or fresh_process
+  if pooled and cache is not None:
+    for key, job in first.items():
+      try:
+        hit = cached_result(targets[job.name], slice_.name, cache)
+      except Exception:  # a step that fails to lower reports it when compiled below
+        hit = None
+      if hit is not None:
+        results[key] = (hit, None)
+        log(_progress(job.name, results[key]))
+  todo = {key: job for key, job in first.items() if key not in results}
+  if todo and (fresh_process or (workers > 1 and len(todo) > 1)):
     ctx = multiprocessing.get_context('spawn')
     broken = 0
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+      min(max(workers, 1), len(todo)), mp_context=ctx, max_tasks_per_child=1
+    ) as pool:
       futures = {
-        pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in first.items()
+        pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in todo.items()
       }
       for fut in concurrent.futures.as_completed(futures):
         key = futures[fut]
@@ -822,11 +849,11 @@ def check_jobs(
           # v4 takes ~13 GB); the pool's pending steps are compiled below, one at a time.
           broken += 1
           continue
-        log(_progress(first[key].name, results[key]))
+        log(_progress(todo[key].name, results[key]))
     if broken:
       log(
         f'[a compile worker died (host memory?)] compiling the {broken} steps it left one at a '
-        'time; lower --workers on this machine'
+        'time in this process; lower --workers on this machine'
       )
   for key, job in first.items():
     if key in results:
@@ -912,7 +939,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--binding', action='append', default=[], help='gin binding NAME=VALUE (all jobs)')
   p.add_argument('--noeval', action='store_true', help='leave out the eval jobs')
   p.add_argument('--json', default=None, help='write the rows to this JSON file')
-  p.add_argument('--workers', type=int, default=1, help='compile this many steps in parallel')
+  p.add_argument(
+    '--workers',
+    type=int,
+    default=1,
+    help='compile this many steps in parallel, each in a process of its own that exits after it',
+  )
+  p.add_argument(
+    '--in_process',
+    action='store_true',
+    help='with --workers 1: compile in this process (tracebacks, debuggers); its host memory grows '
+    'with every step',
+  )
   p.add_argument(
     '--cache_dir',
     default=None,
@@ -962,7 +1000,14 @@ def main(argv=None) -> int:
   tick = time.time()
   jobs, slice_ = launcher_jobs(args)
   cache = None if args.nocache else ResultCache(args.cache_dir or default_cache_dir())
-  rows = check_jobs(jobs, slice_, workers=args.workers, utilisation=args.utilisation, cache=cache)
+  rows = check_jobs(
+    jobs,
+    slice_,
+    workers=args.workers,
+    utilisation=args.utilisation,
+    cache=cache,
+    fresh_process=not args.in_process,
+  )
   wall = time.time() - tick
   print(format_rows(rows))
   bad = [r for r in rows if not r['fits']]
