@@ -22,7 +22,6 @@ from melodi_t5x import experiments
 from melodi_t5x.tools import flops
 
 REPO = experiments.REPO_ROOT
-GIB_ = 2**30
 
 
 def _tpu_compile():
@@ -255,7 +254,8 @@ class _FakeSteps:
     )
 
   def result(self, key, cached=False):
-    plan = {'argument': 1, 'output': 1, 'alias': 1, 'temp': GIB_, 'peak': GIB_ + 1}
+    gib = self.tc.GIB
+    plan = {'argument': 1, 'output': 1, 'alias': 1, 'temp': gib, 'peak': gib + 1}
     return {
       'memory': plan,
       'compile_seconds': 1.0,

@@ -639,9 +639,9 @@ def compile_target(
   """
   lowered = target.lower()
   fingerprint = program_fingerprint(lowered, target, slice_name)
-  hit = cache.get(fingerprint) if cache is not None else None
+  hit = _read_back(cache, fingerprint) if cache is not None else None
   if hit is not None:
-    return {**hit, 'fingerprint': fingerprint, 'cached': True}
+    return hit
   traced = None
   if target.trace is not None:
     try:
@@ -670,8 +670,10 @@ def compile_target(
 
 def cached_result(target: Target, slice_name: str, cache: ResultCache) -> dict[str, Any] | None:
   """`compile_target`'s result when `cache` holds it (lowers the step, compiles nothing)."""
-  lowered = target.lower()
-  fingerprint = program_fingerprint(lowered, target, slice_name)
+  return _read_back(cache, program_fingerprint(target.lower(), target, slice_name))
+
+
+def _read_back(cache: ResultCache, fingerprint: str) -> dict[str, Any] | None:
   hit = cache.get(fingerprint)
   return None if hit is None else {**hit, 'fingerprint': fingerprint, 'cached': True}
 
@@ -831,7 +833,7 @@ def check_jobs(
         results[key] = (hit, None)
         log(_progress(job.name, results[key]))
   todo = {key: job for key, job in first.items() if key not in results}
-  if todo and (fresh_process or (workers > 1 and len(todo) > 1)):
+  if pooled and todo:
     ctx = multiprocessing.get_context('spawn')
     broken = 0
     with concurrent.futures.ProcessPoolExecutor(
