@@ -229,7 +229,7 @@ def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
 class _FakeSteps:
   """Three train jobs of a 4-device slice whose 'compile' records the step and plans 1 GiB."""
 
-  def __init__(self, tc):
+  def __init__(self, tc, names=('a/train', 'b/train', 'c/train')):
     import types  # pylint: disable=g-import-not-at-top
 
     self.tc = tc
@@ -237,14 +237,14 @@ class _FakeSteps:
     self.jobs = [
       types.SimpleNamespace(
         name=name,
-        kind='train',
-        module='t5x.train',
+        kind=name.split('/')[-1],
+        module='t5x.train' if name.endswith('/train') else 't5x.eval',
         gin_files=(name,),
         bindings=(),
         flags=(),
         topology='2x2',
       )
-      for name in ('a/train', 'b/train', 'c/train')
+      for name in names
     ]
 
   def target(self, job, slice_):
@@ -355,11 +355,46 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
   [(max_workers, kwargs)] = pools
   assert max_workers == 1 and kwargs['max_tasks_per_child'] == 1
   assert [r['cached'] for r in rows] == [False, True, False]
+  # Longest compiles first, and each submitted as soon as its lookup misses (the lookups of later
+  # steps overlap the compiles): train steps before eval steps, whatever the jobs' order.
+  steps = _FakeSteps(tc, names=('a/eval_carried', 'b/train', 'c/train', 'd/eval_carried'))
+  events = []
+  submitted.clear()
+  monkeypatch.setattr(tc, 'build_target', steps.target)
+  monkeypatch.setattr(tc, 'compile_target', steps.compile)
+
+  def looked_up(target, slice_name, cache):
+    del slice_name, cache
+    events.append(f'lookup {target.key}')
+    return steps.result(target.key, cached=True) if target.key == 'b/train' else None
+
+  monkeypatch.setattr(tc, 'cached_result', looked_up)
+  recording_submit = RecordingPool.submit
+
+  def submit(self, fn, job, slice_, cache):
+    events.append(f'submit {job.name}')
+    return recording_submit(self, fn, job, slice_, cache)
+
+  monkeypatch.setattr(RecordingPool, 'submit', submit)
+  rows = tc.check_jobs(
+    steps.jobs, tc.Slice('v5e', '2x2'), cache=cache, workers=2, log=lambda *_: None
+  )
+  assert events == [
+    'lookup b/train',
+    'lookup c/train',
+    'submit c/train',
+    'lookup a/eval_carried',
+    'submit a/eval_carried',
+    'lookup d/eval_carried',
+    'submit d/eval_carried',
+  ]
+  assert [r['name'] for r in rows] == [j.name for j in steps.jobs]  # rows keep the jobs' order
+  assert [r['cached'] for r in rows] == [False, True, False, False]
   # In process (the library's default, --in_process): no pool at all.
   pools.clear()
   steps.compiled.clear()
   tc.check_jobs(steps.jobs, tc.Slice('v5e', '2x2'), log=lambda *_: None)
-  assert not pools and sorted(steps.compiled) == ['a/train', 'b/train', 'c/train']
+  assert not pools and steps.compiled == [j.name for j in steps.jobs]  # the jobs' order
 
 
 @pytest.mark.slow

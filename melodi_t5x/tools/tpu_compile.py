@@ -778,6 +778,10 @@ def _build_key(job) -> tuple:
   return (job.module, job_kind(job), tuple(job.gin_files), bindings, tuple(job.flags), job.topology)
 
 
+# Order in which a pool compiles missing steps: the longest compiles first.
+_COMPILE_ORDER = {'train': 0, 'timing': 1, 'eval': 2}
+
+
 def check_jobs(
   jobs: Sequence[Any],
   slice_: Slice,
@@ -794,7 +798,8 @@ def check_jobs(
   With `workers` > 1 or `fresh_process`, each step that is not in `cache` compiles in a spawned
   process that exits after that one step, `workers` at a time: XLA's host memory is returned
   between steps (one process that compiles a whole paper-size sweep grows by several GB a step).
-  Cached steps are read back here, without a process.
+  Cached steps are read back here, without a process. The pool gets train steps first, then
+  timing, then eval (longest first), each as soon as its cache lookup misses.
   """
   targets: dict[str, Target | None] = {}
   errors: dict[str, str] = {}
@@ -822,26 +827,30 @@ def check_jobs(
       first.setdefault(target.key, job)
   log(f'{len(jobs)} jobs, {len(first)} distinct compiles on {slice_.name}')
   results: dict[str, tuple[dict | None, str | None]] = {}
-  pooled = workers > 1 or fresh_process
-  if pooled and cache is not None:
-    for key, job in first.items():
-      try:
-        hit = cached_result(targets[job.name], slice_.name, cache)
-      except Exception:  # a step that fails to lower reports it when compiled below
-        hit = None
-      if hit is not None:
-        results[key] = (hit, None)
-        log(_progress(job.name, results[key]))
-  todo = {key: job for key, job in first.items() if key not in results}
-  if pooled and todo:
+  pooled = (workers > 1 or fresh_process) and bool(first)
+  if pooled:
     ctx = multiprocessing.get_context('spawn')
     broken = 0
+    # Processes spawn on submit only: a rerun whose steps are all cached starts none.
     with concurrent.futures.ProcessPoolExecutor(
-      min(max(workers, 1), len(todo)), mp_context=ctx, max_tasks_per_child=1
+      min(max(workers, 1), len(first)), mp_context=ctx, max_tasks_per_child=1
     ) as pool:
-      futures = {
-        pool.submit(_compile_in_worker, job, slice_, cache): key for key, job in todo.items()
-      }
+      futures = {}
+      # Heaviest steps first (a train compile takes minutes, an eval one seconds), and each missing
+      # step is submitted as soon as its lookup misses: the workers compile while the lookups of
+      # the later steps (a lowering each) go on here.
+      for key, job in sorted(first.items(), key=lambda kv: _COMPILE_ORDER[job_kind(kv[1])]):
+        hit = None
+        if cache is not None:
+          try:
+            hit = cached_result(targets[job.name], slice_.name, cache)
+          except Exception:  # a step that fails to lower reports it from its worker
+            hit = None
+        if hit is not None:
+          results[key] = (hit, None)
+          log(_progress(job.name, results[key]))
+        else:
+          futures[pool.submit(_compile_in_worker, job, slice_, cache)] = key
       for fut in concurrent.futures.as_completed(futures):
         key = futures[fut]
         try:
@@ -851,7 +860,7 @@ def check_jobs(
           # v4 takes ~13 GB); the pool's pending steps are compiled below, one at a time.
           broken += 1
           continue
-        log(_progress(todo[key].name, results[key]))
+        log(_progress(first[key].name, results[key]))
     if broken:
       log(
         f'[a compile worker died (host memory?)] compiling the {broken} steps it left one at a '
