@@ -227,7 +227,8 @@ def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
 
 
 class _FakeSteps:
-  """Three train jobs of a 4-device slice whose 'compile' records the step and plans 1 GiB."""
+  """Jobs of a 4-device slice (three train jobs unless `names` says otherwise; the kind is the
+  name's last part) whose 'compile' records the step and plans 1 GiB."""
 
   def __init__(self, tc, names=('a/train', 'b/train', 'c/train')):
     import types  # pylint: disable=g-import-not-at-top
@@ -320,7 +321,7 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
   from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
 
   steps = _FakeSteps(tc)
-  pools, submitted = [], []
+  pools, submitted, events = [], [], []
 
   class RecordingPool:
     def __init__(self, max_workers, **kwargs):
@@ -335,6 +336,7 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
     def submit(self, fn, job, slice_, cache):
       del fn, cache
       submitted.append(job.name)
+      events.append(f'submit {job.name}')
       fut = concurrent.futures.Future()
       fut.set_result((steps.compile(steps.target(job, slice_), 'v5e:2x2'), None))
       return fut
@@ -358,8 +360,7 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
   # Longest compiles first, and each submitted as soon as its lookup misses (the lookups of later
   # steps overlap the compiles): train steps before eval steps, whatever the jobs' order.
   steps = _FakeSteps(tc, names=('a/eval_carried', 'b/train', 'c/train', 'd/eval_carried'))
-  events = []
-  submitted.clear()
+  events.clear()
   monkeypatch.setattr(tc, 'build_target', steps.target)
   monkeypatch.setattr(tc, 'compile_target', steps.compile)
 
@@ -369,13 +370,6 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
     return steps.result(target.key, cached=True) if target.key == 'b/train' else None
 
   monkeypatch.setattr(tc, 'cached_result', looked_up)
-  recording_submit = RecordingPool.submit
-
-  def submit(self, fn, job, slice_, cache):
-    events.append(f'submit {job.name}')
-    return recording_submit(self, fn, job, slice_, cache)
-
-  monkeypatch.setattr(RecordingPool, 'submit', submit)
   rows = tc.check_jobs(
     steps.jobs, tc.Slice('v5e', '2x2'), cache=cache, workers=2, log=lambda *_: None
   )
