@@ -14,6 +14,7 @@ import sys
 import types
 
 import gin
+import needs
 import pytest
 
 from melodi_t5x import config as config_lib
@@ -217,7 +218,7 @@ print(json.dumps(out))
 @pytest.mark.parametrize('script', ['t5x.train', 't5x.eval'])
 def test_full_gin_with_t5x(script):
   """Mode file + experiment parse completely, as in `python -m <script>`; the decoder builds."""
-  pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+  needs.t5x()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
     [sys.executable, '-c', FULL_GIN_SCRIPT, script],

@@ -14,11 +14,12 @@ import os
 import subprocess
 import sys
 
+import needs
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 from melodi_t5x import experiments  # noqa: E402
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import jax
 import jax.numpy as jnp
+import needs
 import numpy as np
 import pytest
 
@@ -84,9 +84,8 @@ def test_unknown_model_names_the_fix():
     flops.train_flops('nope', MELODI, 1, 8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('t5x') is None, reason='t5x not installed')
 def test_bench_optimizer_equals_t5x_adafactor_of_the_gin_files():
-  from t5x import adafactor  # pylint: disable=g-import-not-at-top
+  adafactor = needs.importorskip('t5x.adafactor')
 
   rng = np.random.RandomState(0)
   # Factored (both dims >= 128), unfactored matrix (a dim < 128) and a vector.

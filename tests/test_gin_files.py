@@ -10,6 +10,7 @@ import sys
 
 import gin
 import gin_entry_points
+import needs
 import pytest
 
 import tasks
@@ -259,7 +260,7 @@ QUICKSTART_MODULES = {
 def test_quickstart_trains_any_architecture_with_one_binding(
   quickstart, module, tmp_path, monkeypatch
 ):
-  pytest.importorskip('t5x', reason='the quickstart includes T5X run files: see docs/t5x.md')
+  needs.t5x()
   # The run files bind `__main__.train` / `evaluate` (t5x.train's and t5x.eval's entry points).
   gin_entry_points.install(monkeypatch)
   expected_class, model_file = QUICKSTART_MODULES[module]
@@ -297,7 +298,7 @@ def _data_seed(gin_files, bindings):
 )
 def test_data_seed_follows_random_seed_unless_set(gin_files, monkeypatch):
   """Issue 16 item 4: seed replicates (RANDOM_SEED=N) also get their own document order."""
-  pytest.importorskip('t5x', reason='the run files include T5X run files: see docs/t5x.md')
+  needs.t5x()
   gin_entry_points.install(monkeypatch)
   files = [os.path.join(GIN_DIR, g) for g in gin_files]
   base = ["MODEL_DIR = '/tmp/unused'"]

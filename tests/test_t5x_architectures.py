@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import needs
 import numpy as np
 import pytest
 
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 import seqio  # noqa: E402
 from flax.core import unfreeze  # noqa: E402

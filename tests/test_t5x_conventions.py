@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import needs
 import numpy as np
 import pytest
 
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 import gin  # noqa: E402
 import jax  # noqa: E402

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 
+import needs
 import numpy as np
 import pytest
 
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

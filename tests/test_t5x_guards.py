@@ -12,9 +12,10 @@ import os
 
 import gin
 import gin_entry_points
+import needs
 import pytest
 
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 from melodi_t5x import t5x_gin, t5x_signature  # noqa: E402
 

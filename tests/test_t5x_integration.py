@@ -22,11 +22,12 @@ import sys
 import time
 import warnings
 
+import needs
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

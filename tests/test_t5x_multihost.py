@@ -24,10 +24,11 @@ import subprocess
 import sys
 import time
 
+import needs
 import pytest
 
 pytestmark = pytest.mark.slow
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 import numpy as np  # noqa: E402
 

@@ -17,10 +17,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import needs
 import numpy as np
 import pytest
 
-pytest.importorskip('t5x', reason='t5x not installed: see docs/t5x.md')
+needs.t5x()
 
 import seqio  # noqa: E402
 from t5x import adafactor, utils  # noqa: E402

@@ -15,6 +15,7 @@ from unittest import mock
 
 import gin
 import jax
+import needs
 import numpy as np
 import pytest
 
@@ -25,12 +26,12 @@ REPO = experiments.REPO_ROOT
 
 
 def _tpu_compile():
-  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
-  pytest.importorskip('libtpu', reason='libtpu not installed: pip install -r requirements-tpu.txt')
+  needs.t5x()
+  needs.libtpu()
   from melodi_t5x.tools import tpu_compile  # pylint: disable=g-import-not-at-top
 
   if not tpu_compile.libtpu_available():
-    pytest.skip('libtpu cannot describe a TPU topology on this machine')
+    needs.skip('libtpu cannot describe a TPU topology on this machine')
   return tpu_compile
 
 
@@ -210,7 +211,7 @@ def test_jobs_with_the_same_step_share_one_compile(tmp_path):
 
 
 def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
-  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  needs.t5x()
   from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
 
   cache = tc.ResultCache(str(tmp_path / 'cache'))
@@ -275,7 +276,7 @@ class _FakeSteps:
 
 def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
   """A worker killed for host memory breaks the pool: the check finishes the rest one by one."""
-  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  needs.t5x()
   import concurrent.futures  # pylint: disable=g-import-not-at-top
 
   from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
@@ -315,7 +316,7 @@ def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
 
 def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkeypatch, tmp_path):
   """One step per spawned process (host memory returns between steps); cache hits stay here."""
-  pytest.importorskip('t5x', reason='the compile check builds T5X partitioners (t5x not installed)')
+  needs.t5x()
   import concurrent.futures  # pylint: disable=g-import-not-at-top
 
   from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top

@@ -15,6 +15,7 @@ import stat
 import sys
 import textwrap
 
+import needs
 import pytest
 from absl import flags
 
@@ -181,7 +182,7 @@ def _check_steps(sweep, plan, pods):
 
 
 def test_eval_output_is_the_report_t5x_eval_writes():
-  t5x_eval = pytest.importorskip('melodi_t5x.t5x_eval', reason='t5x not installed')
+  t5x_eval = needs.importorskip('melodi_t5x.t5x_eval')
   jobs = jobs_lib.sweep_jobs(ROOT, experiment='gin/experiments/main/c4_4k_xl.gin')
   for job in jobs[1:]:
     mode = job.kind[len('eval_') :]
