@@ -2,12 +2,15 @@
 
 No T5X needed: `PerplexityAccumulator` takes per-token negative log-likelihoods of one batch of
 document-streaming chunks (numpy, `[B, T]`) and keeps exact float64 totals, overall, per document
-and per position-in-document bucket. `write_report` turns the totals into the report files.
+per position-in-document bucket and, given the window length, per offset within the window.
+`write_report` turns the totals into the report files.
 
 A target token at offset `t` of a row whose chunk has index `c` sits at position `c * T + t` of its
 document (chunks are consecutive, fixed-length pieces of a document). Only tokens with a positive
 loss weight count; each must be seen exactly once, which `add` checks per document: a
-`(document_id, chunk_index)` pair may not be scored twice.
+`(document_id, chunk_index)` pair may not be scored twice. Windows start at every document's start
+and tile its chunks (the segment length is a multiple of the window, as every model here checks),
+so that token's offset in its window is `(c * T + t) % W`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,23 @@ def default_bucket_edges(segment_length: int, max_position: int | None = None) -
   return edges
 
 
+def window_bucket_edges(window_length: int, max_buckets: int = 64) -> list[int]:
+  """Offsets in the window at which a window-position bucket starts.
+
+  Every offset is its own bucket up to `max_buckets` offsets; for longer windows offset 0 (the
+  token that sees only memory and itself) keeps its own bucket and the rest is split into
+  `max_buckets - 1` buckets of equal width (the last may be shorter).
+  """
+  if window_length <= 0 or max_buckets < 2:
+    raise ValueError(
+      f'window_length={window_length} and max_buckets={max_buckets} must be >= 1, 2.'
+    )
+  if window_length <= max_buckets:
+    return list(range(window_length))
+  width = -(-(window_length - 1) // (max_buckets - 1))
+  return [0] + list(range(1, window_length, width))
+
+
 @dataclasses.dataclass
 class PerplexityAccumulator:
   """Exact token-level NLL totals over a stream of `[B, T]` batches.
@@ -54,10 +74,13 @@ class PerplexityAccumulator:
       beyond the last edge, edges doubling the last one are appended (needs >= 2 edges; with
       `default_bucket_edges(T, T + 1) = [0, T]` the buckets are chunk 0, 1, 2-3, 4-7, ... with no
       upper limit). The open last bucket then never holds a token.
+    window_length: tokens per window (W) of the model; when set, NLL totals are also kept for each
+      offset 0..W-1 within the window (`summary()['window_positions']`).
   """
 
   bucket_edges: Sequence[int]
   grow: bool = False
+  window_length: int | None = None
   nll_sum: float = 0.0
   tokens: int = 0
   correct: int = 0
@@ -75,6 +98,10 @@ class PerplexityAccumulator:
         '[0, segment_length]) to know the doubling unit.'
       )
     self.bucket_edges = [int(e) for e in edges]
+    if self.window_length is not None and self.window_length <= 0:
+      raise ValueError(f'window_length={self.window_length} must be positive (or None).')
+    self._offset_nll = np.zeros(self.window_length or 0, np.float64)
+    self._offset_tokens = np.zeros(self.window_length or 0, np.int64)
     self._bucket_nll = np.zeros(len(edges), np.float64)
     self._bucket_tokens = np.zeros(len(edges), np.int64)
     self._doc_tokens: dict[int, int] = {}
@@ -125,6 +152,10 @@ class PerplexityAccumulator:
     bucket = np.searchsorted(np.asarray(self.bucket_edges), positions, side='right') - 1
     np.add.at(self._bucket_nll, bucket[mask], nll[mask])
     np.add.at(self._bucket_tokens, bucket[mask], 1)
+    if self.window_length:
+      offset = positions % self.window_length
+      np.add.at(self._offset_nll, offset[mask], nll[mask])
+      np.add.at(self._offset_tokens, offset[mask], 1)
     row_tokens = mask.sum(axis=1)
     row_nll = np.where(mask, nll, 0.0).sum(axis=1)
     for r in range(batch):
@@ -173,6 +204,9 @@ class PerplexityAccumulator:
       'bucket_tokens': self._bucket_tokens.tolist(),
       'documents': [[d, self._doc_tokens[d], self._doc_nll[d]] for d in self._doc_tokens],
       'chunks': sorted(self._seen_chunks),
+      'window_length': self.window_length,
+      'offset_nll': self._offset_nll.tolist(),
+      'offset_tokens': self._offset_tokens.tolist(),
     }
 
   def merge_state(self, state: Mapping[str, Any]) -> None:
@@ -195,6 +229,10 @@ class PerplexityAccumulator:
       bucket_tokens = np.concatenate([bucket_tokens, np.zeros(pad, np.int64)])
     if theirs != list(self.bucket_edges):
       raise ValueError(f'bucket edges differ: {state["bucket_edges"]} vs {self.bucket_edges}.')
+    if state.get('window_length') != self.window_length:
+      raise ValueError(
+        f'window_length differs: {state.get("window_length")} vs {self.window_length}.'
+      )
     chunks = {(int(d), int(c)) for d, c in state['chunks']}
     twice = chunks & self._seen_chunks
     if twice:
@@ -210,25 +248,34 @@ class PerplexityAccumulator:
     self.batches = max(self.batches, int(state['batches']))
     self._bucket_nll += bucket_nll
     self._bucket_tokens += bucket_tokens
+    if self.window_length:
+      self._offset_nll += np.asarray(state['offset_nll'], np.float64)
+      self._offset_tokens += np.asarray(state['offset_tokens'], np.int64)
     for d, n, nll in state['documents']:
       self._doc_tokens[int(d)] = self._doc_tokens.get(int(d), 0) + int(n)
       self._doc_nll[int(d)] = self._doc_nll.get(int(d), 0.0) + float(nll)
 
+  def window_positions(self) -> list[dict[str, Any]]:
+    """Per window-offset bucket (`window_bucket_edges`): start, end, tokens, NLL, perplexity."""
+    if not self.window_length:
+      return []
+    edges = window_bucket_edges(self.window_length)
+    ends = edges[1:] + [self.window_length]
+    nll = np.add.reduceat(self._offset_nll, edges)
+    tokens = np.add.reduceat(self._offset_tokens, edges)
+    return [_bucket(s, e, n, t) for s, e, n, t in zip(edges, ends, nll, tokens)]
+
   def summary(self, **extra: Any) -> dict[str, Any]:
-    """The report dictionary (JSON-serialisable); `extra` keys are added at the top level."""
-    buckets = []
-    for i, start in enumerate(self.bucket_edges):
-      end = self.bucket_edges[i + 1] if i + 1 < len(self.bucket_edges) else None
-      tokens = int(self._bucket_tokens[i])
-      buckets.append(
-        {
-          'start': start,
-          'end': end,
-          'tokens': tokens,
-          'nll_per_token': _mean(self._bucket_nll[i], tokens),
-          'perplexity': _ppl(self._bucket_nll[i], tokens),
-        }
-      )
+    """The report dictionary (JSON-serialisable); `extra` keys are added at the top level.
+
+    `per_document` holds each document's exact totals (`[document_id, tokens, nll_sum]`, by id):
+    `melodi_t5x.tools.compare_reports` bootstraps confidence intervals over them.
+    """
+    ends = list(self.bucket_edges[1:]) + [None]
+    buckets = [
+      _bucket(s, e, n, t)
+      for s, e, n, t in zip(self.bucket_edges, ends, self._bucket_nll, self._bucket_tokens)
+    ]
     doc_ppl = [_ppl(self._doc_nll[d], n) for d, n in self._doc_tokens.items()]
     result = {
       'perplexity': self.perplexity,
@@ -240,9 +287,25 @@ class PerplexityAccumulator:
       'accuracy': _mean(self.correct, self.tokens),
       'mean_document_perplexity': float(np.mean(doc_ppl)) if doc_ppl else None,
       'position_buckets': buckets,
+      'window_length': self.window_length,
+      'window_positions': self.window_positions(),
+      'per_document': [
+        [d, self._doc_tokens[d], self._doc_nll[d]] for d in sorted(self._doc_tokens)
+      ],
     }
     result.update(extra)
     return result
+
+
+def _bucket(start: int, end: int | None, nll: float, tokens: int) -> dict[str, Any]:
+  tokens = int(tokens)
+  return {
+    'start': int(start),
+    'end': None if end is None else int(end),
+    'tokens': tokens,
+    'nll_per_token': _mean(nll, tokens),
+    'perplexity': _ppl(nll, tokens),
+  }
 
 
 def _mean(total: float, count: int) -> float | None:
@@ -288,19 +351,36 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
       f'| [{_fmt_tokens(b["start"])}, {_fmt_tokens(b["end"])}) | {b["tokens"]} | '
       f'{b["nll_per_token"]:.4f} | {b["perplexity"]:.4f} |'
     )
+  windows = [b for b in summary.get('window_positions') or [] if b['tokens']]
+  if windows:
+    lines += [
+      '',
+      f'## Perplexity by position in the window (W = {summary["window_length"]})',
+      '',
+      '| offsets in window | tokens scored | NLL/token | perplexity |',
+      '|---|---:|---:|---:|',
+    ]
+    for b in windows:
+      lines.append(
+        f'| [{b["start"]}, {b["end"]}) | {b["tokens"]} | {b["nll_per_token"]:.4f} | '
+        f'{b["perplexity"]:.4f} |'
+      )
   return '\n'.join(lines) + '\n'
 
 
 def plot_buckets(summary: Mapping[str, Any], path: str) -> None:
-  """Writes a PNG of perplexity per position-in-document bucket."""
+  """Writes a PNG of perplexity per position-in-document bucket and, if kept, per window offset."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   buckets = [b for b in summary['position_buckets'] if b['tokens']]
+  windows = [b for b in summary.get('window_positions') or [] if b['tokens']]
+  width = max(4.0, 1.1 * len(buckets) + 1.5)
+  fig, axes = plt.subplots(1, 2 if windows else 1, figsize=(width + (6.0 if windows else 0), 3.5))
+  ax = axes[0] if windows else axes
   labels = [f'[{_fmt_tokens(b["start"])}, {_fmt_tokens(b["end"])})' for b in buckets]
-  fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(buckets) + 1.5), 3.5))
   ax.plot(range(len(buckets)), [b['perplexity'] for b in buckets], marker='o')
   ax.set_xticks(range(len(buckets)))
   ax.set_xticklabels(labels, rotation=30, ha='right')
@@ -309,9 +389,24 @@ def plot_buckets(summary: Mapping[str, Any], path: str) -> None:
   ppl = summary['perplexity']
   ax.set_title(f'{summary.get("task", "")}: overall perplexity {ppl:.3f}' if ppl else '')
   ax.grid(alpha=0.3)
+  if windows:
+    plot_window_positions(axes[1], [(summary.get('label', ''), windows)])
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_window_positions(ax, series: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> None:
+  """Draws perplexity against offset in the window (bucket starts), one line per labelled series."""
+  for label, windows in series:
+    points = [(b['start'], b['perplexity']) for b in windows if b['tokens']]
+    ax.plot(*zip(*points), marker='.', label=label or None)
+  ax.set_xlabel('offset in window (tokens)')
+  ax.set_ylabel('perplexity')
+  ax.set_title('by position in the window')
+  ax.grid(alpha=0.3)
+  if any(label for label, _ in series):
+    ax.legend(fontsize='small')
 
 
 def write_report(summary: Mapping[str, Any], directory: str, name: str) -> dict[str, str]:

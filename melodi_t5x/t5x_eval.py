@@ -407,6 +407,7 @@ class MemoryTrainer(trainer_lib.Trainer):
         acc = report.PerplexityAccumulator(
           self._bucket_edges or report.default_bucket_edges(length, length + 1),
           grow=not self._bucket_edges,
+          window_length=_window_length(self._model),
         )
         memory = self._zero_memory(flax_mutables, batch_size * layout.num_shards)
       if num_hosts > 1:
@@ -436,7 +437,9 @@ class MemoryTrainer(trainer_lib.Trainer):
       raise ValueError('the eval dataset produced no batches; check its split and task name.')
     if num_hosts > 1:
       if not counts_rows:
-        acc = report.PerplexityAccumulator(list(acc.bucket_edges), grow=acc.grow)
+        acc = report.PerplexityAccumulator(
+          list(acc.bucket_edges), grow=acc.grow, window_length=acc.window_length
+        )
       acc = _combine_across_hosts(acc)
       misaligned, examples = _combine_misaligned(misaligned, examples)
     self.last_misaligned = {'rows': misaligned, 'examples': examples}
@@ -464,6 +467,12 @@ class MemoryTrainer(trainer_lib.Trainer):
     }
 
 
+def _window_length(model) -> int | None:
+  """The decoder's window length (tokens per window), if its module has a config with one."""
+  config = getattr(getattr(model, 'module', None), 'config', None)
+  return getattr(config, 'window_length', None)
+
+
 def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.PerplexityAccumulator:
   """The sum of every host's accumulator (each host streamed different documents)."""
   blob = np.frombuffer(json.dumps(acc.get_state()).encode(), np.uint8)
@@ -471,7 +480,9 @@ def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.Perplexit
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[: blob.size] = blob
   blobs = np.asarray(multihost_utils.process_allgather(padded))
-  combined = report.PerplexityAccumulator(list(acc.bucket_edges), grow=acc.grow)
+  combined = report.PerplexityAccumulator(
+    list(acc.bucket_edges), grow=acc.grow, window_length=acc.window_length
+  )
   for host in range(len(sizes)):
     combined.merge_state(json.loads(blobs[host, : int(sizes[host])].tobytes()))
   return combined

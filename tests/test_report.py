@@ -157,3 +157,55 @@ def test_write_report(tmp_path):
   md = open(paths['md']).read()
   assert 'token-level perplexity' in md and '| [4, 8) | 2 |' in md
   assert open(paths['png'], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('window', [4, 8, 16])
+def test_window_positions_match_direct_sums(window):
+  """Per-offset totals equal the sums over the truth's `position % W`, overall and merged."""
+  rng = np.random.default_rng(window)
+  doc_lengths = [5, 40, 17, 64, 3, 33, 48]
+  batches, truth = _stream(rng, doc_lengths, batch=3, length=16)
+  whole = report.PerplexityAccumulator([0, 16], grow=True, window_length=window)
+  halves = [report.PerplexityAccumulator([0, 16], grow=True, window_length=window) for _ in '01']
+  for i, b in enumerate(batches):
+    whole.add(*b)
+    halves[i % 2].add(*b)
+  halves[0].merge_state(halves[1].get_state())
+  for acc in (whole, halves[0]):
+    rows = acc.summary()['window_positions']
+    assert [r['start'] for r in rows] == list(range(window))
+    for offset, row in enumerate(rows):
+      vals = [x for _, p, x in truth if p % window == offset]
+      assert row['tokens'] == len(vals)
+      assert row['nll_per_token'] == pytest.approx(np.mean(vals), rel=1e-12)
+  assert sum(r['tokens'] for r in whole.summary()['window_positions']) == len(truth)
+  with pytest.raises(ValueError, match='window_length differs'):
+    report.PerplexityAccumulator([0, 16], grow=True, window_length=2 * window).merge_state(
+      whole.get_state()
+    )
+
+
+def test_window_bucket_edges_keep_offset_zero_alone_for_long_windows():
+  assert report.window_bucket_edges(32) == list(range(32))
+  edges = report.window_bucket_edges(512)
+  assert edges[:3] == [0, 1, 10] and len(edges) <= 64 and edges[-1] < 512
+  assert set(np.diff(edges[1:])) == {9}  # 511 offsets in at most 63 equal buckets
+  assert report.window_bucket_edges(65, max_buckets=64) == [0, *range(1, 65, 2)]
+  with pytest.raises(ValueError, match='window_length'):
+    report.window_bucket_edges(0)
+
+
+def test_report_lists_per_document_totals_and_window_table(tmp_path):
+  rng = np.random.default_rng(3)
+  batches, truth = _stream(rng, [9, 20, 4], batch=2, length=8)
+  acc = report.PerplexityAccumulator([0, 8], grow=True, window_length=4)
+  for b in batches:
+    acc.add(*b)
+  summary = acc.summary(task='demo')
+  for d, tokens, nll in summary['per_document']:
+    vals = [x for doc, _, x in truth if doc == d]
+    assert tokens == len(vals) and nll == pytest.approx(sum(vals), rel=1e-12)
+  assert [d for d, _, _ in summary['per_document']] == [0, 1, 2]
+  paths = report.write_report(summary, str(tmp_path), 'demo')
+  md = open(paths['md']).read()
+  assert 'position in the window (W = 4)' in md and '| [0, 1) |' in md
