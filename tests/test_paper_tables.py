@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -169,3 +170,22 @@ def test_memory_tradeoff_plot_varies_s_along_each_l(tmp_path):
     assert [p[2] for p in pts] == ['S64', 'S128', 'S192']  # memory grows with S on a fixed L
   assert sorted(data['plot_by_s']['series']) == ['S128', 'S192', 'S64']
   assert (out / 'memory_tradeoff_by_s.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_single_runs_show_their_bootstrap_interval_over_documents(tmp_path, capsys):
+  exps = {(e.dataset, e.model): e for e in experiments.sweep('main')}
+  done = exps[('pg19_t5', 'xl')]
+  eval_dir = tmp_path / done.sweep / done.name / 'eval'
+  eval_dir.mkdir(parents=True)
+  per_doc = [[d, 1000, 1000 * (2.3 + 0.1 * (d % 3))] for d in range(30)]
+  ppl = math.exp(sum(r[2] for r in per_doc) / 30000)
+  report = {'perplexity': ppl, 'per_document': per_doc, 'memory_mode': 'carried'}
+  (eval_dir / 'pg19_t5_step500000_carried.json').write_text(json.dumps(report))
+  assert paper_tables.main(['--sweep=main', f'--model_dir_root={tmp_path}']) == 0
+  row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith('| Transformer-XL'))
+  cell = [c.strip() for c in row.strip('|').split('|')][2]
+  match = re.fullmatch(r'([\d.]+) \[([\d.]+), ([\d.]+)\]', cell)
+  value, low, high = map(float, match.groups())
+  assert value == pytest.approx(ppl, abs=0.005) and low < ppl < high
+  # The per-document NLL spans exp(2.3)..exp(2.5): the interval lies within that range.
+  assert math.exp(2.3) < low and high < math.exp(2.5)

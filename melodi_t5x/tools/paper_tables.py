@@ -28,9 +28,11 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from melodi_t5x import experiments
+from melodi_t5x.tools import compare_reports
 
 MISSING = 'missing'
 # T5X configurables of the model files, skipped when parsing without T5X.
@@ -137,6 +139,16 @@ def combine(values: Sequence[float]) -> dict[str, Any]:
   return {'n': n, 'mean': mean, 'std': std, 'min': min(values), 'max': max(values)}
 
 
+def document_interval(report: dict[str, Any]) -> list[float] | None:
+  """95% bootstrap interval over the report's documents (`compare_reports`), if it has >= 2."""
+  if len(report.get('per_document') or ()) < 2:
+    return None
+  rows = sorted(report['per_document'])
+  ids, tokens, nll = (np.asarray(c) for c in zip(*rows))
+  model = compare_reports.bootstrap([compare_reports.Report('', ids, tokens, nll)])['models'][0]
+  return [model['low'], model['high']]
+
+
 def collect(
   exps: Sequence[experiments.Experiment], root: str, train_steps: int | None = None
 ) -> list[dict[str, Any]]:
@@ -164,6 +176,7 @@ def collect(
       'perplexity': {},
       'status': {},
       'replicates': {},
+      'interval': {},
     }
     record['memory_mfloats'], record['memory_floats'] = memory_floats(exp)
     for mode in experiments.MEMORY_MODES:
@@ -171,7 +184,13 @@ def collect(
       for label, model_dir in replicate_dirs(run_dir):
         status, report = read_report(model_dir / 'eval', exp.dataset, steps, mode)
         if report:
-          found.append({'replicate': label or 'default', 'perplexity': report['perplexity']})
+          found.append(
+            {
+              'replicate': label or 'default',
+              'perplexity': report['perplexity'],
+              'interval': document_interval(report),
+            }
+          )
         elif label:
           pending.append(f'{label}: {status}')
         else:
@@ -181,6 +200,7 @@ def collect(
         record['perplexity'][mode] = spread['mean']
         record['status'][mode] = 'done' if len(found) == 1 else f'done ({len(found)} replicates)'
         record['replicates'][mode] = {'runs': found, **spread, 'pending': pending}
+        record['interval'][mode] = found[0]['interval'] if len(found) == 1 else None
       else:
         record['perplexity'][mode] = None
         statuses = {p.split(': ', 1)[1] for p in pending}
@@ -197,7 +217,8 @@ def collect(
 
 SPREAD_NOTE = (
   'Runs with seed replicates show mean ± sample standard deviation over the n replicates '
-  '(min-max in the JSON).'
+  '(min-max in the JSON); a single run shows its 95% bootstrap interval over the test documents '
+  '[low, high] where the test set has several documents (melodi_t5x.tools.compare_reports).'
 )
 
 
@@ -210,6 +231,9 @@ def _cell(run: dict[str, Any] | None, mode: str) -> str:
   rep = run.get('replicates', {}).get(mode)
   if rep and rep['n'] > 1:
     return f'{ppl:.2f} ± {rep["std"]:.2f} (n={rep["n"]})'
+  interval = run.get('interval', {}).get(mode)
+  if interval:
+    return f'{ppl:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]'
   return f'{ppl:.2f}'
 
 
