@@ -55,7 +55,15 @@ class BaseConfig:
   # 'window' keeps only what enters each window step and recomputes the step; 'layer' keeps what
   # enters each layer and recomputes the layer. Same numbers in every setting.
   remat: str = 'none'
+  # Eval-time memory ablation: sources of `MEMORY_SOURCES` that the model does not read, each
+  # replaced at every window by what it holds at a document start (set by
+  # `t5x_eval.MemoryTrainer.memory_mode='no_<source>'`, never for training; state is still
+  # carried and written as usual).
+  drop_sources: tuple[str, ...] = ()
 
+  # The memory sources a token of this architecture reads besides its own window, with what
+  # dropping each (`drop_sources`) does.
+  MEMORY_SOURCES: ClassVar[dict[str, str]] = {}
   # Appended to the error for an unsupported `remat` value.
   REMAT_HINT: ClassVar[str] = ''
   # Values of `remat` this architecture implements, with what each means for it.
@@ -66,7 +74,13 @@ class BaseConfig:
   }
 
   def __post_init__(self):
+    # gin and JSON hand over lists; keep the dataclass hashable.
+    object.__setattr__(self, 'drop_sources', tuple(self.drop_sources))
     self._check()
+
+  def drops(self, source: str) -> bool:
+    """Whether the eval-time ablation drops `source` (one of `MEMORY_SOURCES`)."""
+    return source in self.drop_sources
 
   def num_windows(self, segment_length: int) -> int:
     """Windows per segment; raises if the segment is not a whole number of windows."""
@@ -98,6 +112,14 @@ class BaseConfig:
     self._need(len(set(indices)) == len(indices), field, 'lists a layer twice; give each once.')
 
   def _check(self):
+    for source in self.drop_sources:
+      self._need(
+        source in self.MEMORY_SOURCES,
+        'drop_sources',
+        f'{source!r} is not a memory source of {type(self).__name__}; its sources are '
+        + (', '.join(f'{k!r} ({v})' for k, v in self.MEMORY_SOURCES.items()) or 'none')
+        + '.',
+      )
     self._check_positive(
       'num_layers', 'embed_dim', 'num_heads', 'head_dim', 'mlp_dim', 'vocab_size', 'window_length'
     )
@@ -149,6 +171,11 @@ class MelodiConfig(BaseConfig):
   # is both; 'none': no mixer, the post-FFN summary tokens are both (the reference's
   # token_mixing=False). 'shared' and 'none' need short_term_memory_size == summary_size.
   summary_branching: str = 'separate'
+
+  MEMORY_SOURCES: ClassVar[dict[str, str]] = {
+    'short_term': 'every layer reads a zero short-term memory (masked with mask_empty_memory)',
+    'long_term': 'the long-term layers read a zero FIFO (masked with mask_empty_memory)',
+  }
 
   def __post_init__(self):
     # gin and JSON hand over lists; keep the dataclass hashable.
@@ -237,6 +264,9 @@ class XLConfig(BaseConfig):
   # The reference Transformer-XL's feed-forward layers have no biases.
   ffn_bias: bool = False
 
+  MEMORY_SOURCES: ClassVar[dict[str, str]] = {
+    'cache': "every window reads zero keys and values in place of the previous window's",
+  }
   REMAT_MODES: ClassVar[dict[str, str]] = {
     'none': 'recompute no matmul but the attention logits',
     'layer': 'recompute each layer in the backward pass',
@@ -258,6 +288,11 @@ class MemorizingConfig(XLConfig):
   num_layers: int = 12
   # The memory layer is inserted after XL layer `memory_layer_index` (0-based).
   memory_layer_index: int = 6
+
+  MEMORY_SOURCES: ClassVar[dict[str, str]] = {
+    **XLConfig.MEMORY_SOURCES,
+    'memory': 'the memory layer reads zero memory slots (its memory is still written)',
+  }
   # Key/value slots of the FIFO memory per batch row; a positive multiple of the segment length.
   memory_size: int = 65536
   # 0 = dense attention over every memory slot (the reference); k > 0 = each query attends only
@@ -322,6 +357,11 @@ class BRTConfig(XLConfig):
   recurrent_layer_index: int = 9
   # N: vectors of width embed_dim in the recurrent state (paper: 512).
   num_states: int = 512
+
+  MEMORY_SOURCES: ClassVar[dict[str, str]] = {
+    **XLConfig.MEMORY_SOURCES,
+    'state': "the tokens read the learned initial state in place of the window's recurrent state",
+  }
 
   def _check(self):
     super()._check()

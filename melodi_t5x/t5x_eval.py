@@ -19,6 +19,8 @@ shapes it needs to restore the checkpoint and runs no seqio metrics.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
+import dataclasses
 import json
 import os
 import time
@@ -40,8 +42,28 @@ from t5x import trainer as trainer_lib
 from melodi_t5x import report, t5x_data, t5x_model
 
 # Evaluation settings of `MemoryTrainer.memory_mode`: memory carried over each whole document, or
-# reset at every chunk.
+# reset at every chunk. Besides these, 'no_<source>' carries memory but drops one memory source of
+# the architecture at every window (`ablation_modes`).
 MEMORY_MODES = ('carried', 'reset')
+ABLATION_PREFIX = 'no_'
+
+
+def ablation_modes(module_config) -> tuple[str, ...]:
+  """The eval-time ablation modes of a decoder config: 'no_<source>' per `MEMORY_SOURCES`."""
+  return tuple(ABLATION_PREFIX + s for s in getattr(type(module_config), 'MEMORY_SOURCES', {}))
+
+
+def check_memory_mode(memory_mode: str, module_config) -> None:
+  """Raises a ValueError naming the modes this model supports if `memory_mode` is not one."""
+  known = MEMORY_MODES + ablation_modes(module_config)
+  if memory_mode not in known:
+    raise ValueError(
+      f'MemoryTrainer.memory_mode={memory_mode!r}: must be one of {known} for '
+      f'{type(module_config).__name__} (gin: t5x_eval.MemoryTrainer.memory_mode, or MEMORY_MODE '
+      'in gin/runs/melodi_eval.gin).'
+    )
+
+
 # Batch keys sent to the device (`document_id` as its int32 key; the original id stays on the host
 # for the report).
 DEVICE_KEYS = (
@@ -187,19 +209,17 @@ class MemoryTrainer(trainer_lib.Trainer):
         png}`.
       bucket_edges: token offsets of the position-in-document buckets; default chunk 0, 1, 2-3,
         4-7, ... of the eval segment length, extended up to the longest document.
-      memory_mode: 'carried' (memory flows from chunk to chunk of a document) or 'reset' (every
-        chunk starts from zero memory: what carried memory adds to this checkpoint). In 'carried'
-        mode an eval pass fails if any row was reset because it did not continue its memory's
-        document (its perplexity would silently be a reset one).
+      memory_mode: 'carried' (memory flows from chunk to chunk of a document), 'reset' (every
+        chunk starts from zero memory: what carried memory adds to this checkpoint), or
+        'no_<source>' (carried, but the decoder does not read one memory source of its
+        config's `MEMORY_SOURCES`, e.g. MELODI's 'no_long_term': what that source adds). In every
+        mode but 'reset' an eval pass fails if any row was reset because it did not continue its
+        memory's document (its perplexity would silently be a reset one).
       stop_on_nonfinite: training stops with an error naming the step at the first step whose
         loss or written memory holds a NaN / inf (a NaN in a row's memory would otherwise persist
         until its document ends, and the run go on); False: train on.
     """
-    if memory_mode not in MEMORY_MODES:
-      raise ValueError(
-        f'MemoryTrainer.memory_mode={memory_mode!r}: must be one of {MEMORY_MODES} (gin: '
-        't5x_eval.MemoryTrainer.memory_mode, or MEMORY_MODE in gin/runs/melodi_eval.gin).'
-      )
+    check_memory_mode(memory_mode, getattr(getattr(model, 'module', None), 'config', None))
     forwarded = forward_trainer_bindings(
       type(self),
       {
@@ -263,8 +283,18 @@ class MemoryTrainer(trainer_lib.Trainer):
 
   # -- the partitioned step --------------------------------------------------------------------
 
+  def _eval_model(self):
+    """The model scored: in a 'no_<source>' mode, a copy whose decoder drops that source."""
+    if not self._memory_mode.startswith(ABLATION_PREFIX):
+      return self._model
+    module = self._model.module
+    source = self._memory_mode[len(ABLATION_PREFIX) :]
+    model = copy.copy(self._model)
+    model.module = module.clone(config=dataclasses.replace(module.config, drop_sources=(source,)))
+    return model
+
   def _make_streaming_step(self):
-    model = self._model
+    model = self._eval_model()
     axes = self._train_state_axes
     data_spec = self._partitioner.data_partition_spec
 
@@ -443,12 +473,12 @@ class MemoryTrainer(trainer_lib.Trainer):
       acc = _combine_across_hosts(acc)
       misaligned, examples = _combine_misaligned(misaligned, examples)
     self.last_misaligned = {'rows': misaligned, 'examples': examples}
-    if misaligned and self._memory_mode == 'carried':
+    if misaligned and self._memory_mode != 'reset':
       detail = ', '.join(f'batch {b} row {r}: document {d} chunk {c}' for b, r, d, c in examples)
       raise ValueError(
-        f'Streaming eval (memory_mode carried): {misaligned} eval rows did not continue the '
-        f'document of their memory and were reset ({detail}); their perplexity would be a reset '
-        'one, not a carried one. Feed eval batches from the document stream '
+        f'Streaming eval (memory_mode {self._memory_mode}): {misaligned} eval rows did not '
+        f'continue the document of their memory and were reset ({detail}); their perplexity '
+        'would be a reset one, not a carried one. Feed eval batches from the document stream '
         '(train_eval_get_dataset_fn = @t5x_data.get_eval_datasets), whose row r of batch t+1 '
         "continues row r of batch t, or evaluate with MEMORY_MODE = 'reset'."
       )

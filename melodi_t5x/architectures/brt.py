@@ -203,10 +203,7 @@ class RecurrentLayer(xl.XLLayer):
     q, (k, v) = self.queries(a), self.keys_values(a)
     o_self = self.sliding_attention(q, k, v, cache, deterministic)  # [B, T, H, K]
 
-    window_kv = (
-      xl.with_previous_window(k, cache.keys, w),
-      xl.with_previous_window(v, cache.values, w),
-    )
+    window_kv = (self.previous_and_window(k, cache.keys), self.previous_and_window(v, cache.values))
     xs = (*window_kv, None if complete is None else complete.T)
     scan = nn.scan(
       _state_step,
@@ -221,6 +218,10 @@ class RecurrentLayer(xl.XLLayer):
     def per_window(t: Array) -> Array:  # [B, n, ...] -> [B * n, ...]
       return t.reshape(batch * n, *t.shape[2:])
 
+    if self.config.drops('state'):  # every window reads S as at a document start
+      initial = self.fresh_state(batch).recurrent.astype(x.dtype)
+      _, initial_kv = self.state_block.state_kv(initial)  # [B, N, H, K]
+      state_kv = tuple(jnp.broadcast_to(t[:, None], (batch, n, *t.shape[1:])) for t in initial_kv)
     a_windows = a.reshape(batch * n, w, a.shape[-1])
     o_cross = self.cross_attention(a_windows, tuple(map(per_window, state_kv)))
     o = jnp.concatenate([o_self, o_cross.reshape(o_self.shape)], axis=-2)  # [B, T, 2H, K]

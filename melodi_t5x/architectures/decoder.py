@@ -316,6 +316,11 @@ class Decoder(nn.Module):
   # -- incremental decoding -----------------------------------------------------------------------
 
   def check_decoding(self) -> None:
+    if self.config.drop_sources:
+      raise NotImplementedError(
+        f'drop_sources={self.config.drop_sources} is an eval-time ablation of teacher-forced '
+        'scoring; decode with the full model (drop_sources=()).'
+      )
     missing = [type(layer).__name__ for layer in self.stack if not layer.decodes]
     if missing:
       raise NotImplementedError(

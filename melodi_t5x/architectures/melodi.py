@@ -215,7 +215,9 @@ class MelodiLayer(StatefulLayer):
       return None, None
     seen = ctx.windows_seen(cfg.window_length)
     q, inc = cfg.long_term_memory_tokens, cfg.long_term_memory_increment_size
-    return seen > 0, jnp.arange(q)[None, :] >= q - inc * seen[:, None]
+    memory_valid = (seen > 0) & (not cfg.drops('short_term'))
+    long_valid = jnp.arange(q)[None, :] >= q - inc * seen[:, None]
+    return memory_valid, long_valid & (not cfg.drops('long_term'))
 
   # -- one window ----------------------------------------------------------------------------------
 
@@ -227,7 +229,10 @@ class MelodiLayer(StatefulLayer):
     increment pushed.
     """
     w, m = self.config.window_length, self.memory_size
-    keys_in = xu if not m else jnp.concatenate([state.short.astype(xu.dtype), xu], axis=1)
+    short = state.short
+    if m and self.config.drops('short_term'):  # eval ablation: zero memory, as at a document start
+      short = jnp.zeros_like(short)
+    keys_in = xu if not m else jnp.concatenate([short.astype(xu.dtype), xu], axis=1)
     a = self.normed_input(keys_in, deterministic)  # [B, M+W+S, D]
     keys, values = self.keys_values(a)
     q = self.queries(a[:, m:])  # [B, W+S, H, K]
@@ -273,7 +278,10 @@ class MelodiLayer(StatefulLayer):
     if not self.is_long:
       return o
     cmask = None if long_valid is None else long_valid[:, None, None, :]
-    o_long = self.attention(q, *state.fifo_kv(), None, cmask, deterministic)
+    fifo_kv = state.fifo_kv()
+    if cfg.drops('long_term'):  # eval ablation: a zero FIFO, as at a document start
+      fifo_kv = self.project_kv(jnp.zeros_like(state.fifo), deterministic)
+    o_long = self.attention(q, *fifo_kv, None, cmask, deterministic)
     g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
     return g * o + (1.0 - g) * o_long
 

@@ -147,7 +147,9 @@ class MemoryLayer(StatefulLayer):
     slots = (state.keys.astype(x.dtype), state.values.astype(x.dtype))
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
-    o = self.memory_attention(q, k, v, slots, deterministic)
+    # Dropped (eval ablation): read zero slots, as at a document start; write as usual.
+    read = jax.tree_util.tree_map(jnp.zeros_like, slots) if self.config.drops('memory') else slots
+    o = self.memory_attention(q, k, v, read, deterministic)
     y = self.residual_mlp(x, o, deterministic)
     index = ctx.tokens_seen % self.config.memory_size  # [B] each row's write position
     new = MemoryState(

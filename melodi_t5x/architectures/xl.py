@@ -155,11 +155,19 @@ class XLLayer(StatefulLayer):
     bucket, visible = sliding_window_geometry(
       w, cfg.relative_position_buckets, cfg.relative_position_max_distance
     )
-    kw = with_previous_window(k, cache.keys, w).reshape(batch * n, 2 * w, *k.shape[2:])
-    vw = with_previous_window(v, cache.values, w).reshape(batch * n, 2 * w, *v.shape[2:])
+    kw = self.previous_and_window(k, cache.keys).reshape(batch * n, 2 * w, *k.shape[2:])
+    vw = self.previous_and_window(v, cache.values).reshape(batch * n, 2 * w, *v.shape[2:])
     qw = q.reshape(batch * n, w, *q.shape[2:])
     o = self.attention(qw, kw, vw, self.position_bias(bucket), visible, deterministic)
     return o.reshape(q.shape)
+
+  def previous_and_window(self, x: Array, first_previous: Array) -> Array:
+    """`with_previous_window`; with the cache dropped (`drop_sources`), every window's previous
+    window is zeros, as the first window's is at a document start."""
+    w = self.config.window_length
+    if self.config.drops('cache'):
+      return with_previous_window(x, jnp.zeros_like(first_previous), w).at[:, :, :w].set(0)
+    return with_previous_window(x, first_previous, w)
 
   def __call__(self, x: Array, state: XLState, ctx, deterministic: bool):
     """x: [B, T, D] -> (y: [B, T, D], the cache for the next segment: the last window)."""
