@@ -283,6 +283,18 @@ class MemoryTrainer(trainer_lib.Trainer):
 
   # -- the partitioned step --------------------------------------------------------------------
 
+  @property
+  def memory_mode(self) -> str:
+    return self._memory_mode
+
+  @memory_mode.setter
+  def memory_mode(self, mode: str) -> None:
+    """Switches the eval memory mode (the next `stream` compiles the step of that mode)."""
+    check_memory_mode(mode, getattr(self._model.module, 'config', None))
+    if mode != self._memory_mode:
+      self._streaming_step = None
+    self._memory_mode = mode
+
   def _eval_model(self):
     """The model scored: in a 'no_<source>' mode, a copy whose decoder drops that source."""
     if not self._memory_mode.startswith(ABLATION_PREFIX):

@@ -12,6 +12,7 @@ must equal scoring each document alone, chunk after chunk. The subprocess runs o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -205,21 +206,23 @@ def _stream_batches(docs, rows):
     batches.append(batch)
 
 
-@pytest.mark.parametrize('mode', ['carried', 'reset'])
+@pytest.mark.parametrize('mode', ['carried', 'reset', 'no_short_term', 'no_long_term'])
 def test_streaming_eval_equals_scoring_each_document_alone(trainer, mode):
   rng = np.random.RandomState(1)
   docs = [rng.randint(2, V, n) for n in (3 * T, T + 5, 2 * T, 7, 4 * T - 1)]
-  trainer._memory_mode = mode
+  trainer.memory_mode = mode
   try:
     acc, steps = trainer.stream(
       trainer.train_state.params, trainer.train_state.flax_mutables, _stream_batches(docs, B)
     )
   finally:
-    trainer._memory_mode = 'carried'
+    trainer.memory_mode = 'carried'
   assert steps == len(_stream_batches(docs, B))
   # Reference: each document alone in a batch of one row, chunk after chunk, memory carried
-  # (or reset at every chunk), straight through the Flax module.
+  # (or reset at every chunk), straight through the Flax module (built with the dropped source).
   module, params = trainer._model.module, trainer.train_state.params
+  if mode.startswith('no_'):
+    module = module.clone(config=dataclasses.replace(module.config, drop_sources=(mode[3:],)))
   empty = module.init(
     jax.random.PRNGKey(0),
     np.ones((1, T), np.int32),
@@ -260,3 +263,10 @@ def test_streaming_eval_equals_scoring_each_document_alone(trainer, mode):
   summary = acc.summary()
   assert summary['tokens'] == count and summary['documents'] == len(docs)
   assert summary['perplexity'] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_memory_mode_names_the_ablations_of_the_architecture(trainer):
+  with pytest.raises(ValueError, match=r"'no_state'.*'no_short_term', 'no_long_term'"):
+    trainer.memory_mode = 'no_state'
+  assert t5x_eval.ablation_modes(CONFIG) == ('no_short_term', 'no_long_term')
+  assert trainer.memory_mode == 'carried'
