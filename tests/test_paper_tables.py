@@ -189,3 +189,17 @@ def test_single_runs_show_their_bootstrap_interval_over_documents(tmp_path, caps
   assert value == pytest.approx(ppl, abs=0.005) and low < ppl < high
   # The per-document NLL spans exp(2.3)..exp(2.5): the interval lies within that range.
   assert math.exp(2.3) < low and high < math.exp(2.5)
+
+
+def test_ablation_reports_show_the_rise_over_carried(tmp_path, capsys):
+  exps = {(e.dataset, e.model): e for e in experiments.sweep('main')}
+  done = exps[('pg19_t5', 'melodi_s128_l64')]
+  _write_report(tmp_path, done, 500_000, 'carried', 10.0)
+  _write_report(tmp_path, done, 500_000, 'no_long_term', 11.5)
+  _write_report(tmp_path, done, 500_000, 'no_short_term', 13.0)
+  _write_report(tmp_path, done, 400_000, 'no_short_term', 99.0)  # another step: not shown
+  assert paper_tables.main(['--sweep=main', f'--model_dir_root={tmp_path}']) == 0
+  md = capsys.readouterr().out.split('## Eval-time memory ablations')[1]
+  header, _, row = md.strip().splitlines()[2:5]
+  assert header == '| Run | carried | no_long_term | no_short_term |'
+  assert row.endswith('| 10.00 | 11.50 (+15.0%) | 13.00 (+30.0%) |')

@@ -149,6 +149,47 @@ def document_interval(report: dict[str, Any]) -> list[float] | None:
   return [model['low'], model['high']]
 
 
+def ablation_reports(eval_dir: epath.Path, task: str, step: int) -> dict[str, float]:
+  """Perplexity of each eval-time ablation ('no_<source>' memory mode) reported at `step`."""
+  pattern = re.compile(rf'{re.escape(task)}_step{step}_(no_\w+)\.json')
+  found = {}
+  if eval_dir.exists():
+    for path in sorted(eval_dir.iterdir()):
+      m = pattern.fullmatch(path.name)
+      if m:
+        ppl = json.loads(path.read_text()).get('perplexity')
+        if ppl is not None:
+          found[m.group(1)] = ppl
+  return found
+
+
+def memory_ablation_table(runs: Sequence[dict[str, Any]]) -> str:
+  """Runs with eval-time ablation reports: perplexity per dropped source and its rise over
+  carried memory ('' if no run has one)."""
+  rows = [r for r in runs if r['ablations']]
+  if not rows:
+    return ''
+  modes = sorted({m for r in rows for m in r['ablations']})
+  lines = [
+    '| Run | carried | ' + ' | '.join(modes) + ' |',
+    '|---|---:|' + '---:|' * len(modes),
+  ]
+  for r in rows:
+    carried = r['perplexity'].get('carried')
+    cells = []
+    for mode in modes:
+      ppl = r['ablations'].get(mode)
+      if ppl is None:
+        cells.append('')
+      elif carried:
+        cells.append(f'{ppl:.2f} ({100 * (ppl / carried - 1):+.1f}%)')
+      else:
+        cells.append(f'{ppl:.2f}')
+    head = f'{carried:.2f}' if carried else r['status'].get('carried', '')
+    lines.append(f'| {r["name"]} | {head} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def collect(
   exps: Sequence[experiments.Experiment], root: str, train_steps: int | None = None
 ) -> list[dict[str, Any]]:
@@ -177,8 +218,10 @@ def collect(
       'status': {},
       'replicates': {},
       'interval': {},
+      'ablations': {},
     }
     record['memory_mfloats'], record['memory_floats'] = memory_floats(exp)
+    record['ablations'] = ablation_reports(run_dir / 'eval', exp.dataset, steps)
     for mode in experiments.MEMORY_MODES:
       found, pending, default_status = [], [], MISSING
       for label, model_dir in replicate_dirs(run_dir):
@@ -438,6 +481,12 @@ def build(sweep: str, root: str, size: str, task: str | None, train_steps: int |
     )
   else:
     md = f'## Ablation: {sweep}\n\n' + ablation_table(runs) + '\n'
+  ablations = memory_ablation_table(runs)
+  if ablations:
+    md += (
+      '\n## Eval-time memory ablations: perplexity with one memory source dropped '
+      '(rise over carried memory)\n\n' + ablations + '\n'
+    )
   if any(rep['n'] > 1 for r in runs for rep in r['replicates'].values()):
     md += f'\n{SPREAD_NOTE}\n'
   data = {'sweep': sweep, 'size': size, 'model_dir_root': root, 'runs': runs}
