@@ -60,6 +60,9 @@ class BaseConfig:
   # `t5x_eval.MemoryTrainer.memory_mode='no_<source>'`, never for training; state is still
   # carried and written as usual).
   drop_sources: tuple[str, ...] = ()
+  # Eval-time instrument: every memory-reading layer sows the attention mass its scored tokens put
+  # on each memory source (`melodi_t5x.attribution`; set by `MemoryTrainer(attribution=True)`).
+  record_attribution: bool = False
 
   # The memory sources a token of this architecture reads besides its own window, with what
   # dropping each (`drop_sources`) does.

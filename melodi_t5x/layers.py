@@ -294,6 +294,14 @@ class TransformerBlock(nn.Module):
       rng = self.attn_dropout.make_rng('dropout')
     return recomputed_attention(q, k, v, t, bias, mask, rng, rate)
 
+  def attention_probs(self, q, k, bias, mask, temperature=None) -> Array:
+    """The probabilities [B, H, Nq, Nk] (float32, no dropout) of `attention`'s arguments (for
+    `melodi_t5x.attribution`)."""
+    if isinstance(bias, PositionBias):
+      bias = bias.table[:, bias.bucket]
+    t = self.temperature if temperature is None else temperature
+    return attend(q, k, None, t, bias, mask)
+
   def residual_mlp(self, x: Array, o: Array, deterministic: bool) -> Array:
     """h = x + W_O o; y = h + MLP(RMSNorm(h)). x: [B, N, D], o: [B, N, H, K] -> [B, N, D]."""
     h = x + self.out(o.reshape(*o.shape[:-2], -1))

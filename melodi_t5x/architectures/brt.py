@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from melodi_t5x import attribution
 from melodi_t5x import state as state_lib
 from melodi_t5x.architectures import xl
 from melodi_t5x.architectures.decoder import (
@@ -224,8 +225,20 @@ class RecurrentLayer(xl.XLLayer):
       state_kv = tuple(jnp.broadcast_to(t[:, None], (batch, n, *t.shape[1:])) for t in initial_kv)
     a_windows = a.reshape(batch * n, w, a.shape[-1])
     o_cross = self.cross_attention(a_windows, tuple(map(per_window, state_kv)))
+    if self.config.record_attribution:
+      self.record_masses(q, k, cache, a_windows, per_window(state_kv[0]), batch)
     o = jnp.concatenate([o_self, o_cross.reshape(o_self.shape)], axis=-2)  # [B, T, 2H, K]
     return self.residual_mlp(x, o, deterministic), (k, v), new_state
+
+  def record_masses(self, q, k, cache, a_windows, state_keys, batch: int) -> None:
+    """Attribution: H self heads over [previous window; window], H cross heads over S (each head
+    1/(2H) of the output kernel's input)."""
+    q2 = l2_normalize(self.heads(self.query2(a_windows)))
+    probs = self.attention_probs(q2, state_keys, None, None, self.temperature2)
+    state = attribution.head_masses(probs, [('state', slice(None))])
+    state = {s: attribution.from_windows(m, batch) for s, m in state.items()}
+    own = self.sliding_masses(q, k, cache)
+    attribution.sow(self, attribution.mix((own, 0.5), (state, 0.5)))
 
   def cross_attention(self, a: Array, state_kv: KV) -> Array:
     """Normed tokens `a: [B', W', D]` over the keys/values [B', N, H, K] of S -> [B', W', H, K]."""

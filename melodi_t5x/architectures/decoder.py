@@ -303,6 +303,8 @@ class Decoder(nn.Module):
     scan = nn.scan(
       step,
       variable_broadcast=['params', 'params_axes'],
+      # Attribution (eval only) sows each window's masses, stacked along a leading window axis.
+      variable_axes={'intermediates': 0} if cfg.record_attribution else {},
       split_rngs={'params': False, 'dropout': True},
       length=n,
     )
@@ -316,6 +318,11 @@ class Decoder(nn.Module):
   # -- incremental decoding -----------------------------------------------------------------------
 
   def check_decoding(self) -> None:
+    if self.config.record_attribution:
+      raise NotImplementedError(
+        'record_attribution is an eval-time instrument of teacher-forced scoring; decode with '
+        'record_attribution=False.'
+      )
     if self.config.drop_sources:
       raise NotImplementedError(
         f'drop_sources={self.config.drop_sources} is an eval-time ablation of teacher-forced '

@@ -33,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from melodi_t5x import attribution
 from melodi_t5x import state as state_lib
 from melodi_t5x.architectures.decoder import (
   TRAIN_FACTOR,
@@ -275,7 +276,16 @@ class MelodiLayer(StatefulLayer):
       )
       mask = mask & ok[:, None, None, :]
     o = self.attention(q, keys, values, bias, mask, deterministic)
+    record = cfg.record_attribution and isinstance(rows, slice)
+    if record:  # the window's context queries (the scored tokens) over [memory; window]
+      w = cfg.window_length
+      probs = self.attention_probs(
+        q[:, :w], keys, bias._replace(bucket=bias.bucket[:w]), mask[..., :w, :]
+      )
+      own = attribution.head_masses(probs, [('short_term', slice(0, m)), ('window', slice(m, n))])
     if not self.is_long:
+      if record:
+        attribution.sow(self, own)
       return o
     cmask = None if long_valid is None else long_valid[:, None, None, :]
     fifo_kv = state.fifo_kv()
@@ -283,7 +293,22 @@ class MelodiLayer(StatefulLayer):
       fifo_kv = self.project_kv(jnp.zeros_like(state.fifo), deterministic)
     o_long = self.attention(q, *fifo_kv, None, cmask, deterministic)
     g = jax.nn.sigmoid(self.gate.astype(o.dtype))  # [H, K]
+    if record:
+      probs = self.attention_probs(q[:, :w], fifo_kv[0], None, cmask)
+      long = attribution.head_masses(probs, self.fifo_age_groups())
+      share = jnp.mean(jax.nn.sigmoid(self.gate.astype(jnp.float32)), axis=-1)  # [H]
+      attribution.sow(self, attribution.mix((own, share), (long, 1.0 - share)))
     return g * o + (1.0 - g) * o_long
+
+  def fifo_age_groups(self) -> list[tuple[str, np.ndarray]]:
+    """Attribution groups of the FIFO's slots (oldest first) by the window that wrote them."""
+    cfg = self.config
+    windows, inc = cfg.long_term_memory_windows, cfg.long_term_memory_increment_size
+    age = windows - np.arange(windows * inc) // inc  # slot -> windows ago (newest: 1)
+    return [
+      (attribution.age_label('long_term', a, b), (age >= a) & (age <= b))
+      for a, b in attribution.age_buckets(windows)
+    ]
 
   def with_memory(self, kv: KV, memory_kv: KV | None) -> KV:
     """Prepends the short-term memory's keys/values [B, M, H, K] (if any) to `kv`."""

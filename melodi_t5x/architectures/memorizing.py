@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from melodi_t5x import attribution
 from melodi_t5x.architectures import xl
 from melodi_t5x.architectures.decoder import (
   TRAIN_FACTOR,
@@ -150,6 +151,8 @@ class MemoryLayer(StatefulLayer):
     # Dropped (eval ablation): read zero slots, as at a document start; write as usual.
     read = jax.tree_util.tree_map(jnp.zeros_like, slots) if self.config.drops('memory') else slots
     o = self.memory_attention(q, k, v, read, deterministic)
+    if self.config.record_attribution:
+      attribution.sow(self, self.memory_masses(q, k, v, read, ctx))
     y = self.residual_mlp(x, o, deterministic)
     index = ctx.tokens_seen % self.config.memory_size  # [B] each row's write position
     new = MemoryState(
@@ -183,6 +186,47 @@ class MemoryLayer(StatefulLayer):
     qs = xl.windowed(q, w).swapaxes(0, 1)  # [N, B, Q, H, K]
     o = jax.lax.map(jax.checkpoint(block, prevent_cse=False), (qs, visible, rngs))
     return o.swapaxes(0, 1).reshape(q.shape)
+
+  def memory_masses(self, q: Array, k: Array, v: Array, slots: KV, ctx) -> dict[str, Array]:
+    """Attribution of the joint attention: {'segment', 'memory age a-b', 'memory empty', 'none'}
+    masses [B, H, T], one block of queries at a time. Ages are counted in windows before the
+    segment; a slot not yet written in the row's document is 'memory empty'."""
+    cfg = self.config
+    length, w, m = q.shape[1], cfg.window_length, cfg.memory_size
+    block_len = cfg.memory_query_block or w
+    n = length // block_len
+    positions = np.arange(length)
+    visible = positions[None, None, :] < positions.reshape(n, block_len)[:, :, None]
+    seen = ctx.tokens_seen[:, None]  # [B, 1]
+    slot = jnp.arange(m)[None, :]
+    age = ((seen - 1 - slot) % m + 1 + w - 1) // w  # [B, M] windows before the segment
+    buckets = attribution.age_buckets(-(-m // w))
+    labels = [attribution.age_label('memory', a, b) for a, b in buckets] + ['memory empty']
+    slot_bucket = jnp.full(age.shape, len(buckets), jnp.int32)
+    for j, (a, b) in enumerate(buckets):
+      slot_bucket = jnp.where((age >= a) & (age <= b), j, slot_bucket)
+    slot_bucket = jnp.where(slot < seen, slot_bucket, len(buckets))  # [B, M]
+
+    def block(inputs):
+      qw, vis = inputs
+      probs, _, chosen = joint_memory_attention(
+        qw, k, v, slots, self.temperature, vis, cfg.memory_top_k
+      )
+      mem = probs.shape[-1] - length
+      sb = jnp.broadcast_to(slot_bucket[:, None, None, :], (*probs.shape[:3], m))
+      if chosen is not None:
+        sb = jnp.take_along_axis(sb, chosen, axis=-1)
+      out = {'segment': probs[..., mem:].sum(-1)}
+      for j, label in enumerate(labels):
+        out[label] = jnp.where(sb == j, probs[..., :mem], 0.0).sum(-1)
+      out[attribution.NONE] = jnp.clip(1.0 - probs.sum(-1), 0.0, 1.0)
+      return out
+
+    qs = xl.windowed(q, block_len).swapaxes(0, 1)  # [N, B, Q, H, K]
+    masses = jax.lax.map(block, (qs, visible))  # {name: [N, B, H, Q]}
+    return {
+      name: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], length) for name, x in masses.items()
+    }
 
 
 def write_slots(slots: Array, new: Array, index: Array) -> Array:

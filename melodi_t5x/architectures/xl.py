@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from melodi_t5x import attribution
 from melodi_t5x import state as state_lib
 from melodi_t5x.architectures.decoder import (
   TRAIN_FACTOR,
@@ -161,6 +162,21 @@ class XLLayer(StatefulLayer):
     o = self.attention(qw, kw, vw, self.position_bias(bucket), visible, deterministic)
     return o.reshape(q.shape)
 
+  def sliding_masses(self, q: Array, k: Array, cache: XLState) -> dict[str, Array]:
+    """Attribution of `sliding_attention`: {'cache', 'window', 'none'} masses [B, H, T]."""
+    cfg = self.config
+    batch, length = q.shape[:2]
+    w = cfg.window_length
+    n = length // w
+    bucket, visible = sliding_window_geometry(
+      w, cfg.relative_position_buckets, cfg.relative_position_max_distance
+    )
+    kw = self.previous_and_window(k, cache.keys).reshape(batch * n, 2 * w, *k.shape[2:])
+    qw = q.reshape(batch * n, w, *q.shape[2:])
+    probs = self.attention_probs(qw, kw, self.position_bias(bucket), visible)
+    masses = attribution.head_masses(probs, [('cache', slice(0, w)), ('window', slice(w, None))])
+    return {s: attribution.from_windows(m, batch) for s, m in masses.items()}
+
   def previous_and_window(self, x: Array, first_previous: Array) -> Array:
     """`with_previous_window`; with the cache dropped (`drop_sources`), every window's previous
     window is zeros, as the first window's is at a document start."""
@@ -180,7 +196,10 @@ class XLLayer(StatefulLayer):
     """As `__call__`, but returns the keys and values [B, T, H, K] of every token."""
     a = self.normed_input(x, deterministic)
     q, (k, v) = self.queries(a), self.keys_values(a)
-    o = self.sliding_attention(q, k, v, state_lib.cast(state, x.dtype), deterministic)
+    cache = state_lib.cast(state, x.dtype)
+    o = self.sliding_attention(q, k, v, cache, deterministic)
+    if self.config.record_attribution:
+      attribution.sow(self, self.sliding_masses(q, k, cache))
     return self.residual_mlp(x, o, deterministic), (k, v)
 
   def prefill(self, x: Array, state: XLState, ctx):
