@@ -136,6 +136,24 @@ class AttributionAccumulator:
     self._sums: dict[str, dict[str, np.ndarray]] = {}
     self._tokens = np.zeros(self.window_length, np.int64)
 
+  def empty(self) -> AttributionAccumulator:
+    return AttributionAccumulator(self.window_length)
+
+  def get_state(self) -> dict[str, Any]:
+    """The totals as a JSON-able dict (to add up the hosts')."""
+    sums = {lay: {s: v.tolist() for s, v in src.items()} for lay, src in self._sums.items()}
+    return {'window_length': self.window_length, 'tokens': self._tokens.tolist(), 'sums': sums}
+
+  def merge_state(self, state: Mapping[str, Any]) -> None:
+    if state['window_length'] != self.window_length:
+      raise ValueError(f'window_length differs: {state["window_length"]} vs {self.window_length}.')
+    self._tokens += np.asarray(state['tokens'], np.int64)
+    for layer, sources in state['sums'].items():
+      sums = self._sums.setdefault(layer, {})
+      for source, values in sources.items():
+        add = np.asarray(values, np.float64)
+        sums[source] = sums[source] + add if source in sums else add
+
   def add(self, masses: Mapping[str, Mapping[str, np.ndarray]], weights: np.ndarray) -> None:
     """masses: {layer: {source: [B, T]}}; weights: [B, T] (a token counts iff weight > 0)."""
     weights = np.asarray(weights) > 0

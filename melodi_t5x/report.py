@@ -365,7 +365,29 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
         f'| [{b["start"]}, {b["end"]}) | {b["tokens"]} | {b["nll_per_token"]:.4f} | '
         f'{b["perplexity"]:.4f} |'
       )
+  lines += attribution_markdown(summary.get('attribution'))
   return '\n'.join(lines) + '\n'
+
+
+def attribution_markdown(attr: Mapping[str, Any] | None) -> list[str]:
+  """Lines of the attribution table (layers x sources, mean attention mass), if recorded."""
+  if not attr:
+    return []
+  sources = sorted({s for v in attr['layers'].values() for s in v})
+  lines = [
+    '',
+    '## Memory-read attribution (attention mass per source, mean over scored tokens and heads)',
+    '',
+    'MELODI long-term sources carry the gate-weighted share (1 - mean sigmoid(gate)); '
+    "'none': heads whose keys were all masked. See melodi_t5x/attribution.py.",
+    '',
+    '| layer | ' + ' | '.join(sources) + ' |',
+    '|---|' + '---:|' * len(sources),
+  ]
+  for layer, v in attr['layers'].items():
+    cells = [f'{v[s]["mass"]:.3f}' if s in v and v[s]['mass'] is not None else '' for s in sources]
+    lines.append(f'| {layer} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def plot_buckets(summary: Mapping[str, Any], path: str) -> None:

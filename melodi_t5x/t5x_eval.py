@@ -39,6 +39,7 @@ from t5x import metrics as metrics_lib
 from t5x import partitioning as t5x_partitioning
 from t5x import trainer as trainer_lib
 
+from melodi_t5x import attribution as attribution_lib
 from melodi_t5x import report, t5x_data, t5x_model
 
 # Evaluation settings of `MemoryTrainer.memory_mode`: memory carried over each whole document, or
@@ -191,6 +192,7 @@ class MemoryTrainer(trainer_lib.Trainer):
     bucket_edges: Sequence[int] | None = None,
     memory_mode: str = 'carried',
     stop_on_nonfinite: bool = True,
+    attribution: bool = False,
   ):
     """Constructor; the first nine arguments are T5X's (see `t5x.trainer.Trainer`).
 
@@ -215,6 +217,10 @@ class MemoryTrainer(trainer_lib.Trainer):
         config's `MEMORY_SOURCES`, e.g. MELODI's 'no_long_term': what that source adds). In every
         mode but 'reset' an eval pass fails if any row was reset because it did not continue its
         memory's document (its perplexity would silently be a reset one).
+      attribution: eval only: also record how much attention each layer's scored tokens put on
+        each memory source (`melodi_t5x.attribution`), reported under 'attribution' in the report
+        JSON and Markdown, and drawn in `<report>_attribution.png`. Compiles a second eval step;
+        the default (False) leaves the eval step unchanged.
       stop_on_nonfinite: training stops with an error naming the step at the first step whose
         loss or written memory holds a NaN / inf (a NaN in a row's memory would otherwise persist
         until its document ends, and the run go on); False: train on.
@@ -253,6 +259,9 @@ class MemoryTrainer(trainer_lib.Trainer):
     self._bucket_edges = list(bucket_edges) if bucket_edges else None
     self._streaming_step = None
     self._stop_on_nonfinite = bool(stop_on_nonfinite)
+    self._attribution = bool(attribution)
+    # Attribution summary of the last `stream` pass (all hosts), or None.
+    self.last_attribution: dict[str, Any] | None = None
     self.last_reports: dict[str, dict[str, Any]] = {}
     # Rows reset by misalignment in the last `stream` pass (all hosts): count and first examples.
     self.last_misaligned: dict[str, Any] = {'rows': 0, 'examples': []}
@@ -296,17 +305,23 @@ class MemoryTrainer(trainer_lib.Trainer):
     self._memory_mode = mode
 
   def _eval_model(self):
-    """The model scored: in a 'no_<source>' mode, a copy whose decoder drops that source."""
-    if not self._memory_mode.startswith(ABLATION_PREFIX):
+    """The model scored: a copy whose decoder drops a source ('no_<source>' modes) or records
+    attribution, else the model itself."""
+    changes = {}
+    if self._memory_mode.startswith(ABLATION_PREFIX):
+      changes['drop_sources'] = (self._memory_mode[len(ABLATION_PREFIX) :],)
+    if self._attribution:
+      changes['record_attribution'] = True
+    if not changes:
       return self._model
     module = self._model.module
-    source = self._memory_mode[len(ABLATION_PREFIX) :]
     model = copy.copy(self._model)
-    model.module = module.clone(config=dataclasses.replace(module.config, drop_sources=(source,)))
+    model.module = module.clone(config=dataclasses.replace(module.config, **changes))
     return model
 
   def _make_streaming_step(self):
     model = self._eval_model()
+    record = self._attribution
     axes = self._train_state_axes
     data_spec = self._partitioner.data_partition_spec
 
@@ -320,6 +335,8 @@ class MemoryTrainer(trainer_lib.Trainer):
         'weights': t5x_model.loss_weights(batch),
         'misaligned': intermediates.get(t5x_model.MISALIGNED_MASK, no_rows),
       }
+      if record:
+        out['attribution'] = attribution_lib.collect(intermediates, *targets.shape)
       return out, new_memory
 
     return self._partitioner.partition(
@@ -372,6 +389,8 @@ class MemoryTrainer(trainer_lib.Trainer):
         'hosts': jax.process_count(),
         'misaligned_rows': self.last_misaligned['rows'],
       }
+      if self.last_attribution is not None:
+        extra['attribution'] = self.last_attribution
       summary = acc.summary(**extra, **getattr(dataset, 'report_info', {}))
       self.last_reports[name] = summary
       logging.info(
@@ -382,9 +401,14 @@ class MemoryTrainer(trainer_lib.Trainer):
         summary['documents'],
       )
       if self._report_dir and jax.process_index() == 0:
-        paths = report.write_report(
-          summary, self._report_dir, report_name(name, step_num, self._memory_mode)
-        )
+        base = report_name(name, step_num, self._memory_mode)
+        paths = report.write_report(summary, self._report_dir, base)
+        if self.last_attribution is not None:
+          attribution_lib.plot(
+            self.last_attribution,
+            os.path.join(self._report_dir, f'{base}_attribution.png'),
+            f'{name} step {step_num} ({self._memory_mode}): memory-read attribution',
+          )
         logging.info('Wrote perplexity report %s', paths['json'])
       metrics = self._summary_metrics(acc)
       summaries[name] = mm.write_metrics_summary(metrics, step_num, max(num_batches, 1))
@@ -422,6 +446,7 @@ class MemoryTrainer(trainer_lib.Trainer):
     iterator = _fresh_iterator(dataset)
     spec = getattr(iterator, 'element_spec', None) or getattr(dataset, 'element_spec', None)
     acc, memory, num_batches = None, None, 0
+    attr = None
     while True:
       batch = next(iterator, None)
       if num_hosts > 1:
@@ -452,6 +477,8 @@ class MemoryTrainer(trainer_lib.Trainer):
           window_length=_window_length(self._model),
         )
         memory = self._zero_memory(flax_mutables, batch_size * layout.num_shards)
+        if self._attribution:
+          attr = attribution_lib.AttributionAccumulator(acc.window_length or length)
       if num_hosts > 1:
         dev = t5x_partitioning.host_local_array_to_global_array(dev, mesh, data_spec)
       out, memory = self._streaming_step(params, memory, dev)
@@ -475,6 +502,8 @@ class MemoryTrainer(trainer_lib.Trainer):
         host.get('row_valid'),
         out['correct'],
       )
+      if attr is not None:
+        attr.add(out['attribution'], out['weights'])
     if acc is None:
       raise ValueError('the eval dataset produced no batches; check its split and task name.')
     if num_hosts > 1:
@@ -483,8 +512,13 @@ class MemoryTrainer(trainer_lib.Trainer):
           list(acc.bucket_edges), grow=acc.grow, window_length=acc.window_length
         )
       acc = _combine_across_hosts(acc)
+      if attr is not None:
+        attr = _combine_attribution(attr if counts_rows else attr.empty())
       misaligned, examples = _combine_misaligned(misaligned, examples)
     self.last_misaligned = {'rows': misaligned, 'examples': examples}
+    self.last_attribution = None
+    if attr is not None:
+      self.last_attribution = attr.summary(report.window_bucket_edges(attr.window_length))
     if misaligned and self._memory_mode != 'reset':
       detail = ', '.join(f'batch {b} row {r}: document {d} chunk {c}' for b, r, d, c in examples)
       raise ValueError(
@@ -515,18 +549,33 @@ def _window_length(model) -> int | None:
   return getattr(config, 'window_length', None)
 
 
-def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.PerplexityAccumulator:
-  """The sum of every host's accumulator (each host streamed different documents)."""
-  blob = np.frombuffer(json.dumps(acc.get_state()).encode(), np.uint8)
+def _allgather_json(obj: Any) -> list[Any]:
+  """Every host's JSON-able `obj`, in process order."""
+  blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray(blob.size, np.int64)))
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[: blob.size] = blob
   blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(blobs[host, : int(sizes[host])].tobytes()) for host in range(len(sizes))]
+
+
+def _combine_across_hosts(acc: report.PerplexityAccumulator) -> report.PerplexityAccumulator:
+  """The sum of every host's accumulator (each host streamed different documents)."""
   combined = report.PerplexityAccumulator(
     list(acc.bucket_edges), grow=acc.grow, window_length=acc.window_length
   )
-  for host in range(len(sizes)):
-    combined.merge_state(json.loads(blobs[host, : int(sizes[host])].tobytes()))
+  for state in _allgather_json(acc.get_state()):
+    combined.merge_state(state)
+  return combined
+
+
+def _combine_attribution(
+  attr: attribution_lib.AttributionAccumulator,
+) -> attribution_lib.AttributionAccumulator:
+  """The sum of every host's attribution totals."""
+  combined = attr.empty()
+  for state in _allgather_json(attr.get_state()):
+    combined.merge_state(state)
   return combined
 
 

@@ -270,3 +270,24 @@ def test_memory_mode_names_the_ablations_of_the_architecture(trainer):
     trainer.memory_mode = 'no_state'
   assert t5x_eval.ablation_modes(CONFIG) == ('no_short_term', 'no_long_term')
   assert trainer.memory_mode == 'carried'
+
+
+def test_attribution_is_recorded_without_changing_the_scores(trainer):
+  rng = np.random.RandomState(2)
+  docs = [rng.randint(2, V, n) for n in (3 * T, T + 5, 2 * T)]
+  state = trainer.train_state
+  plain, _ = trainer.stream(state.params, state.flax_mutables, _stream_batches(docs, B))
+  assert trainer.last_attribution is None
+  trainer._attribution, trainer._streaming_step = True, None
+  try:
+    recorded, _ = trainer.stream(state.params, state.flax_mutables, _stream_batches(docs, B))
+  finally:
+    trainer._attribution, trainer._streaming_step = False, None
+  assert recorded.summary()['perplexity'] == pytest.approx(plain.summary()['perplexity'], 1e-6)
+  attr = trainer.last_attribution
+  assert attr['tokens'] == sum(len(d) for d in docs)
+  assert len(attr['layers']) == CONFIG.num_layers
+  for layer, sources in attr['layers'].items():
+    assert sum(v['mass'] for v in sources.values()) == pytest.approx(1.0, abs=1e-5), layer
+  long_layer = attr['layers'][f'layers_{CONFIG.long_term_memory_layers[0]}']
+  assert any(s.startswith('long_term age') for s in long_layer)
