@@ -250,7 +250,7 @@ def print_plan(
   print(f'manifests: {manifest_dir} ({len(paths)} files, schema {schema_lib.SCHEMA_PATH})')
   print(f'image: {image}' + (' (built by the launch)' if build else ''))
   root = prepared_root()
-  if root and _SWEEP.value != 'prepare':
+  if root and prepared_reads():
     print(f'data: prepared splits under {root} (tasks.PreparedDataConfig.root)')
   for p in plans:
     pods = p.manifest['spec']['replicatedJobs'][0]['template']['spec']['parallelism']
