@@ -225,3 +225,12 @@ def test_local_prepare_rerun_skips_finished_steps(tmp_path):
   for split in ('train', 'validation', 'test'):
     meta = tmp_path / 'prepared' / 'local_books' / split / 'meta.json'
     assert f'[prepare/local_books/prepare_{split}] skipped: {meta} exists' in again.stdout
+
+
+def test_a_step_killed_by_a_signal_exits_128_plus_the_signal(tmp_path):
+  """subprocess reports -15 for SIGTERM; the step runner passes on 143, as a shell would (the
+  JobSet's failure policy tells signals from application errors by 128 + N)."""
+  kill_self = [sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGTERM)']
+  assert steps.run_subprocess(kill_self) == 143
+  assert steps.run_subprocess(kill_self, log=str(tmp_path / 'log')) == 143
+  assert steps.run_subprocess([sys.executable, '-c', 'raise SystemExit(3)']) == 3

@@ -27,6 +27,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -81,8 +82,23 @@ _REGISTRY = flags.DEFINE_string(
   'registry', '', 'Artifact Registry repository (default <region>-docker.pkg.dev/<project>/melodi)'
 )
 _BASE_IMAGE = flags.DEFINE_string('base_image', jobs_lib.BASE_IMAGE, 'base of the job image')
-_MAX_RESTARTS = flags.DEFINE_integer('max_restarts', 10, 'JobSet restarts (preemptions, crashes)')
+_MAX_RESTARTS = flags.DEFINE_integer(
+  'max_restarts',
+  gke.DEFAULT_MAX_RESTARTS,
+  'JobSet restarts after a crash (signal exits); disruptions and preemptions do not count, '
+  'application errors fail at once',
+)
+_PRIORITY_CLASS = flags.DEFINE_string(
+  'priority_class', gke.DEFAULT_PRIORITY_CLASS, "PriorityClass of the pods ('' : none), as xpk"
+)
 _CHECK_NODES = flags.DEFINE_bool('check_nodes', True, "preflight: the slice's nodes exist")
+_SKIP_POD_PREFLIGHT = flags.DEFINE_bool(
+  'skip_pod_preflight', False, 'skip the preflight Job (reads the splits as the pods would)'
+)
+_RECREATE_FAILED = flags.DEFINE_bool(
+  'recreate_failed', False, 'delete and recreate the Failed JobSets of the sweep'
+)
+_STATUS_LINES = flags.DEFINE_integer('status_lines', 20, '--status: log lines of a failed pod')
 _NAME_PREFIX = flags.DEFINE_string('name_prefix', 'melodi', 'prefix of the JobSet names')
 _EMIT = flags.DEFINE_enum(
   'emit', 'jobset', ['jobset', 'tpu-vm'], 'tpu-vm: print queued-resource + ssh commands instead'
@@ -159,26 +175,63 @@ def image_name(cloud: gke.CloudConfig) -> tuple[str, bool]:
   return f'{cloud.image_repository()}/melodi-t5x:{gke.git_commit()}', True
 
 
-def jobsets(jobs: Sequence[jobs_lib.JobSpec], image: str) -> list[gke.JobSetPlan]:
-  train_slice, timing_slice = slices()
-  plans = gke.build_jobsets(
-    jobs,
-    train_slice=train_slice,
-    timing_slice=timing_slice,
+def settings(image: str) -> gke.SliceSettings:
+  return gke.SliceSettings(
     image=image,
     queue=_QUEUE.value,
     max_restarts=_MAX_RESTARTS.value,
+    priority_class=_PRIORITY_CLASS.value,
+    model_root=_ROOT.value or '',
     prefix=_NAME_PREFIX.value,
+  )
+
+
+def jobsets(jobs: Sequence[jobs_lib.JobSpec], image: str) -> list[gke.JobSetPlan]:
+  train_slice, timing_slice = slices()
+  plans = gke.build_jobsets(
+    jobs, train_slice=train_slice, timing_slice=timing_slice, settings=settings(image)
   )
   for p in plans:
     schema_lib.validate(p.manifest)
   return plans
 
 
+def sweep_slice() -> gke.TpuSlice:
+  """The slice the sweep's JobSets run on."""
+  train_slice, timing_slice = slices()
+  return timing_slice if _SWEEP.value == 'timing' else train_slice
+
+
+def prepared_reads() -> list[str]:
+  """The prepared splits' meta.json files the sweep reads (none for timing and prepare)."""
+  if _SWEEP.value == 'prepare':
+    return []
+  tasks = jobs_lib.sweep_tasks(_SWEEP.value, _EXPERIMENT.value, _SIZE.value)
+  return gke.prepared_markers(prepared_root(), tasks)
+
+
+def pod_preflight_job(image: str, name: str) -> dict:
+  """The preflight Job of a launch (its marker goes to <model_dir_root>/preflight/)."""
+  marker = f'{_ROOT.value.rstrip("/")}/preflight/{name}.json'
+  manifest = gke.preflight_job_manifest(
+    name,
+    sweep_slice(),
+    settings(image),
+    reads=prepared_reads(),
+    marker=marker,
+    namespace=_NAMESPACE.value,
+  )
+  schema_lib.validate_job(manifest)
+  return manifest
+
+
+def preflight_job_name() -> str:
+  return gke.dns_label(f'{_NAME_PREFIX.value}-preflight-{int(time.time()):x}', 52)
+
+
 def summary(jobs: Sequence[jobs_lib.JobSpec], plans: Sequence[gke.JobSetPlan]) -> str:
   """'54 steps (18 train) -> 18 JobSets on v5e 4x8: 8 pods x google.com/tpu 4'."""
-  train_slice, timing_slice = slices()
-  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
+  tpu = sweep_slice()
   trains = sum(j.kind == 'train' for j in jobs)
   return f'{len(jobs)} steps ({trains} train) -> {len(plans)} JobSets on {tpu.summary()}'
 
@@ -197,7 +250,7 @@ def print_plan(
   print(f'manifests: {manifest_dir} ({len(paths)} files, schema {schema_lib.SCHEMA_PATH})')
   print(f'image: {image}' + (' (built by the launch)' if build else ''))
   root = prepared_root()
-  if root and _SWEEP.value != 'prepare':
+  if root and prepared_reads():
     print(f'data: prepared splits under {root} (tasks.PreparedDataConfig.root)')
   for p in plans:
     pods = p.manifest['spec']['replicatedJobs'][0]['template']['spec']['parallelism']
@@ -208,18 +261,45 @@ def print_plan(
       if job.output:
         print(f'     done when: {job.output}')
   print('\na real launch runs (nothing was contacted):')
+  for cmd in launch_plan_commands(cloud, image, build, plans, paths):
+    print(f'  {cmd.shell()}    # {cmd.purpose}')
+  tpu = sweep_slice()
+  if _SWEEP.value == 'timing' and cloud.queue:
+    print(
+      f'\nthe timing slice ({tpu.summary()}) is not the shape of an xpk cluster of '
+      f'{jobs_lib.ACCELERATORS[tpu.accelerator]} slices; add it once (preflight checks it):'
+    )
+    for cmd in gke.extra_slice_commands(cloud, tpu):
+      print(f'  {cmd.shell()}    # {cmd.purpose}')
+
+
+def launch_plan_commands(
+  cloud: gke.CloudConfig,
+  image: str,
+  build: bool,
+  plans: Sequence[gke.JobSetPlan],
+  paths: Sequence[str],
+) -> list[gke.Command]:
+  """The commands of a real launch, in order (those of the preflight as it reads them)."""
   commands = []
   if build:
     commands += gke.image_commands(cloud, image, '<git archive HEAD + Dockerfile>')
   commands.append(gke.credential_command(cloud))
-  tasks = jobs_lib.sweep_tasks(_SWEEP.value, _EXPERIMENT.value, _SIZE.value)
-  prepared = gke.prepared_markers(root, tasks) if _SWEEP.value != 'prepare' else []
-  train_slice, timing_slice = slices()
-  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
-  commands += gke.preflight_commands(cloud, [tpu], prepared)
+  commands += gke.preflight_commands(
+    cloud, [sweep_slice()], prepared_reads(), _PRIORITY_CLASS.value
+  )
+  if not _SKIP_POD_PREFLIGHT.value:
+    job = pod_preflight_job(image, preflight_job_name())
+    commands.append(
+      gke.Command(
+        ('kubectl', 'create', '-n', cloud.namespace, '-f', '-'),
+        'the preflight Job: '
+        + shlex.join(job['spec']['template']['spec']['containers'][0]['command']),
+      )
+    )
+  commands.append(gke.jobsets_command(cloud, gke.sweep_selector(plans)))
   commands += [gke.create_command(cloud, path) for path in paths]
-  for cmd in commands:
-    print(f'  {cmd.shell()}    # {cmd.purpose}')
+  return commands
 
 
 def print_tpu_vm(jobs, plans, cloud: gke.CloudConfig, image: str, build: bool) -> None:
@@ -260,22 +340,33 @@ def run_gke(jobs: Sequence[jobs_lib.JobSpec]) -> None:
     dirty = gke.uncommitted_changes()
     if dirty:
       print(f'note: {len(dirty)} uncommitted changes are not in the image (it is built from HEAD)')
-  train_slice, timing_slice = slices()
-  tpu = timing_slice if _SWEEP.value == 'timing' else train_slice
-  tasks = jobs_lib.sweep_tasks(_SWEEP.value, _EXPERIMENT.value, _SIZE.value)
-  prepared = gke.prepared_markers(prepared_root(), tasks) if _SWEEP.value != 'prepare' else []
   status = gke.launch(
     plans,
     paths,
     cloud,
-    tpus=[tpu],
+    tpus=[sweep_slice()],
     image=image,
     build=build,
-    prepared=prepared,
+    priority_class=_PRIORITY_CLASS.value,
+    prepared=prepared_reads(),
+    pod_preflight=None
+    if _SKIP_POD_PREFLIGHT.value
+    else pod_preflight_job(image, preflight_job_name()),
+    recreate_failed=_RECREATE_FAILED.value,
     make_context=lambda: gke.build_context(jobs_lib.dockerfile(_BASE_IMAGE.value)),
   )
-  created = sum(v == 'created' for v in status.values())
-  print(f'{summary(jobs, plans)}: {created} created, {len(status) - created} already there')
+  counts = {k: sum(v == k for v in status.values()) for k in ('created', 'recreated', 'exists')}
+  failed = sorted(name for name, v in status.items() if v == 'failed')
+  line = f'{summary(jobs, plans)}: {counts["created"]} created, '
+  if counts['recreated']:
+    line += f'{counts["recreated"]} Failed ones recreated, '
+  print(line + f'{counts["exists"]} already there, {len(failed)} Failed')
+  if failed:
+    print(
+      f'Failed JobSets, left as they are: {", ".join(failed)}\n'
+      '  why: python -m xm_launch.launch --status (same flags); to run them again, fix the cause '
+      'and re-launch with --recreate_failed'
+    )
   print(
     'monitor: python -m xm_launch.launch --status (same flags); kubectl get jobsets -l '
     + shlex.quote(gke.sweep_selector(plans))
@@ -283,20 +374,44 @@ def run_gke(jobs: Sequence[jobs_lib.JobSpec]) -> None:
 
 
 def print_status(jobs: Sequence[jobs_lib.JobSpec]) -> None:
-  """The sweep's JobSets on the cluster and which steps are done (their outputs exist)."""
+  """The sweep's JobSets on the cluster, the steps done, and why the Failed ones failed.
+
+  Outputs on GCS are looked up with the gcloud CLI (`gcloud storage ls`), not TensorFlow.
+  """
   cloud = cloud_config()
   gke.check_cloud_config(cloud)
   plans = jobsets(jobs, image='(status)')
-  gke.run_command(list(gke.credential_command(cloud).argv))
-  states = gke.jobset_states(cloud, gke.sweep_selector(plans))
+  call = gke.caller(log=None)
+  call(gke.credential_command(cloud))
+  states = gke.jobset_states(cloud, gke.sweep_selector(plans), call)
+  done = gke.existing_paths((j.output for j in jobs), call)
   finished = 0
   for p in plans:
-    state = states.get(p.name, {'state': 'not submitted', 'restarts': 0})
-    done = [j for j in p.jobs if j.output and steps_lib.path_exists(j.output)]
-    finished += len(done) == len(p.jobs)
-    steps = ' '.join(f'{j.kind}:{"done" if j in done else "-"}' for j in p.jobs)
-    print(f'{p.name:42s} {state["state"]:20s} restarts={state["restarts"]}  {steps}')
+    state = states.get(p.name, {'state': 'not submitted', 'restarts': 0, 'counted': 0})
+    finished += all(j.output in done for j in p.jobs)
+    steps = ' '.join(f'{j.kind}:{"done" if j.output in done else "-"}' for j in p.jobs)
+    restarts = f'restarts={state["restarts"]} ({state["counted"]} counted)'
+    print(f'{p.name:42s} {state["state"]:20s} {restarts:22s} {steps}')
+    if state['state'] == 'Failed':
+      print_failure(cloud, call, p, state, done)
   print(f'{finished} of {len(plans)} JobSets have every step done')
+
+
+def print_failure(cloud, call, plan: gke.JobSetPlan, state: dict, done: set[str]) -> None:
+  """The failed step and the failing pod's last log lines, indented under the JobSet."""
+  if state.get('message'):
+    print(f'  JobSet: {state["message"]}')
+  pod = gke.failing_pod(cloud, plan.name, call)
+  if pod is None:
+    print(f'  failed step: {gke.failed_step(plan, [], done)} (no failed pod is left to read)')
+    return
+  lines = gke.pod_log_tail(cloud, pod.pod, call, _STATUS_LINES.value)
+  why = f'exit code {pod.exit_code}' + (f' ({pod.reason})' if pod.reason else '')
+  why += ', node disruption' if pod.disrupted else ''
+  print(f'  failed step: {gke.failed_step(plan, lines, done)}; pod {pod.pod}: {why}')
+  print(f'  last {len(lines)} log lines (kubectl logs {pod.pod} --tail={_STATUS_LINES.value}):')
+  for line in lines:
+    print(f'    {line}')
 
 
 def run_local(jobs: Sequence[jobs_lib.JobSpec]) -> list[str]:

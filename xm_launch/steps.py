@@ -13,7 +13,8 @@ whose existence means it is done (the final checkpoint's
 restarted JobSet therefore resumes at the first unfinished step, and T5X resumes that step from
 its last checkpoint. A failed step stops the chain: the runner exits with the
 step's status. A plan that cannot run (unknown module, missing gin file) exits with
-`CONFIG_ERROR` (78), which the JobSet's pod failure policy does not retry.
+`CONFIG_ERROR` (78): like every application exit code it fails the JobSet at once
+(`xm_launch.gke.failure_policies`). A step killed by signal N gives 128 + N, as a shell would.
 
 Each step runs in its own process (`python -m xm_launch.steps --module=M [--distributed] -- ARGS`):
 on TPU that process calls `jax.distributed.initialize()` with no arguments (GKE injects
@@ -34,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-# Exit status of a configuration error (sysexits.h EX_CONFIG): never retried by the JobSet.
+# Exit status of a configuration error (sysexits.h EX_CONFIG): an application error, never retried.
 CONFIG_ERROR = 78
 # Placeholders in step arguments and outputs: this pod's index in its slice (Kubernetes'
 # JOB_COMPLETION_INDEX), plain and zero-padded to 5 digits.
@@ -144,12 +145,22 @@ def module_command(step: Step, worker: int = 0, distributed: bool = False) -> li
   return cmd + ['--'] + [fill(a, worker) for a in step.args]
 
 
+def exit_status(returncode: int) -> int:
+  """A process's status as a shell reports it: 128 + N for a process killed by signal N.
+
+  (subprocess gives -N, which `sys.exit` would turn into 256 - N: the JobSet's failure policy
+  tells signals from application errors by 128 + N.)
+  """
+  return 128 - returncode if returncode < 0 else returncode
+
+
 def run_subprocess(cmd: Sequence[str], log: str | None = None, cwd: str | None = None) -> int:
   """Runs a command (output to `log` when given, else inherited); returns its exit status."""
   if log is None:
-    return subprocess.run(list(cmd), cwd=cwd).returncode
+    return exit_status(subprocess.run(list(cmd), cwd=cwd).returncode)
   with open(log, 'w') as out:
-    return subprocess.run(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=cwd).returncode
+    proc = subprocess.run(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+  return exit_status(proc.returncode)
 
 
 def run_plan(
