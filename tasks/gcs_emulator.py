@@ -10,6 +10,12 @@ Every sub-folder of `--root` is a bucket (`gs://<folder>/...`). It is a real HTT
   GET /storage/v1/b/<bucket>/o/<object>             JSON API object metadata (size, generation)
   GET /storage/v1/b/<bucket>/o?prefix=P             JSON API listing
   GET /<bucket>/<object>                            XML API download (TF's GCS filesystem), Range
+  CONNECT <host>:443                                HTTPS proxy: the tunnel is answered by this
+                                                    emulator with a self-signed certificate
+
+TF's GCS filesystem (`tf.io.gfile`) has no endpoint setting; it reaches the emulator through the
+proxy: `https_proxy=http://127.0.0.1:<port>`, `CURL_CA_BUNDLE=<cert>` (`tls_env`), which needs the
+`openssl` command to make the certificate (`--tls_dir`).
 
 Each storage request waits `latency_ms` before answering (GCS's time to first byte; requests
 overlap, as on GCS). It counts requests and payload bytes: `GET /_emulator/stats` returns them,
@@ -26,6 +32,8 @@ import argparse
 import http.server
 import json
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -190,6 +198,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     else:
       self._error(405, 'this emulator is read-only')
 
+  def do_CONNECT(self):  # noqa: N802
+    """HTTPS proxy tunnel: TLS with the emulator's certificate, then the same routes inside."""
+    context = self.server.tls_context
+    if context is None:
+      self._error(405, 'start the emulator with --tls_dir to use it as an HTTPS proxy')
+      return
+    self.send_response(200, 'Connection established')
+    self.end_headers()
+    self.wfile.flush()
+    try:
+      tunnel = context.wrap_socket(self.connection, server_side=True)
+      _Handler(tunnel, self.client_address, self.server)
+    except (OSError, ssl.SSLError):
+      pass
+    self.close_connection = True
+
   def do_HEAD(self):  # noqa: N802
     self.do_GET()
 
@@ -246,11 +270,34 @@ class _Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
   request_queue_size = 128
 
-  def __init__(self, root: str, latency_s: float, port: int = 0):
+  def __init__(self, root: str, latency_s: float, port: int = 0, tls_dir: str | None = None):
     self.root = os.path.realpath(root)
     self.latency_s = latency_s
     self.stats = _Stats()
+    self.tls_context = None
+    if tls_dir:
+      self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+      self.tls_context.load_cert_chain(*_certificate(tls_dir))
     super().__init__(('127.0.0.1', port), _Handler)
+
+
+# Hosts TF's GCS filesystem talks to (metadata and media).
+_TLS_HOSTS = ('storage.googleapis.com', 'www.googleapis.com')
+
+
+def _certificate(tls_dir: str) -> tuple[str, str]:
+  """A self-signed certificate for the GCS hosts (made once per folder): (cert, key) paths."""
+  cert, key = os.path.join(tls_dir, 'cert.pem'), os.path.join(tls_dir, 'key.pem')
+  if not os.path.exists(cert):
+    names = ','.join(f'DNS:{h}' for h in _TLS_HOSTS)
+    subprocess.run(
+      ['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2']
+      + ['-subj', f'/CN={_TLS_HOSTS[0]}', '-addext', f'subjectAltName={names}']
+      + ['-keyout', key, '-out', cert],
+      check=True,
+      capture_output=True,
+    )
+  return cert, key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +308,7 @@ class Emulator:
   """A running emulator subprocess (see `start`)."""
 
   def __init__(self, process: subprocess.Popen, port: int):
+    self.tls_dir: str | None = None
     self.process = process
     self.port = port
     self.url = f'http://127.0.0.1:{port}'
@@ -281,6 +329,18 @@ class Emulator:
 
   def set_latency(self, ms: float) -> None:
     self._call('POST', f'/_emulator/latency?ms={ms}')
+
+  def tls_env(self) -> dict[str, str]:
+    """Environment that sends TF's GCS filesystem (libcurl) to this emulator through its proxy."""
+    if not self.tls_dir:
+      raise RuntimeError('The emulator has no TLS proxy (the openssl command was not found).')
+    return {
+      'https_proxy': self.url,
+      'HTTPS_PROXY': self.url,
+      'CURL_CA_BUNDLE': os.path.join(self.tls_dir, 'cert.pem'),
+      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
+      'NO_GCE_CHECK': 'true',
+    }
 
   def stop(self) -> None:
     if self.process.poll() is None:
@@ -305,19 +365,18 @@ def point_tensorstore_at(url: str) -> None:
 
 
 def start(root: str, latency_ms: float = 50.0, timeout_s: float = 30.0) -> Emulator:
-  """Starts the emulator on 127.0.0.1 (a free port) serving `root`; returns it once it listens."""
-  process = subprocess.Popen(
-    [
-      sys.executable,
-      os.path.abspath(__file__),
-      '--root',
-      str(root),
-      '--latency_ms',
-      str(latency_ms),
-    ],
-    stdout=subprocess.PIPE,
-    text=True,
-  )
+  """Starts the emulator on 127.0.0.1 (a free port) serving `root`; returns it once it listens.
+
+  With the `openssl` command it is also an HTTPS proxy for TF's GCS filesystem (`tls_env`).
+  """
+  command = [sys.executable, os.path.abspath(__file__), '--root', str(root)]
+  command += ['--latency_ms', str(latency_ms)]
+  tls_dir = None
+  if shutil.which('openssl'):
+    tls_dir = os.path.join(root, '.tls')
+    os.makedirs(tls_dir, exist_ok=True)
+    command += ['--tls_dir', tls_dir]
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
   line = [None]
 
   def read_port():
@@ -329,7 +388,9 @@ def start(root: str, latency_ms: float = 50.0, timeout_s: float = 30.0) -> Emula
   if not line[0] or not line[0].startswith('port '):
     process.kill()
     raise RuntimeError(f'The GCS emulator did not start within {timeout_s} s (got {line[0]!r}).')
-  return Emulator(process, int(line[0].split()[1]))
+  emulator = Emulator(process, int(line[0].split()[1]))
+  emulator.tls_dir = tls_dir
+  return emulator
 
 
 _SHARED: dict[str, Emulator] = {}
@@ -370,11 +431,12 @@ def main(argv=None) -> None:
   parser.add_argument('--root', required=True, help='folder whose sub-folders are the buckets')
   parser.add_argument('--latency_ms', type=float, default=50.0, help='wait before each answer')
   parser.add_argument('--port', type=int, default=0, help='0: a free port')
+  parser.add_argument('--tls_dir', default=None, help='HTTPS proxy: certificate made here')
   args = parser.parse_args(argv)
   if not os.path.isdir(args.root):
     raise SystemExit(f'--root {args.root!r} is not a folder.')
   try:
-    server = _Server(args.root, args.latency_ms / 1000, args.port)
+    server = _Server(args.root, args.latency_ms / 1000, args.port, args.tls_dir)
   except OSError as e:
     print(f'error {e}', flush=True)
     raise SystemExit(1) from e
