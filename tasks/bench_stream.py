@@ -281,6 +281,7 @@ def run_gcs(args) -> dict:
 
   root = args.dir or tempfile.mkdtemp(prefix='bench_stream_')
   bucket_dir = os.path.join(root, BENCH_BUCKET)
+  saved_env = {}
   local = os.path.join(bucket_dir, 'synthetic', 'train')
   try:
     t0 = time.perf_counter()
@@ -290,6 +291,7 @@ def run_gcs(args) -> dict:
     emulator = gcs_emulator.shared(args.latency_ms)
     path = gcs_emulator.add_bucket(emulator, BENCH_BUCKET, bucket_dir) + '/synthetic/train'
     if args.reader == 'gfile':
+      saved_env = {k: os.environ.get(k) for k in emulator.tls_env()}
       os.environ.update(emulator.tls_env())
       split_class = GfileSplit
       stream_kw = dict(lookahead_steps=0, block_bytes=4)  # one int32 or two uint16 tokens
@@ -348,6 +350,11 @@ def run_gcs(args) -> dict:
     result['layout'] = fastest
     return result
   finally:
+    for key, value in saved_env.items():  # the gfile reader's proxy settings
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)
 

@@ -161,6 +161,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.end_headers()
     if self.command == 'HEAD':
       return
+    with self.server.stats.lock:  # counted before sending: a client that has it sees it counted
+      self.server.stats.bytes_served += stop - start
     with open(path, 'rb') as f:
       pos = start
       while pos < stop:
@@ -169,8 +171,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
           break
         self.wfile.write(data)
         pos += len(data)
-    with self.server.stats.lock:
-      self.server.stats.bytes_served += stop - start
 
   def _count(self, kind: str) -> None:
     with self.server.stats.lock:

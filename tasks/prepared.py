@@ -17,8 +17,8 @@ A prepared split is a folder (written by `python -m tasks.prepare`, read by
 
 Why flat shards and not ArrayRecord/grain or seqio's TFRecord cache: MELODI reads a document
 chunk by chunk over many steps and restores at any (document, chunk). With a flat file a chunk is
-one positioned read (`os.pread` of L + 1 tokens; GCS: seek + read) found from the index in O(1),
-so a host reads only its rows' chunks, holds no whole document, and restores by seeking. Records
+a byte range (L + 1 tokens) found from the index in O(1), so a host reads only its rows' chunks,
+holds no whole document, and restores by seeking. Records
 (ArrayRecord, TFRecord) would be whole documents (tens of MB for a PG-19 book, read at once) or
 chunks (which freezes the chunk length at preparation time). Here the chunk length is chosen when
 reading, as with the on-the-fly path. `meta.json` is written last: a folder without it is
@@ -26,6 +26,14 @@ incomplete.
 
 The chunking at read time (`chunk_at`) is the numpy twin of `tasks.preprocessors.chunk_tokens`;
 `tests/test_prepared.py` checks that both give the same batches.
+
+Reading (`PreparedSplit`, `ReadAhead`) goes through tensorstore's kvstore, one code path for a
+local folder (`file` driver) and `gs://` (`gcs` driver, the client orbax already uses for T5X's
+checkpoints): byte-ranged, asynchronous requests. A stream reads each row's document ahead in
+requests of `DEFAULT_BLOCK_BYTES` (never past the document's end), planned from the schedule
+`lookahead_steps` ahead, so the requests run while the steps before them do and every fetched
+byte is used (tasks/README.md has the measurements against a GCS emulator). Writing uses
+`tf.io.gfile` for URLs.
 """
 
 from __future__ import annotations
@@ -500,6 +508,12 @@ class ReadAhead:
       while stream.fetches and stream.fetches[0].stop <= keep:
         stream.fetches.popleft()
     return out
+
+  def wait(self) -> None:
+    """Waits for every request in flight (tests and benchmarks count what arrived)."""
+    for stream in self._streams.values():
+      for f in stream.fetches:
+        f.tokens()
 
   def drop(self, key) -> None:
     """Forgets a row's requests (cancelling those still in flight)."""

@@ -9,8 +9,9 @@ of `(seed, e)` (a full permutation when shuffling; the prepared order otherwise)
 has `G = batch_size * num_shards` rows; when a row's document ends, the row takes the next document
 of that order at the next step (rows in increasing order). Document lengths are in the index, so
 every host computes the whole schedule without reading tokens, and host `h` reads only the chunks
-of its rows `[h * batch_size, (h + 1) * batch_size)`: one positioned read of L + 1 tokens per row
-and step. Consequences:
+of its rows `[h * batch_size, (h + 1) * batch_size)`: L + 1 tokens per row and step. The chunks
+of the next `lookahead_steps` steps are requested ahead (`tasks.prepared.ReadAhead`: per row, its
+document in large sequential ranged requests), so the reads overlap the steps. Consequences:
 
 - every document is read exactly once per epoch, by one row of one host; a finite stream
   (`repeat=False`, evaluation) emits every chunk once, and all hosts run the same number of steps
