@@ -410,6 +410,7 @@ def shared(latency_ms: float = 50.0) -> Emulator:
     root = tempfile.mkdtemp(prefix='gcs_emulator_')
     emulator = start(root, latency_ms)
     emulator.root = root
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # runs after the stop below
     atexit.register(emulator.stop)
     _SHARED['emulator'] = emulator
     point_tensorstore_at(emulator.url)
