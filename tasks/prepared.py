@@ -17,8 +17,8 @@ A prepared split is a folder (written by `python -m tasks.prepare`, read by
 
 Why flat shards and not ArrayRecord/grain or seqio's TFRecord cache: MELODI reads a document
 chunk by chunk over many steps and restores at any (document, chunk). With a flat file a chunk is
-one positioned read (`os.pread` of L + 1 tokens; GCS: seek + read) found from the index in O(1),
-so a host reads only its rows' chunks, holds no whole document, and restores by seeking. Records
+a byte range (L + 1 tokens) found from the index in O(1), so a host reads only its rows' chunks,
+holds no whole document, and restores by seeking. Records
 (ArrayRecord, TFRecord) would be whole documents (tens of MB for a PG-19 book, read at once) or
 chunks (which freezes the chunk length at preparation time). Here the chunk length is chosen when
 reading, as with the on-the-fly path. `meta.json` is written last: a folder without it is
@@ -26,10 +26,19 @@ incomplete.
 
 The chunking at read time (`chunk_at`) is the numpy twin of `tasks.preprocessors.chunk_tokens`;
 `tests/test_prepared.py` checks that both give the same batches.
+
+Reading (`PreparedSplit`, `ReadAhead`) goes through tensorstore's kvstore, one code path for a
+local folder (`file` driver) and `gs://` (`gcs` driver, the client orbax already uses for T5X's
+checkpoints): byte-ranged, asynchronous requests. A stream reads each row's document ahead in
+requests of `DEFAULT_BLOCK_BYTES` (never past the document's end), planned from the schedule
+`lookahead_steps` ahead, so the requests run while the steps before them do and every fetched
+byte is used (tasks/README.md has the measurements against a GCS emulator). Writing uses
+`tf.io.gfile` for URLs.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -239,36 +248,94 @@ def chunk_at(
   return targets, inputs
 
 
+# Read-ahead defaults (per host). A block is one ranged request of a row's document (clipped at
+# the document's end); 1 MiB is 128 steps of a 4096-token uint16 row, so a long document costs
+# one request per 128 steps and a row, each with GCS's ~50 ms to first byte hidden behind the
+# steps before it.
+DEFAULT_BLOCK_BYTES = 1 << 20
+# Fetched but not yet consumed bytes at most, per stream (the planner stops planning beyond it).
+DEFAULT_BUFFER_BYTES = 64 << 20
+
+
+def kvstore_spec(path: str) -> dict[str, Any]:
+  """The tensorstore kvstore of a prepared split's folder: `gs://bucket/dir` or a local folder.
+
+  GCS credentials are tensorstore's: Google application default credentials
+  (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's, or the metadata server of the VM / GKE workload
+  identity), anonymous without any. An emulator is used when `TENSORSTORE_GCS_HTTP_URL` (or
+  `STORAGE_EMULATOR_HOST`, copied to it) is set before the first `gs://` read.
+  """
+  path = str(path)
+  if path.startswith('gs://'):
+    bucket, _, prefix = path[len('gs://') :].partition('/')
+    if not bucket:
+      raise ValueError(f'No bucket in the prepared split path {path!r} (expected gs://BUCKET/DIR).')
+    emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+    if emulator and 'TENSORSTORE_GCS_HTTP_URL' not in os.environ:
+      os.environ['TENSORSTORE_GCS_HTTP_URL'] = (
+        emulator if '://' in emulator else f'http://{emulator}'
+      )
+    prefix = prefix.strip('/')
+    return {'driver': 'gcs', 'bucket': bucket, 'path': prefix + '/' if prefix else ''}
+  if _is_remote(path):
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
+    try:
+      spec = ts.KvStore.Spec(path.rstrip('/') + '/').to_json()
+    except ValueError as e:
+      raise ValueError(
+        f'Prepared split path {path!r}: tensorstore has no kvstore for this URL scheme ({e}). '
+        'Use gs://BUCKET/DIR, another tensorstore URL (s3://, file://) or a local folder.'
+      ) from e
+    return spec
+  return {'driver': 'file', 'path': os.path.abspath(path) + '/'}
+
+
 class PreparedSplit:
   """Read access to a prepared split: the index in memory, tokens read on demand.
 
-  Shard files are opened on first use only, so a host opens just the shards its rows' documents
-  live in. `reads` counts the positioned reads per document ordinal (tests and the benchmark use
-  it to show what a host or a restore read).
+  Every read goes through one tensorstore kvstore (`kvstore_spec`: the `file` driver for a local
+  folder, `gcs` for `gs://`), as byte-ranged requests: `read` is one request; a stream reads
+  through a `ReadAhead`, whose requests are large, sequential per row and overlap the steps.
+
+  Counters (tests and the benchmark use them): `reads` counts the positioned reads per document
+  ordinal (what a host or a restore read, whatever the requests); `requests` and `bytes_fetched`
+  count the token requests and their bytes; `opened_shards` lists the shards read from.
   """
 
   def __init__(self, path: str):
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
     self.path = str(path)
-    meta_path = _join(self.path, META_FILE)
-    if not exists(meta_path):
+    self._store = ts.KvStore.open(kvstore_spec(self.path)).result()
+    meta = self._get(META_FILE)
+    if meta is None:
       raise FileNotFoundError(
         f'No prepared split at {self.path!r} (no {META_FILE}; an interrupted preparation leaves '
         'none). Write it with `python -m tasks.prepare --task=TASK --split=SPLIT --out=ROOT`.'
       )
-    with open_file(meta_path, 'r') as f:
-      self.meta = json.loads(f.read())
+    self.meta = json.loads(meta)
     if self.meta.get('format_version') != FORMAT_VERSION:
       raise ValueError(
         f'Prepared split {self.path!r} has format version {self.meta.get("format_version")}, this '
         f'code reads {FORMAT_VERSION}: prepare it again.'
       )
-    with open_file(_join(self.path, INDEX_FILE), 'rb') as f:
-      self.index = np.load(f, allow_pickle=False)
+    index = self._get(INDEX_FILE)
+    if index is None:
+      raise FileNotFoundError(f'Prepared split {self.path!r}: {INDEX_FILE} is missing.')
+    self.index = np.load(io.BytesIO(index), allow_pickle=False)
     if self.index.dtype != INDEX_DTYPE or len(self.index) != self.meta['num_documents']:
       raise ValueError(f'Prepared split {self.path!r}: index does not match {META_FILE}.')
     self.dtype = np.dtype(self.meta['token_dtype'])
-    self._files: dict[int, Any] = {}
     self.reads = np.zeros(len(self.index), np.int64)
+    self.requests = 0
+    self.bytes_fetched = 0
+    self._shards_read: set[int] = set()
+
+  def _get(self, key: str) -> bytes | None:
+    """A whole small object (meta, index), None when missing."""
+    result = self._store.read(key).result()
+    return None if result.state == 'missing' else bytes(result.value)
 
   @property
   def num_documents(self) -> int:
@@ -280,40 +347,183 @@ class PreparedSplit:
 
   @property
   def opened_shards(self) -> list[int]:
-    return sorted(self._files)
+    return sorted(self._shards_read)
 
-  def _file(self, shard: int):
-    f = self._files.get(shard)
-    if f is None:
-      path = _join(self.path, self.meta['shards'][shard])
-      f = open_file(path, 'rb')
-      self._files[shard] = f
-    return f
+  def fetch(self, ordinal: int, start: int, stop: int):
+    """Starts one ranged request for tokens [start, stop) of document `ordinal`: a `Fetch`."""
+    rec = self.index[ordinal]
+    if not 0 <= start < stop <= int(rec['length']):
+      raise IndexError(f'[{start}, {stop}) outside document {ordinal} ({rec["length"]} tokens).')
+    shard = int(rec['shard'])
+    itemsize = self.dtype.itemsize
+    lo = (int(rec['offset']) + start) * itemsize
+    hi = (int(rec['offset']) + stop) * itemsize
+    self.requests += 1
+    self.bytes_fetched += hi - lo
+    self._shards_read.add(shard)
+    name = self.meta['shards'][shard]
+    return Fetch(self, name, start, stop, self._store.read(name, byte_range=slice(lo, hi)))
 
   def read(self, ordinal: int, start: int, stop: int) -> np.ndarray:
-    """Tokens [start, stop) of document `ordinal` (one positioned read)."""
-    rec = self.index[ordinal]
-    if not 0 <= start <= stop <= int(rec['length']):
-      raise IndexError(f'[{start}, {stop}) outside document {ordinal} ({rec["length"]} tokens).')
+    """Tokens [start, stop) of document `ordinal` (one positioned read: one request)."""
     self.reads[ordinal] += 1
-    itemsize = self.dtype.itemsize
-    pos = (int(rec['offset']) + start) * itemsize
-    size = (stop - start) * itemsize
-    f = self._file(int(rec['shard']))
-    if isinstance(f, io.BufferedReader):
-      data = os.pread(f.fileno(), size, pos)
-    else:
-      f.seek(pos)
-      data = f.read(size)
-    if len(data) != size:
-      raise ValueError(f'Prepared split {self.path!r}: shard {rec["shard"]} is truncated.')
-    return np.frombuffer(data, self.dtype)
+    if start == stop:
+      if not 0 <= start <= int(self.index[ordinal]['length']):
+        raise IndexError(f'[{start}, {stop}) outside document {ordinal}.')
+      return np.zeros(0, self.dtype)
+    return self.fetch(ordinal, start, stop).tokens()
 
   def document(self, ordinal: int) -> np.ndarray:
     """All tokens of a document (tests and tools)."""
     return self.read(ordinal, 0, int(self.index[ordinal]['length'])).astype(np.int32)
 
   def close(self) -> None:
-    for f in self._files.values():
-      f.close()
-    self._files.clear()
+    """Nothing stays open between reads (kept for callers that close a split)."""
+
+
+class Fetch:
+  """One ranged request in flight: tokens [start, stop) of a document (document coordinates)."""
+
+  def __init__(self, split: PreparedSplit, shard_name: str, start: int, stop: int, future):
+    self.split = split
+    self.shard_name = shard_name
+    self.start = start
+    self.stop = stop
+    self._future = future
+    self._tokens: np.ndarray | None = None
+
+  def tokens(self) -> np.ndarray:
+    """The tokens (waits for the request)."""
+    if self._tokens is None:
+      result = self._future.result()
+      size = (self.stop - self.start) * self.split.dtype.itemsize
+      if result.state == 'missing':
+        raise FileNotFoundError(
+          f'Prepared split {self.split.path!r}: shard {self.shard_name} is missing.'
+        )
+      if len(result.value) != size:
+        raise ValueError(
+          f'Prepared split {self.split.path!r}: shard {self.shard_name} is truncated.'
+        )
+      self._tokens = np.frombuffer(result.value, self.split.dtype)
+      self._future = None
+    return self._tokens
+
+  def cancel(self) -> None:
+    if self._future is not None:
+      self._future.cancel()
+
+
+class _RowStream:
+  """The requests of one document read by one row: contiguous fetches from `start` on."""
+
+  def __init__(self, ordinal: int, start: int):
+    self.ordinal = ordinal
+    self.fetches: collections.deque[Fetch] = collections.deque()
+    self.consumed = start  # tokens before this are no longer needed
+    self.fetched_to = start  # requests cover [consumed, fetched_to)
+
+
+class ReadAhead:
+  """Read-ahead for a stream: each row's document in large sequential ranged requests, in flight
+  while the steps before them run (tensorstore's requests are asynchronous).
+
+  The stream calls `want(key, ordinal, start, stop)` for the chunks of the steps ahead (`key`
+  names one read of a document by one row, e.g. its (epoch, position) in the schedule): a want
+  beyond what is requested starts a request of `block_bytes` from there (clipped at the
+  document's end, and at least up to `stop`). `read` then serves a chunk from the requests,
+  waiting only if its request has not arrived. Requests never cross a document's end or start
+  before the first wanted token, so every fetched byte is read by the stream unless it stops
+  first (at most the buffer); a restore wants from the saved chunk on, reading nothing before it.
+
+  Args:
+    split: the prepared split.
+    block_bytes: bytes per request (a multiple of the token size is used).
+    max_buffer_bytes: `buffered_bytes` above which the stream plans no further ahead.
+  """
+
+  def __init__(self, split: PreparedSplit, block_bytes=None, max_buffer_bytes=None):
+    block_bytes = DEFAULT_BLOCK_BYTES if block_bytes is None else int(block_bytes)
+    max_buffer_bytes = DEFAULT_BUFFER_BYTES if max_buffer_bytes is None else int(max_buffer_bytes)
+    if block_bytes < split.dtype.itemsize:
+      raise ValueError(
+        f'block_bytes must be >= {split.dtype.itemsize} (one token), got {block_bytes}.'
+      )
+    if max_buffer_bytes < 0:
+      raise ValueError(f'max_buffer_bytes must be >= 0, got {max_buffer_bytes}.')
+    self.split = split
+    self.block_tokens = block_bytes // split.dtype.itemsize
+    self.max_buffer_bytes = max_buffer_bytes
+    self._streams: dict[Any, _RowStream] = {}
+    self._buffered_tokens = 0
+    self.bytes_used = 0  # bytes of the chunks served by `read`
+
+  @property
+  def buffered_bytes(self) -> int:
+    """Requested (in flight or arrived) and not yet read bytes."""
+    return self._buffered_tokens * self.split.dtype.itemsize
+
+  def full(self) -> bool:
+    return self.buffered_bytes >= self.max_buffer_bytes
+
+  def want(self, key, ordinal: int, start: int, stop: int) -> None:
+    """Makes sure requests cover tokens [start, stop) of document `ordinal` for `key`."""
+    stream = self._streams.get(key)
+    if stream is None or stream.ordinal != ordinal or start < stream.consumed:
+      self.drop(key)
+      stream = self._streams[key] = _RowStream(ordinal, start)
+    length = int(self.split.index[ordinal]['length'])
+    while stream.fetched_to < stop:
+      lo = stream.fetched_to
+      hi = min(length, max(stop, lo + self.block_tokens))
+      stream.fetches.append(self.split.fetch(ordinal, lo, hi))
+      stream.fetched_to = hi
+      self._buffered_tokens += hi - lo
+
+  def read(self, key, ordinal: int, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) of document `ordinal` for `key`; what precedes `stop - 1` is freed.
+
+    The next chunk of a row starts one token before this one's end (its first input), so that
+    token is kept; at the document's end the row's requests are all released.
+    """
+    self.split.reads[ordinal] += 1
+    self.want(key, ordinal, start, stop)
+    stream = self._streams[key]
+    parts = []
+    for f in stream.fetches:
+      if f.stop <= start:
+        continue
+      if f.start >= stop:
+        break
+      tokens = f.tokens()
+      parts.append(tokens[max(start, f.start) - f.start : min(stop, f.stop) - f.start])
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    self.bytes_used += (stop - start) * self.split.dtype.itemsize
+    if stop >= int(self.split.index[ordinal]['length']):
+      self.drop(key)
+    else:
+      keep = stop - 1
+      self._buffered_tokens -= keep - stream.consumed
+      stream.consumed = keep
+      while stream.fetches and stream.fetches[0].stop <= keep:
+        stream.fetches.popleft()
+    return out
+
+  def wait(self) -> None:
+    """Waits for every request in flight (tests and benchmarks count what arrived)."""
+    for stream in self._streams.values():
+      for f in stream.fetches:
+        f.tokens()
+
+  def drop(self, key) -> None:
+    """Forgets a row's requests (cancelling those still in flight)."""
+    stream = self._streams.pop(key, None)
+    if stream is not None:
+      self._buffered_tokens -= stream.fetched_to - stream.consumed
+      for f in stream.fetches:
+        f.cancel()
+
+  def clear(self) -> None:
+    """Forgets every request (a reset or a restore)."""
+    for key in list(self._streams):
+      self.drop(key)

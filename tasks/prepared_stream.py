@@ -9,8 +9,9 @@ of `(seed, e)` (a full permutation when shuffling; the prepared order otherwise)
 has `G = batch_size * num_shards` rows; when a row's document ends, the row takes the next document
 of that order at the next step (rows in increasing order). Document lengths are in the index, so
 every host computes the whole schedule without reading tokens, and host `h` reads only the chunks
-of its rows `[h * batch_size, (h + 1) * batch_size)`: one positioned read of L + 1 tokens per row
-and step. Consequences:
+of its rows `[h * batch_size, (h + 1) * batch_size)`: L + 1 tokens per row and step. The chunks
+of the next `lookahead_steps` steps are requested ahead (`tasks.prepared.ReadAhead`: per row, its
+document in large sequential ranged requests), so the reads overlap the steps. Consequences:
 
 - every document is read exactly once per epoch, by one row of one host; a finite stream
   (`repeat=False`, evaluation) emits every chunk once, and all hosts run the same number of steps
@@ -38,6 +39,32 @@ from tasks.preprocessors import START_OF_DOCUMENT_ID
 
 STATE_VERSION = 1
 STATE_KIND = 'prepared'
+# Steps planned ahead (their chunks requested) at most: with 4-8 rows of 4096 tokens, 256 steps
+# are 8-16 MiB, enough to hide GCS's ~50 ms per request at thousands of steps per second.
+DEFAULT_LOOKAHEAD_STEPS = 256
+
+
+class _Position:
+  """A position in the global schedule.
+
+  rows: per global row, None or `[epoch, position in the epoch's order, ordinal, next chunk]`;
+  epoch / next_position: of the next document to hand out; exhausted: a finite stream's end;
+  step: batches produced.
+  """
+
+  def __init__(self, global_rows: int):
+    self.rows: list[list[int] | None] = [None] * global_rows
+    self.epoch = 0
+    self.next_position = 0
+    self.exhausted = False
+    self.step = 0
+
+  def copy(self) -> _Position:
+    other = _Position(0)
+    other.rows = [None if row is None else list(row) for row in self.rows]
+    other.epoch, other.next_position = self.epoch, self.next_position
+    other.exhausted, other.step = self.exhausted, self.step
+    return other
 
 
 class PreparedStreamIterator(streaming.ChunkStream):
@@ -54,6 +81,9 @@ class PreparedStreamIterator(streaming.ChunkStream):
     repeat: True: endless epochs (training); False: one pass, padded rows at the end (eval).
     start_id: input token of a document's first position (as in `tasks.preprocessors`).
     name: name of the source for messages and the state (e.g. the task name).
+    lookahead_steps: steps whose chunks are requested ahead of the current one (at most).
+    block_bytes: bytes per request of a row's document (`tasks.prepared.ReadAhead`).
+    max_buffer_bytes: requested but unread bytes above which no further step is planned.
   """
 
   # The schedule (and so the state and the document check) is the same on every host.
@@ -72,6 +102,9 @@ class PreparedStreamIterator(streaming.ChunkStream):
     repeat: bool = True,
     start_id: int = START_OF_DOCUMENT_ID,
     name: str | None = None,
+    lookahead_steps: int = DEFAULT_LOOKAHEAD_STEPS,
+    block_bytes: int | None = None,
+    max_buffer_bytes: int | None = None,
   ):
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
@@ -79,6 +112,8 @@ class PreparedStreamIterator(streaming.ChunkStream):
       raise ValueError(f'Need 0 <= shard_id < num_shards, got {shard_id} and {num_shards}.')
     if chunk_length < 1:
       raise ValueError(f'chunk_length must be >= 1, got {chunk_length}.')
+    if lookahead_steps < 0:
+      raise ValueError(f'lookahead_steps must be >= 0, got {lookahead_steps}.')
     if isinstance(split, prepared_lib.PreparedSplit):
       self._data = split
     else:
@@ -98,6 +133,8 @@ class PreparedStreamIterator(streaming.ChunkStream):
     self._lengths = index['length'].astype(np.int64)
     self._num_chunks = -(-self._lengths // self._chunk_length)
     self._orders: dict[int, np.ndarray] = {}
+    self._lookahead_steps = int(lookahead_steps)
+    self._reader = prepared_lib.ReadAhead(self._data, block_bytes, max_buffer_bytes)
     self.reset()
 
   # ----------------------------------------------------------------------------------------------
@@ -117,7 +154,7 @@ class PreparedStreamIterator(streaming.ChunkStream):
         order = rng.permutation(n)
       else:
         order = np.arange(n)
-      if len(self._orders) >= 2:  # rows span at most the current and the previous epoch
+      if len(self._orders) >= 3:  # rows span at most two epochs, the read-ahead one more
         self._orders.pop(min(self._orders))
       self._orders[epoch] = order
     return order
@@ -137,70 +174,107 @@ class PreparedStreamIterator(streaming.ChunkStream):
         'documents.'
       )
 
-  def _take(self) -> list[int] | None:
+  def _take(self, p: _Position) -> list[int] | None:
     """The next document of the schedule as a row `[epoch, position, ordinal, next_chunk]`."""
-    if self._exhausted:
+    if p.exhausted:
       return None
     n = self._data.num_documents
-    if self._next_position >= n:
+    if p.next_position >= n:
       if not self._repeat or n == 0:
         if self._repeat:
           raise ValueError(f'Prepared split {self._data.path!r} ({self._name}) has no documents.')
-        self._exhausted = True
+        p.exhausted = True
         return None
-      self._epoch += 1
-      self._next_position = 0
-    position = self._next_position
-    self._next_position += 1
-    return [self._epoch, position, int(self.order(self._epoch)[position]), 0]
+      p.epoch += 1
+      p.next_position = 0
+    position = p.next_position
+    p.next_position += 1
+    return [p.epoch, position, int(self.order(p.epoch)[position]), 0]
 
-  def _fill_rows(self) -> bool:
+  def _fill_rows(self, p: _Position) -> bool:
     for g in range(self._global_rows):
-      if self._rows[g] is None:
-        self._rows[g] = self._take()
-    return any(row is not None for row in self._rows)
+      if p.rows[g] is None:
+        p.rows[g] = self._take(p)
+    return any(row is not None for row in p.rows)
 
-  def _advance_rows(self) -> None:
-    for g, row in enumerate(self._rows):
+  def _advance_rows(self, p: _Position) -> None:
+    for g, row in enumerate(p.rows):
       if row is not None:
         row[3] += 1
         if row[3] == self._num_chunks[row[2]]:
-          self._rows[g] = None
-    self._step += 1
+          p.rows[g] = None
+    p.step += 1
+
+  def _chunk_span(self, row: list[int]) -> tuple[int, int]:
+    """Tokens [start, stop) that `chunk_at` reads for a row's next chunk (L + 1 but for chunk 0)."""
+    c, n = row[3], self._chunk_length
+    return max(c * n - 1, 0), min((c + 1) * n, int(self._lengths[row[2]]))
 
   def skip(self, steps: int) -> int:
     """Advances the schedule by up to `steps` batches without reading tokens; returns the count."""
+    self._forget_plan()
     done = 0
-    while done < steps and self._fill_rows():
-      self._advance_rows()
+    while done < steps and self._fill_rows(self._pos):
+      self._advance_rows(self._pos)
       done += 1
     return done
+
+  # ----------------------------------------------------------------------------------------------
+  # Read-ahead.
+
+  def _forget_plan(self) -> None:
+    """Drops the planned steps and their requests (the position jumped)."""
+    self._reader.clear()
+    self._ahead: _Position | None = None
+    self._planned = 0
+
+  def _plan(self) -> None:
+    """Requests the chunks of this host's rows for the next `lookahead_steps` steps.
+
+    A copy of the position walks the schedule ahead of the stream (the schedule needs no tokens);
+    planning stops early when the read-ahead buffer is full. Called with the current step's rows
+    filled; `_planned` counts the planned steps from the current one on.
+    """
+    if self._ahead is None:
+      self._ahead, self._planned = self._pos.copy(), 0
+    while self._planned <= self._lookahead_steps and not self._reader.full():
+      if not self._fill_rows(self._ahead):
+        break
+      for r in range(self._batch_size):
+        row = self._ahead.rows[self._first_row + r]
+        if row is not None:
+          self._reader.want((row[0], row[1]), row[2], *self._chunk_span(row))
+      self._advance_rows(self._ahead)
+      self._planned += 1
 
   # ----------------------------------------------------------------------------------------------
   # DatasetIterator interface.
 
   def reset(self) -> None:
     """Goes back to the beginning of the stream."""
-    self._epoch = 0
-    self._next_position = 0
-    self._exhausted = False
-    self._rows: list[list[int] | None] = [None] * self._global_rows
-    self._step = 0
+    self._pos = _Position(self._global_rows)
+    self._forget_plan()
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if not self._fill_rows():
+    if not self._fill_rows(self._pos):
       raise StopIteration
+    self._plan()
     b, n = self._batch_size, self._chunk_length
     batch = streaming.padding_batch(b, n)
     index = self._data.index
     for r in range(b):
-      row = self._rows[self._first_row + r]
+      row = self._pos.rows[self._first_row + r]
       if row is None:
         continue
       ordinal, c = row[2], row[3]
       length = int(self._lengths[ordinal])
+      key = (row[0], row[1])
       targets, inputs = prepared_lib.chunk_at(
-        lambda lo, hi, o=ordinal: self._data.read(o, lo, hi), length, c, n, self._start_id
+        lambda lo, hi, o=ordinal, k=key: self._reader.read(k, o, lo, hi),
+        length,
+        c,
+        n,
+        self._start_id,
       )
       streaming.put_row(
         batch,
@@ -211,8 +285,17 @@ class PreparedStreamIterator(streaming.ChunkStream):
         document_id=index[ordinal]['document_id'],
         chunk_index=c,
       )
-    self._advance_rows()
+    self._advance_rows(self._pos)
+    if self._planned:
+      self._planned -= 1
+    else:  # nothing was planned (the buffer was full): the copy is behind, start it afresh
+      self._ahead = None
     return batch
+
+  @property
+  def reader(self) -> prepared_lib.ReadAhead:
+    """The read-ahead (its `bytes_used`; the split counts requests and bytes fetched)."""
+    return self._reader
 
   # ----------------------------------------------------------------------------------------------
   # State.
@@ -233,7 +316,7 @@ class PreparedStreamIterator(streaming.ChunkStream):
     """The position as a JSON-able dict (identical on every host)."""
     rows = []
     index = self._data.index
-    for row in self._rows:
+    for row in self._pos.rows:
       if row is None:
         rows.append(None)
         continue
@@ -254,10 +337,10 @@ class PreparedStreamIterator(streaming.ChunkStream):
       'source': self._name,
       'settings': self._settings(),
       'topology': {'num_shards': self._num_shards, 'batch_size': self._batch_size},
-      'step': self._step,
-      'epoch': self._epoch,
-      'next_position': self._next_position,
-      'exhausted': self._exhausted,
+      'step': self._pos.step,
+      'epoch': self._pos.epoch,
+      'next_position': self._pos.next_position,
+      'exhausted': self._pos.exhausted,
       'rows': rows,
     }
 
@@ -308,11 +391,14 @@ class PreparedStreamIterator(streaming.ChunkStream):
           'changed since the state was saved.'
         )
       rows.append([epoch, position, ordinal, chunk])
-    self._rows = rows
-    self._epoch = int(state['epoch'])
-    self._next_position = int(state['next_position'])
-    self._exhausted = bool(state['exhausted'])
-    self._step = int(state['step'])
+    pos = _Position(self._global_rows)
+    pos.rows = rows
+    pos.epoch = int(state['epoch'])
+    pos.next_position = int(state['next_position'])
+    pos.exhausted = bool(state['exhausted'])
+    pos.step = int(state['step'])
+    self._pos = pos
+    self._forget_plan()
 
 
 def make_task_stream(
