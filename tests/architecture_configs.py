@@ -23,7 +23,7 @@ def _tiny(name: str):
   cfg = experiments.decoder_config([arch.gin_file, TINY_GIN], BINDINGS)
   if type(cfg) is not arch.config_class:
     raise AssertionError(
-      f'{arch.gin_file} builds {type(cfg).__name__}, not {name!r}\'s {arch.config_class.__name__}'
+      f"{arch.gin_file} builds {type(cfg).__name__}, not {name!r}'s {arch.config_class.__name__}"
     )
   return cfg
 

@@ -106,7 +106,10 @@ def _tiny_configs():
   yield 'xl_small', config_lib.XLConfig(**TINY)
   yield 'xl_hk_ne_d', config_lib.XLConfig(**{**TINY, 'num_heads': 3, 'head_dim': 4})
   yield 'xl_nocache', config_lib.XLConfig(**TINY, use_cache=False)
-  yield 'memorizing_small', config_lib.MemorizingConfig(**TINY, memory_layer_index=1, memory_size=16)
+  yield (
+    'memorizing_small',
+    config_lib.MemorizingConfig(**TINY, memory_layer_index=1, memory_size=16),
+  )
   yield 'brt_small', config_lib.BRTConfig(**TINY, recurrent_layer_index=1, num_states=3)
 
 
