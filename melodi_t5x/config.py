@@ -150,6 +150,48 @@ class BaseConfig:
     )
 
 
+def shared_field_names() -> tuple[str, ...]:
+  """The fields every architecture's config has (`BaseConfig`'s)."""
+  return tuple(f.name for f in dataclasses.fields(BaseConfig))
+
+
+def with_shared_fields(config_class: type, **shared) -> BaseConfig:
+  """`config_class(...)` with the shared fields given once for every architecture (gin).
+
+  gin/models/common.gin binds the shared sizes (`num_layers`, `embed_dim`, ...) on this function
+  once, from its macros; each model file binds `config_class` in its own scope, e.g.
+  `xl.XLDecoder.config = @xl/config.with_shared_fields()` and
+  `xl/config.with_shared_fields.config_class = @config.XLConfig`, and its own fields on its class.
+  A shared field bound on the class itself (`config.XLConfig.window_length = 256`: an experiment's
+  setting, a command-line override) wins over the shared value.
+  """
+  import gin  # pylint: disable=g-import-not-at-top
+
+  unknown = sorted(set(shared) - set(shared_field_names()))
+  if unknown:
+    raise ValueError(
+      f'with_shared_fields: {unknown} are not fields of every config (BaseConfig: '
+      f"{shared_field_names()}); bind an architecture's own field on its class, e.g. "
+      f'config.{config_class.__name__}.<field>.'
+    )
+  # The class's own bindings (gin passes `@config.XLConfig` as a wrapper that applies them); none
+  # when the class is not known to gin (a call from Python).
+  selector = f'{config_class.__module__}.{config_class.__qualname__}'
+  try:
+    own = gin.get_bindings(selector, resolve_references=False)
+  except ValueError:
+    own = {}
+  shared = {k: v for k, v in shared.items() if k not in own}
+  missing = sorted(k for k, v in shared.items() if v is gin.REQUIRED)
+  if missing:
+    raise ValueError(
+      f'{config_class.__name__}: the shared fields {missing} are gin.REQUIRED and not set; bind '
+      'their macros (gin/models/common.gin lists them: VOCAB_SIZE comes with a data file '
+      'gin/experiments/data/<task>.gin, DROPOUT_RATE with a run file or --gin.DROPOUT_RATE).'
+    )
+  return config_class(**shared)
+
+
 @dataclasses.dataclass(frozen=True)
 class MelodiConfig(BaseConfig):
   """MELODI (defaults: the paper's S128+L64 model)."""

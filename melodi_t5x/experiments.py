@@ -27,7 +27,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from melodi_t5x import config as config_lib
+from melodi_t5x import architectures
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS_DIR = 'gin/experiments'
@@ -41,17 +41,14 @@ MEMORY_MODES = ('carried', 'reset')
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A model of the tables: its gin files and the memory sizes that scale with the model size."""
+  """A model of the tables: its architecture, gin file and the memory sizes that scale with size."""
 
   # Row label in the tables.
   label: str
-  # Config class bound by the gin file (melodi_t5x.config), e.g. 'MelodiConfig'.
-  config_class: str
+  # Its architecture (`melodi_t5x.architectures`: the config class, the tiny model file).
+  architecture: str
   # Gin model file at the paper size.
   gin: str
-  # Gin model files at the tiny CPU size, in include order: the architecture's model file, then
-  # TINY_GIN.
-  tiny_gins: tuple[str, ...]
   # MELODI only: (S, L) at the paper size; L=0 removes the long-term layer.
   melodi_memory: tuple[int, int] | None = None
   # Rematerialisation of the paper runs (BaseConfig.remat), chosen from the TPU compile check
@@ -60,37 +57,35 @@ class Model:
   # 'none' recomputes the least, so 'none' wherever it fits (docs/experiments.md, TPU check).
   remat: str = 'none'
 
+  @property
+  def config_class(self) -> type:
+    """The config class its gin file builds (the architecture record's)."""
+    return architectures.get(self.architecture).config_class
 
-# The tiny MELODI models set S and L in the experiment file (every setting is written at the tiny
-# size), so all of them start from melodi_base.gin.
-_MELODI_TINY = ('gin/models/melodi_base.gin', TINY_GIN)
+  @property
+  def tiny_gins(self) -> tuple[str, ...]:
+    """Gin model files at the tiny CPU size, in include order: the architecture's model file
+    (the tiny MELODI models set S and L in the experiment file, so all start from
+    melodi_base.gin), then TINY_GIN."""
+    return (architectures.get(self.architecture).gin_file, TINY_GIN)
+
+
 MODELS: dict[str, Model] = {
   'melodi_s192_l32': Model(
-    'MELODI S192+L32', 'MelodiConfig', 'gin/models/melodi_s192_l32.gin', _MELODI_TINY, (192, 32)
+    'MELODI S192+L32', 'melodi', 'gin/models/melodi_s192_l32.gin', (192, 32)
   ),
   'melodi_s128_l64': Model(
-    'MELODI S128+L64', 'MelodiConfig', 'gin/models/melodi_s128_l64.gin', _MELODI_TINY, (128, 64)
+    'MELODI S128+L64', 'melodi', 'gin/models/melodi_s128_l64.gin', (128, 64)
   ),
   'melodi_s192_l96': Model(
-    'MELODI S192+L96', 'MelodiConfig', 'gin/models/melodi_s192_l96.gin', _MELODI_TINY, (192, 96)
+    'MELODI S192+L96', 'melodi', 'gin/models/melodi_s192_l96.gin', (192, 96)
   ),
   'melodi_s128_l0': Model(
-    'MELODI S128 (no long-term)',
-    'MelodiConfig',
-    'gin/models/melodi_s128_l64.gin',
-    _MELODI_TINY,
-    (128, 0),
+    'MELODI S128 (no long-term)', 'melodi', 'gin/models/melodi_s128_l64.gin', (128, 0)
   ),
-  'xl': Model('Transformer-XL', 'XLConfig', 'gin/models/xl.gin', ('gin/models/xl.gin', TINY_GIN)),
-  'brt': Model(
-    'Block-Recurrent', 'BRTConfig', 'gin/models/brt.gin', ('gin/models/brt.gin', TINY_GIN)
-  ),
-  'memorizing': Model(
-    'Memorizing (dense 64K)',
-    'MemorizingConfig',
-    'gin/models/memorizing.gin',
-    ('gin/models/memorizing.gin', TINY_GIN),
-  ),
+  'xl': Model('Transformer-XL', 'xl', 'gin/models/xl.gin'),
+  'brt': Model('Block-Recurrent', 'brt', 'gin/models/brt.gin'),
+  'memorizing': Model('Memorizing (dense 64K)', 'memorizing', 'gin/models/memorizing.gin'),
 }
 MAIN_MODELS = (
   'xl',
@@ -212,7 +207,7 @@ class Experiment:
 
   def config_bindings(self) -> list[str]:
     """`config.<Class>.<field> = <value>` lines of this experiment's settings."""
-    cls = self.model_spec.config_class
+    cls = self.model_spec.config_class.__name__
     return [f'config.{cls}.{field} = {gin_value(value)}' for field, value in self.settings]
 
 
@@ -556,7 +551,7 @@ def resolved_key(exp: Experiment) -> tuple[Any, ...]:
 
 def model_file_defaults(exp: Experiment) -> dict[str, Any]:
   """What the experiment's model files bind for its config class (`MODEL_FILE_DEFAULTS`)."""
-  fields = {f.name for f in dataclasses.fields(getattr(config_lib, exp.model_spec.config_class))}
+  fields = {f.name for f in dataclasses.fields(exp.model_spec.config_class)}
   out = {}
   for path in exp.model_gins:
     out.update(MODEL_FILE_DEFAULTS.get(path, {}))
@@ -668,6 +663,42 @@ def render(exp: Experiment) -> str:
   if exp.settings:
     lines += ['', *exp.config_bindings()]
   return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# The model a setup builds.
+# ---------------------------------------------------------------------------------------------
+
+# T5X configurables of the model and run files, skipped when parsing without T5X. (The run files'
+# TPU mesh binds T5X's partitioner: gin/experiments/runs/tpu_mesh.gin.)
+T5X_SELECTORS = (
+  'adafactor.Adafactor',
+  't5x_model.MemoryDecoderModel',
+  'partitioning.PjitPartitioner',
+)
+
+
+def decoder_config(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+  """The config of the decoder (`MODULE`) that `gin_files` + `bindings` build, as t5x.train would.
+
+  Paths are absolute or relative to the folder that holds `gin/` (`melodi_t5x.t5x_gin.GIN_ROOT`).
+  The decoder object is built (a Flax module definition: nothing is initialised; T5X not needed)
+  and gin's configuration is cleared before and after.
+  """
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x import t5x_gin  # pylint: disable=g-import-not-at-top
+
+  files = [os.path.join(t5x_gin.GIN_ROOT, path) for path in gin_files]
+  gin.clear_config(clear_constants=True)
+  try:
+    # Only T5X's configurables may be unknown (skip_unknown=True would also hide ours).
+    gin.parse_config_files_and_bindings(
+      files, list(bindings), skip_unknown=list(T5X_SELECTORS), finalize_config=False
+    )
+    return gin.query_parameter('%MODULE').scoped_configurable_fn().config
+  finally:
+    gin.clear_config(clear_constants=True)
 
 
 def all_committed() -> list[Experiment]:

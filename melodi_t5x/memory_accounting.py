@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from melodi_t5x import architectures
-from melodi_t5x import config as config_lib
 from melodi_t5x.architectures.decoder import MemoryComponent
 
 # The decoder shell's own carried counter (`architectures.decoder.Seen`), in every architecture.
@@ -125,13 +124,14 @@ class PaperModel:
   name: str
   # The paper's value, millions of floats carried per sequence.
   paper_millions: float
-  # Config class in `melodi_t5x.config`.
-  config_class: str
+  # Its architecture (`melodi_t5x.architectures`), whose config class builds it.
+  architecture: str
   # Fields that differ from the class defaults (which are the paper's shared sizes).
   overrides: dict
 
   def config(self, **changes):
-    return getattr(config_lib, self.config_class)(**{**self.overrides, **changes})
+    cls = architectures.get(self.architecture).config_class
+    return cls(**{**self.overrides, **changes})
 
 
 def _melodi_sizes(summary: int, increment: int) -> dict:
@@ -144,10 +144,10 @@ def _melodi_sizes(summary: int, increment: int) -> dict:
 # vocabulary (32128 rows), 13 layers (the Memorizing Transformer: 12 ordinary layers plus its memory
 # layer; the Block-Recurrent Transformer: 12 layers).
 PAPER_MODELS: list[PaperModel] = [
-  PaperModel('Transformer-XL', 13.6, 'XLConfig', {}),
-  PaperModel('Block-Recurrent', 13.1, 'BRTConfig', dict(num_layers=12)),
-  PaperModel('Memorizing (dense 64K)', 147.8, 'MemorizingConfig', dict(num_layers=12)),
-  PaperModel('MELODI S192+L32', 11.0, 'MelodiConfig', _melodi_sizes(192, 32)),
-  PaperModel('MELODI S128+L64', 18.5, 'MelodiConfig', _melodi_sizes(128, 64)),
-  PaperModel('MELODI S192+L96', 27.8, 'MelodiConfig', _melodi_sizes(192, 96)),
+  PaperModel('Transformer-XL', 13.6, 'xl', {}),
+  PaperModel('Block-Recurrent', 13.1, 'brt', dict(num_layers=12)),
+  PaperModel('Memorizing (dense 64K)', 147.8, 'memorizing', dict(num_layers=12)),
+  PaperModel('MELODI S192+L32', 11.0, 'melodi', _melodi_sizes(192, 32)),
+  PaperModel('MELODI S128+L64', 18.5, 'melodi', _melodi_sizes(128, 64)),
+  PaperModel('MELODI S192+L96', 27.8, 'melodi', _melodi_sizes(192, 96)),
 ]

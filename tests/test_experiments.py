@@ -134,7 +134,7 @@ def _parsed_config(exp):
 def test_experiment_builds_its_config(exp):
   _need_model_file(exp)
   cfg = _parsed_config(exp)
-  assert type(cfg).__name__ == exp.model_spec.config_class
+  assert type(cfg) is exp.model_spec.config_class
   assert (cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == (1024, 8, 128, 4096)
   assert cfg.dropout_rate == cfg.attention_dropout_rate == 0.05
   assert cfg.vocab_size == {'pg19_t5': 32128, 'c4_4k': 32128, 'arxiv_math': 32000}[exp.dataset]
@@ -193,7 +193,6 @@ import gin
 script = importlib.import_module(sys.argv[1])  # t5x.train or t5x.eval, as __main__ in T5X
 sys.modules['__main__'] = script
 from melodi_t5x import experiments, t5x_model  # noqa: F401 (registers the model class)
-from melodi_t5x.tools import paper_tables
 mode, extra = {
   't5x.train': (experiments.TRAIN_MODE_GIN, ["MODEL_DIR = '/tmp/unused'"]),
   't5x.eval': (
@@ -207,7 +206,7 @@ for exp in experiments.all_committed():
   gin.parse_config_files_and_bindings([mode, exp.path], extra, finalize_config=False)
   # MODEL itself is not built: its vocabulary would read the task's SentencePiece file.
   assert 'MemoryDecoderModel' in gin.query_parameter('%MODEL').selector, exp.path
-  cfg = paper_tables._decoder_config()
+  cfg = gin.query_parameter('%MODULE').scoped_configurable_fn().config
   out.append([exp.path, gin.query_parameter('%MIXTURE_OR_TASK_NAME'),
               gin.query_parameter('%TRAIN_STEPS'), type(cfg).__name__])
 print(json.dumps(out))
@@ -232,4 +231,8 @@ def test_full_gin_with_t5x(script):
   expected = COMMITTED
   assert len(parsed) == len(expected) > 0
   for exp in expected:
-    assert parsed[exp.path] == [exp.dataset, exp.train_steps, exp.model_spec.config_class]
+    assert parsed[exp.path] == [
+      exp.dataset,
+      exp.train_steps,
+      exp.model_spec.config_class.__name__,
+    ]

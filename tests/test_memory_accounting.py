@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import architecture_configs
 import jax
 import numpy as np
 import pytest
@@ -58,11 +59,12 @@ def _expected_allocation(cfg, paper_floats: int) -> int:
   token instead of keys + values); the reference Memorizing Transformer's memory layer owns an XL
   cache that it never uses, which the paper counts and we do not allocate.
   """
-  if isinstance(cfg, config_lib.MelodiConfig):
+  name = architectures.for_config(cfg).name
+  if name == 'melodi':
     return paper_floats - len(cfg.long_term_memory_layers) * cfg.long_term_memory_tokens * (
       cfg.embed_dim
     )
-  if type(cfg).__name__ == 'MemorizingConfig':
+  if name == 'memorizing':
     return paper_floats - cfg.window_length * 2 * cfg.num_heads * cfg.head_dim
   return paper_floats
 
@@ -82,24 +84,39 @@ TINY = dict(
 
 
 def _tiny_configs():
-  yield config_lib.MelodiConfig(
-    **TINY,
-    summary_size=2,
-    short_term_memory_size=2,
-    long_term_memory_layers=(0, 2),
-    long_term_memory_increment_size=2,
-    long_term_memory_windows=3,
-    no_memory_layers=(1,),
+  """Every architecture of the registry at the tiny size of its gin files, then variants."""
+  for name in architectures.names():
+    yield name, architecture_configs.tiny_config(name)
+  yield (
+    'melodi_two_long_one_free',
+    config_lib.MelodiConfig(
+      **TINY,
+      summary_size=2,
+      short_term_memory_size=2,
+      long_term_memory_layers=(0, 2),
+      long_term_memory_increment_size=2,
+      long_term_memory_windows=3,
+      no_memory_layers=(1,),
+    ),
   )
-  yield config_lib.MelodiConfig(**{**TINY, 'num_heads': 3}, long_term_memory_layers=())
-  yield config_lib.XLConfig(**TINY)
-  yield config_lib.XLConfig(**{**TINY, 'num_heads': 3, 'head_dim': 4})
-  yield config_lib.XLConfig(**TINY, use_cache=False)
-  yield config_lib.MemorizingConfig(**TINY, memory_layer_index=1, memory_size=16)
-  yield config_lib.BRTConfig(**TINY, recurrent_layer_index=1, num_states=3)
+  yield (
+    'melodi_short_only',
+    config_lib.MelodiConfig(**{**TINY, 'num_heads': 3}, long_term_memory_layers=()),
+  )
+  yield 'xl_small', config_lib.XLConfig(**TINY)
+  yield 'xl_hk_ne_d', config_lib.XLConfig(**{**TINY, 'num_heads': 3, 'head_dim': 4})
+  yield 'xl_nocache', config_lib.XLConfig(**TINY, use_cache=False)
+  yield (
+    'memorizing_small',
+    config_lib.MemorizingConfig(**TINY, memory_layer_index=1, memory_size=16),
+  )
+  yield 'brt_small', config_lib.BRTConfig(**TINY, recurrent_layer_index=1, num_states=3)
 
 
-@pytest.mark.parametrize('cfg', list(_tiny_configs()), ids=lambda c: type(c).__name__)
+TINY_CONFIGS = list(_tiny_configs())
+
+
+@pytest.mark.parametrize('cfg', [c for _, c in TINY_CONFIGS], ids=[n for n, _ in TINY_CONFIGS])
 def test_tiny_allocation_against_both_views(cfg):
   """Init at batch 3 (abstract): the arrays' bytes equal the formula; floats match the paper."""
   tokens = jax.ShapeDtypeStruct((3, 2 * cfg.window_length), np.int32)

@@ -62,8 +62,8 @@ print(json.dumps({
   'trees': [os.path.abspath(p) for p in gin_config._LOCATION_PREFIXES
             if os.path.isfile(os.path.join(p, 'gin', 'quickstart.gin'))],
   'train_steps': steps,
-  'num_layers': value('melodi_t5x.config.MelodiConfig.num_layers'),
-  'embed_dim': value('melodi_t5x.config.MelodiConfig.embed_dim'),
+  'num_layers': value('melodi_t5x.config.with_shared_fields.num_layers'),
+  'embed_dim': value('melodi_t5x.config.with_shared_fields.embed_dim'),
 }))
 """
 

@@ -1,7 +1,7 @@
 """The T5X plumbing serves every architecture unchanged (needs T5X).
 
-For each architecture (MELODI, Transformer-XL with and without its cache, Memorizing Transformer,
-Block-Recurrent Transformer) at a tiny size: every logical axis name of its parameters and carried
+For each architecture of the registry (`architectures.names()`; and Transformer-XL without its
+cache) at the tiny size of its gin files: every logical axis name of its parameters and carried
 state has a partitioning rule and every parameter axis an Adafactor factor rule, T5X builds its
 train state, and `MemoryDecoderModel.loss_fn` carries its memory from one chunk to the next with
 the same tree, shapes and dtypes (what T5X's compiled train step requires).
@@ -9,6 +9,7 @@ the same tree, shapes and dtypes (what T5X's compiled train step requires).
 
 from __future__ import annotations
 
+import architecture_configs
 import jax
 import jax.numpy as jnp
 import needs
@@ -23,31 +24,16 @@ from flax.linen import partitioning as nn_partitioning  # noqa: E402
 from t5x import adafactor, train_state  # noqa: E402
 
 from melodi_t5x import architectures, t5x_model  # noqa: E402
-from melodi_t5x import config as config_lib  # noqa: E402
 from melodi_t5x import partitioning as melodi_partitioning  # noqa: E402
 
-V, B, W = 64, 2, 8
-SIZES = dict(
-  num_layers=2, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64, vocab_size=V, window_length=W
-)
+B = 2
 
 
 def _configs():
-  yield (
-    'melodi',
-    config_lib.MelodiConfig(
-      **SIZES,
-      summary_size=4,
-      short_term_memory_size=4,
-      long_term_memory_layers=(1,),
-      long_term_memory_increment_size=2,
-      long_term_memory_windows=4,
-    ),
-  )
-  yield 'xl', config_lib.XLConfig(**SIZES)
-  yield 'xl_nocache', config_lib.XLConfig(**SIZES, use_cache=False)
-  yield 'memorizing', config_lib.MemorizingConfig(**SIZES, memory_layer_index=0, memory_size=64)
-  yield 'brt', config_lib.BRTConfig(**SIZES, recurrent_layer_index=0, num_states=4)
+  """Every architecture of the registry at the tiny size of its gin files, and XL without cache."""
+  for name in architectures.names():
+    yield name, architecture_configs.tiny_config(name)
+  yield 'xl_nocache', architecture_configs.tiny_config('xl', use_cache=False)
 
 
 CONFIGS = dict(_configs())
@@ -56,14 +42,15 @@ CONFIGS = dict(_configs())
 def _model(cfg) -> t5x_model.MemoryDecoderModel:
   return t5x_model.MemoryDecoderModel(
     module=architectures.build_decoder(cfg),
-    vocabulary=seqio.PassThroughVocabulary(V),
+    vocabulary=seqio.PassThroughVocabulary(cfg.vocab_size),
     optimizer_def=adafactor.Adafactor(
       decay_rate=0.8, logical_factor_rules=melodi_partitioning.logical_factor_rules()
     ),
   )
 
 
-def _initial_variables(model, length: int = 2 * W):
+def _initial_variables(model):
+  length = 2 * model.module.config.window_length
   shapes = {'decoder_input_tokens': (B, length), 'decoder_target_tokens': (B, length)}
   types = {k: jnp.int32 for k in shapes}
   return model.get_initial_variables(jax.random.PRNGKey(0), shapes, types)
@@ -105,7 +92,9 @@ def test_loss_fn_carries_memory_with_unchanged_tree(name):
     lambda: {k: v for k, v in _initial_variables(model).items() if not k.endswith('_axes')}
   )()
   mutables = {k: v for k, v in variables.items() if k == 'memory'}
-  tokens = np.random.RandomState(0).randint(1, V, (3, B, 2 * W + 1)).astype(np.int32)
+  cfg = CONFIGS[name]
+  tokens = np.random.RandomState(0).randint(1, cfg.vocab_size, (3, B, 2 * cfg.window_length + 1))
+  tokens = tokens.astype(np.int32)
 
   @jax.jit
   def step(params, mutables, chunk, index, sos):

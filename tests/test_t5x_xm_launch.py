@@ -60,8 +60,9 @@ def test_timing_and_single_experiment_jobs():
   outs = [j.flags[j.flags.index('--json') + 1] for j in timing]
   assert len(set(outs)) == len(outs)
   for job in timing:
-    assert job.module == 'melodi_t5x.tools.bench' and '--num-layers' in job.flags
-    assert job.flags[job.flags.index('--num-layers') + 1] == '12'
+    # The experiment's own gin files (as t5x.train reads them), at the timing depth.
+    assert job.module == 'melodi_t5x.tools.bench' and '--gin_file' in job.flags
+    assert job.flags[job.flags.index('--gin') + 1 :].count('NUM_LAYERS = 12') == 1
   # Every paper-size timing job's flags build the config it times (nothing is compiled).
   from melodi_t5x.tools import bench  # pylint: disable=g-import-not-at-top
 

@@ -329,34 +329,29 @@ def prepare_jobs(
   return jobs + finals
 
 
-# The tiny CPU models of gin/models/tiny.gin (d=64, 2 heads of 32, MLP 256, fp32) as bench flags.
-_TINY_BENCH_FLAGS = (
-  *('--embed-dim', '64', '--num-heads', '2', '--head-dim', '32', '--mlp-dim', '256'),
-  *('--vocab-size', '4096', '--dtype', 'float32', '--memory-size', '1024', '--num-states', '32'),
-  *('--memory-layer-index', '0', '--recurrent-layer-index', '0', '--compile-windows', ''),
-)
-# Long-term FIFO of the MELODI models, in windows (paper: 128; gin/models/tiny.gin: 16).
-_FIFO_WINDOWS = {'paper': 128, 'tiny': 16}
+# The paper's timing runs use 12-layer models (the paper's timing table); at the tiny size the
+# model files' layers.
+_TIMING_LAYERS = {'paper': 12}
 
 
 def timing_flags(model: str, size: str = 'paper') -> list[str]:
-  """Benchmark flags of a timed model: the paper's timing size (12 layers, d=1024) or tiny."""
-  spec = experiments.MODELS[model]
+  """Benchmark flags of a timed model: the gin files and settings of its main-table experiment
+  (model files, data file, the grid point's bindings), as `t5x.train` reads them, at the paper's
+  timing depth (12 layers) or the tiny size; the segment is the run's."""
   scale = experiments.SCALES[size]
-  family = {'MelodiConfig': 'melodi', 'XLConfig': 'xl', 'MemorizingConfig': 'memorizing'}.get(
-    spec.config_class, 'brt'
-  )
-  layers = 12 if size == 'paper' else scale.num_layers
-  flags = ['--model', family, '--num-layers', str(layers)]
+  dataset = None if size == 'paper' else 'local_books'
+  exp = next(e for e in experiments.sweep('main', size, dataset) if e.model == model)
+  flags = []
+  for path in (*exp.model_gins, f'{experiments.EXPERIMENTS_DIR}/data/{exp.dataset}.gin'):
+    flags += ['--gin_file', path]
+  bindings = list(exp.config_bindings())
+  if size in _TIMING_LAYERS:
+    bindings.append(f'NUM_LAYERS = {_TIMING_LAYERS[size]}')
+  for binding in bindings:
+    flags += ['--gin', binding]
+  flags += ['--segment-length', str(scale.segment)]
   if size != 'paper':
-    flags += [*_TINY_BENCH_FLAGS, '--window-length', str(scale.window)]
-    flags += ['--segment-length', str(scale.segment)]
-    flags += ['--long-term-memory-layer', str(scale.long_term_layer)]
-  if spec.melodi_memory:
-    s, inc = (scale.tokens(t) for t in spec.melodi_memory)
-    flags += ['--summary-size', str(s), '--short-term-memory-size', str(s)]
-    flags += ['--long-term-memory-increment-size', str(inc)]
-    flags += ['--long-term-memory-size', str(_FIFO_WINDOWS[size] * inc)]
+    flags += ['--compile-windows', '']
   return flags
 
 

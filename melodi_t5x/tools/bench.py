@@ -1,21 +1,22 @@
 r"""Benchmarks one train step of any architecture: forward + backward + Adafactor update.
 
 Usage:
-  python -m melodi_t5x.tools.bench [--model {melodi,xl,memorizing,brt}] [--num-layers 13 ...]
-      [--json OUT]
+  python -m melodi_t5x.tools.bench [--model {melodi,xl,memorizing,brt}] [--json OUT]
+  python -m melodi_t5x.tools.bench --gin_file gin/models/xl.gin --gin_file gin/models/tiny.gin \
+      --gin_file gin/experiments/data/local_books.gin --gin "NUM_LAYERS = 4" --segment-length 256
 
-Defaults are the paper's sizes (d=1024, 8x128 heads, MLP 4096, vocab 32128, segment 4096 = 8
-windows of 512, bfloat16 compute): MELODI S128+L64 (13 layers, long-term FIFO of 8192 tokens at
-layer 6), Transformer-XL (13 layers; `--no-cache` gives the memory-free lower bound), the
-Memorizing Transformer (12 ordinary layers plus the memory layer after layer num_layers // 2,
-65536 slots, dense) and the Block-Recurrent Transformer (12 layers, recurrent layer
-max(0, num_layers - 3), 512 states).
-The same size flags serve every model; flags that do not apply to the chosen model (e.g. the
-summary size for Transformer-XL) are accepted and ignored. `--num-layers` counts the ordinary
-layers, so a Memorizing Transformer has one layer more (its memory layer).
+The model is built from gin exactly as `t5x.train` builds it (`MODULE` of the model files):
+`--model` picks an architecture of `melodi_t5x.architectures` and its model file at the paper size
+(with the PG-19 data file: T5's vocabulary, 32128 rows), or `--gin_file` gives the files in include
+order (a model file, e.g. `tiny.gin` after it, a data file) and `--gin` adds bindings after them
+(e.g. `NUM_LAYERS = 12`, `config.MelodiConfig.summary_size = 192`). Dropout is off
+(`DROPOUT_RATE = 0.0` before the `--gin` bindings). Defaults are the paper's sizes (d=1024, 8x128
+heads, MLP 4096, segment 4096 = 8 windows of 512, bfloat16 compute): MELODI S128+L64, Transformer-XL
+(13 layers), the Memorizing Transformer (12 + 1 layers, 65536 slots, dense) and the
+Block-Recurrent Transformer (12 layers, recurrent layer 9, 512 states).
 Memory is carried from step to step (rows flagged as continuing their document after step 0), as
 in training. The optimizer is training's (`training_optimizer`: T5X Adafactor as bound in
-gin/models/melodi_base.gin, momentum 0.9). Reports the median tokens/s over the timed steps (after
+gin/models/common.gin, momentum 0.9). Reports the median tokens/s over the timed steps (after
 one warm-up step), the compile time, peak device memory, parameter count, the analytic FLOPs of the
 step (`melodi_t5x.tools.flops`, by term) and the model FLOPs utilisation from them when the device
 peak is known (or given with --peak-tflops), and the compile time for segments of 4, 8 and 16
@@ -27,6 +28,7 @@ the paper size on any host) and, with `--steps` > 0, the median step time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -36,48 +38,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from melodi_t5x import architectures
+from melodi_t5x import architectures, experiments
 from melodi_t5x import config as config_lib
-from melodi_t5x.config import MelodiConfig
 from melodi_t5x.state import MEMORY
 from melodi_t5x.tools import flops as flops_lib
+
+# The data file of `--model` without `--gin_file`: T5's vocabulary (VOCAB_SIZE = 32128).
+DEFAULT_DATA_GIN = 'gin/experiments/data/pg19_t5.gin'
+# Bound after the gin files, before `--gin`: the benchmark times steps without dropout.
+BENCH_BINDINGS = ('DROPOUT_RATE = 0.0',)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   add = p.add_argument
-  add('--model', default='melodi', choices=MODELS)
-  add('--num-layers', type=int, default=None, help='default: 13 (melodi, xl), 12 (others)')
-  add('--embed-dim', type=int, default=1024)
-  add('--num-heads', type=int, default=8)
-  add('--head-dim', type=int, default=128)
-  add('--mlp-dim', type=int, default=4096)
-  add('--vocab-size', type=int, default=32128)
-  add('--segment-length', type=int, default=4096)
-  add('--window-length', type=int, default=512)
-  add('--summary-size', type=int, default=128)
-  add('--short-term-memory-size', type=int, default=128)
-  add('--long-term-memory-increment-size', type=int, default=64)
-  add('--long-term-memory-size', type=int, default=8192, help='long-term FIFO size in tokens')
-  add('--long-term-memory-layer', type=int, nargs='*', default=[6], help='none: short-term only')
-  add('--no-cache', action='store_true', help='xl: no XL cache (memory-free lower bound)')
-  add('--memory-size', type=int, default=65536, help='memorizing: key/value slots per row')
-  add('--memory-top-k', type=int, default=0, help='memorizing: 0 = dense, k > 0 = exact top-k')
-  add('--memory-layer-index', type=int, default=None, help='memorizing: default num_layers // 2')
   add(
-    '--recurrent-layer-index',
-    type=int,
+    '--model',
     default=None,
-    help='brt: default num_layers - 3 (0 if negative)',
+    choices=architectures.names(),
+    help='architecture at the paper size (its model file); default melodi unless --gin_file',
   )
-  add('--num-states', type=int, default=512, help='brt: recurrent state vectors')
-  add('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
+  add(
+    '--gin_file',
+    action='append',
+    default=None,
+    help='gin files in include order (model file, size file, data file); repeatable',
+  )
+  add('--gin', action='append', default=[], help='gin binding after the files; repeatable')
+  add('--segment-length', type=int, default=4096)
   add('--batch-size', type=int, default=1)
   add(
     '--remat',
-    default='none',
-    choices=list(MelodiConfig.REMAT_MODES),
-    help="rematerialisation (BaseConfig.remat; xl and the models built on it: no 'window')",
+    default=None,
+    choices=list(config_lib.BaseConfig.REMAT_MODES),
+    help="rematerialisation (BaseConfig.remat; default: the gin files'; xl and the models built "
+    "on it: no 'window')",
   )
   add(
     '--remat-sweep',
@@ -96,58 +91,32 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-MODELS = ('melodi', 'xl', 'memorizing', 'brt')
-# Layers at the paper size when --num-layers is not given.
-_PAPER_LAYERS = {'melodi': 13, 'xl': 13, 'memorizing': 12, 'brt': 12}
+def gin_setup(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+  """(gin files, bindings) of the benchmarked model."""
+  if args.gin_file:
+    files = list(args.gin_file)
+  else:
+    files = [architectures.get(args.model or 'melodi').gin_file, DEFAULT_DATA_GIN]
+  return files, [*BENCH_BINDINGS, *args.gin]
 
 
 def config_from_args(args: argparse.Namespace):
-  """The config of `args.model` from the size flags (validated before compiling anything)."""
-  layers = args.num_layers or _PAPER_LAYERS[args.model]
-  base = dict(
-    num_layers=layers,
-    embed_dim=args.embed_dim,
-    num_heads=args.num_heads,
-    head_dim=args.head_dim,
-    mlp_dim=args.mlp_dim,
-    vocab_size=args.vocab_size,
-    window_length=args.window_length,
-    dtype=args.dtype,
-    remat=args.remat,
-  )
-  if args.model == 'melodi':
-    long_layers = tuple(args.long_term_memory_layer)
-    increment = args.long_term_memory_increment_size
-    windows = (
-      MelodiConfig.capacity_windows(args.long_term_memory_size, increment) if long_layers else 1
+  """The config the gin files build (validated before compiling anything)."""
+  cfg = experiments.decoder_config(*gin_setup(args))
+  name = architectures.for_config(cfg).name
+  if args.model and args.model != name:
+    raise ValueError(
+      f'--model={args.model} but the gin files {args.gin_file} build {name!r} '
+      f'({type(cfg).__name__}); drop --model or give its model file.'
     )
-    cfg = MelodiConfig(
-      **base,
-      summary_size=args.summary_size,
-      short_term_memory_size=args.short_term_memory_size,
-      long_term_memory_layers=long_layers,
-      long_term_memory_increment_size=increment,
-      long_term_memory_windows=windows,
-    )
-  elif args.model == 'xl':
-    cfg = config_lib.XLConfig(**base, use_cache=not args.no_cache)
-  elif args.model == 'memorizing':
-    index = layers // 2 if args.memory_layer_index is None else args.memory_layer_index
-    cfg = config_lib.MemorizingConfig(
-      **base,
-      memory_layer_index=index,
-      memory_size=args.memory_size,
-      memory_top_k=args.memory_top_k,
-    )
-  else:
-    index = max(0, layers - 3) if args.recurrent_layer_index is None else args.recurrent_layer_index
-    cfg = config_lib.BRTConfig(**base, recurrent_layer_index=index, num_states=args.num_states)
+  if args.remat is not None:
+    cfg = dataclasses.replace(cfg, remat=args.remat)
   cfg.num_windows(args.segment_length)  # validate before compiling anything
   return cfg
 
 
 def training_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
-  """T5X's Adafactor as bound in gin/models/melodi_base.gin, in optax.
+  """T5X's Adafactor as bound in gin/models/common.gin, in optax.
 
   `adafactor.Adafactor(decay_rate=0.8, beta1=0.9, step_offset=0)` with T5X's defaults: factored
   second moments (dims >= 128), epsilon1 1e-30, updates scaled by max(RMS(param), 1e-3), update
@@ -170,8 +139,7 @@ def training_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformat
 
 def analytic_flops(args: argparse.Namespace, cfg) -> dict[str, float]:
   """Model FLOPs of one train step by term (see `melodi_t5x.tools.flops`), with 'total'."""
-  name = getattr(args, 'model', 'melodi')
-  return flops_lib.train_flops(name, cfg, args.batch_size, args.segment_length)
+  return flops_lib.train_flops(cfg, args.batch_size, args.segment_length)
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation):
@@ -276,10 +244,8 @@ def run(args: argparse.Namespace) -> dict:
   compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
   params = jax.eval_shape(init, jax.random.PRNGKey(0))[0]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  # Models without analytic FLOPs yet report no FLOPs and no MFU.
-  known = args.model in architectures.NAMES
-  flop_terms = analytic_flops(args, cfg) if known else None
-  flops = flop_terms['total'] if known else None
+  flop_terms = analytic_flops(args, cfg)
+  flops = flop_terms['total']
   step_sec, loss = time_train_steps(compiled, init, cfg, bsz, length, args.steps)
 
   memory = xla_memory(compiled)
@@ -289,8 +255,9 @@ def run(args: argparse.Namespace) -> dict:
   peak_tflops = _peak_tflops(args)
   result = {
     'device': jax.devices()[0].device_kind,
-    'model': args.model,
+    'model': architectures.for_config(cfg).name,
     'config': {k: v for k, v in vars(args).items() if k != 'json'},
+    'model_config': dataclasses.asdict(cfg),
     'params': n_params,
     'tokens_per_sec': bsz * length / step_sec,
     'step_sec_median': step_sec,
@@ -358,7 +325,9 @@ def run_eval(args: argparse.Namespace) -> dict:
   return {
     'step': 'eval',
     'device': jax.devices()[0].device_kind,
+    'model': architectures.for_config(cfg).name,
     'config': {k: v for k, v in vars(args).items() if k != 'json'},
+    'model_config': dataclasses.asdict(cfg),
     'params': sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
     'tokens_per_sec': bsz * length / step_sec,
     'step_sec_median': step_sec,
@@ -387,11 +356,12 @@ def remat_sweep(args: argparse.Namespace) -> dict[str, dict]:
   """
   results = {}
   length, bsz = args.segment_length, args.batch_size
-  modes = list(type(config_from_args(args)).REMAT_MODES)  # the settings of args.model
+  base = config_from_args(args)
+  modes = list(type(base).REMAT_MODES)  # the settings of its architecture
   if args.remat_modes:
     modes = [m.strip() for m in args.remat_modes.split(',') if m.strip()]
   # Every setting is validated before anything compiles.
-  configs = {m: config_from_args(argparse.Namespace(**{**vars(args), 'remat': m})) for m in modes}
+  configs = {m: dataclasses.replace(base, remat=m) for m in modes}
   for mode, cfg in configs.items():
     model, optimizer = architectures.build_decoder(cfg), training_optimizer()
     compiled, compile_sec, init = compile_train_step(model, optimizer, cfg, bsz, length)
@@ -426,9 +396,14 @@ def main(argv=None) -> int:
       write_json(result, args.json)
     return 0
   if args.remat_sweep:
-    result = {'device': jax.devices()[0].device_kind, 'model': args.model, 'config': vars(args)}
-    if args.model in architectures.NAMES:
-      result['flops_by_term'] = analytic_flops(args, config_from_args(args))
+    cfg = config_from_args(args)
+    result = {
+      'device': jax.devices()[0].device_kind,
+      'model': architectures.for_config(cfg).name,
+      'config': vars(args),
+      'model_config': dataclasses.asdict(cfg),
+    }
+    result['flops_by_term'] = analytic_flops(args, cfg)
     result['remat'] = remat_sweep(args)
     print_remat_sweep(result['remat'])
     if args.json:

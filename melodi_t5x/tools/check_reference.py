@@ -4,9 +4,10 @@ Usage:
   python -m melodi_t5x.tools.check_reference FIXTURE.npz [--swap REF_A REF_B] [--json OUT]
 
 The fixture format is described in the golden README (`config_json`, `param/<reference path>`,
-`seg{k}/...`). `config_json["model"]` names the architecture (`melodi` when absent, `xl`,
-`memorizing`, `brt`); `ARCHITECTURES` holds, per architecture, how to build our config from the
-stored sizes, the parameter mapping rules and the mapping of the reference's carried state. The
+`seg{k}/...`). `config_json["model"]` names the architecture (`melodi_t5x.architectures`:
+`melodi` when absent, `xl`, `memorizing`, `brt`); `REFERENCES` holds, per architecture, how to
+build our config from the stored sizes, the parameter mapping rules and the mapping of the
+reference's carried state; the decoder comes from the architecture's record. The
 tool builds the model from the stored config, maps every reference
 parameter onto ours, replays the recorded segments with the recorded resets (memory carried from
 one segment to the next, parameters fixed) and prints, per compared array, the relative error
@@ -33,10 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from melodi_t5x.architectures.brt import BRTDecoder
-from melodi_t5x.architectures.melodi import MelodiDecoder
-from melodi_t5x.architectures.memorizing import MemorizingDecoder
-from melodi_t5x.architectures.xl import XLDecoder
+from melodi_t5x import architectures
 from melodi_t5x.config import BRTConfig, MelodiConfig, MemorizingConfig, XLConfig
 
 FORWARD_TOLERANCE = 1e-5
@@ -289,13 +287,11 @@ def _base_sizes(meta: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Architecture:
-  """How to check one architecture against its reference fixtures."""
+class ReferenceMapping:
+  """How to check one architecture (`melodi_t5x.architectures`) against its reference fixtures."""
 
-  # Builds our config from the fixture's `config_json`.
+  # Builds our config from the fixture's `config_json` (the architecture's config class).
   config_from_fixture: Callable[[dict], Any]
-  # Our decoder module class, built from that config.
-  decoder: Callable[[Any], Any]
   # (reference parameter path regex, our '/'-joined path) rules.
   param_rules: list[tuple[str, str]]
   # Reference state key (without 'seg{k}/') -> path in our `memory` collection, or None.
@@ -317,30 +313,32 @@ class Architecture:
     return pairs
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-  'melodi': Architecture(melodi_config_from_fixture, MelodiDecoder, PARAM_RULES, _melodi_state),
-  'xl': Architecture(xl_config_from_fixture, XLDecoder, XL_PARAM_RULES, _xl_state),
-  'memorizing': Architecture(
-    memorizing_config_from_fixture,
-    MemorizingDecoder,
-    MEMORIZING_PARAM_RULES,
-    _xl_state,
-    _memorizing_state_pairs,
+# Per architecture name (`melodi_t5x.architectures.names()`), how its fixtures map onto ours.
+REFERENCES: dict[str, ReferenceMapping] = {
+  'melodi': ReferenceMapping(melodi_config_from_fixture, PARAM_RULES, _melodi_state),
+  'xl': ReferenceMapping(xl_config_from_fixture, XL_PARAM_RULES, _xl_state),
+  'memorizing': ReferenceMapping(
+    memorizing_config_from_fixture, MEMORIZING_PARAM_RULES, _xl_state, _memorizing_state_pairs
   ),
-  'brt': Architecture(brt_config_from_fixture, BRTDecoder, BRT_PARAM_RULES, _brt_state),
+  'brt': ReferenceMapping(brt_config_from_fixture, BRT_PARAM_RULES, _brt_state),
 }
 
 
-def architecture(meta: dict) -> Architecture:
+def reference_mapping(meta: dict) -> ReferenceMapping:
+  """The mapping of the fixture's architecture (`config_json["model"]`, default 'melodi')."""
   name = meta.get('model', 'melodi')
-  if name not in ARCHITECTURES:
-    raise ValueError(f'fixture model {name!r} is unknown; known: {sorted(ARCHITECTURES)}')
-  return ARCHITECTURES[name]
+  architectures.get(name)  # an unknown name is an error naming the known architectures
+  if name not in REFERENCES:
+    raise ValueError(
+      f'fixture model {name!r} has no reference mapping; mapped: {sorted(REFERENCES)}. Add its '
+      'parameter and state rules to check_reference.REFERENCES.'
+    )
+  return REFERENCES[name]
 
 
 def config_from_fixture(meta: dict):
   """Our config for a fixture's `config_json` (any architecture)."""
-  return architecture(meta).config_from_fixture(meta)
+  return reference_mapping(meta).config_from_fixture(meta)
 
 
 def our_path(reference_path: str, rules: list[tuple[str, str]] = PARAM_RULES) -> str:
@@ -383,13 +381,13 @@ def relative_error(ours, reference) -> float:
 
 
 @functools.cache
-def _programs(decoder: Callable[[Any], Any], cfg) -> tuple[Callable, Callable]:
+def _programs(cfg) -> tuple[Callable, Callable]:
   """Jitted (init, value-and-grad step) of one decoder config, shared by every run of it.
 
   A second run of the same fixture (e.g. with `--swap`, or the same configuration in another
   test) reuses the compiled programs instead of tracing and compiling them again.
   """
-  model = decoder(cfg)
+  model = architectures.build_decoder(cfg)
   init = jax.jit(functools.partial(model.init, enable_dropout=False))  # eager init is slow
 
   def loss_fn(params, mem, tokens, sos, targets, mask):
@@ -413,7 +411,7 @@ def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, f
   """Replays the fixture; returns {category: {array name: relative error}}."""
   z = np.load(path)
   meta = json.loads(str(z['config_json']))
-  arch = architecture(meta)
+  arch = reference_mapping(meta)
   cfg = arch.config_from_fixture(meta)
   reference = {k[len('param/') :]: z[k] for k in z.files if k.startswith('param/')}
   if swap:
@@ -421,7 +419,7 @@ def run(path: str, swap: tuple[str, str] | None = None) -> dict[str, dict[str, f
     reference[a], reference[b] = reference[b], reference[a]
   num_segments = int(meta['num_segments'])
   tokens0 = z['seg0/input_tokens']
-  init, step = _programs(arch.decoder, cfg)
+  init, step = _programs(cfg)
   variables = init(jax.random.PRNGKey(0), tokens0, tokens0)
   params = map_parameters(reference, variables['params'], arch.param_rules)
   mem = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])

@@ -32,7 +32,7 @@ from melodi_t5x.architectures import decoder as decoder_lib
 TRAIN_FACTOR = decoder_lib.TRAIN_FACTOR
 
 
-def recompute_flops(name: str, cfg, batch: int, length: int) -> float:
+def recompute_flops(cfg, batch: int, length: int) -> float:
   """FLOPs the backward pass spends recomputing attention logits (`layers.recomputed_attention`).
 
   Every attention keeps only its inputs for the backward pass and recomputes its `q . k` logits
@@ -40,10 +40,10 @@ def recompute_flops(name: str, cfg, batch: int, length: int) -> float:
   (`Architecture.recompute_flops`). Not part of the model FLOPs; the hardware executes them
   (`step_flops`).
   """
-  return float(architectures.get(name).recompute_flops(cfg, batch, length))
+  return float(architectures.for_config(cfg).recompute_flops(cfg, batch, length))
 
 
-def step_flops(name: str, cfg, batch: int, length: int, remat: str | None = None) -> float:
+def step_flops(cfg, batch: int, length: int, remat: str | None = None) -> float:
   """FLOPs the hardware executes in one train step: model FLOPs plus recomputation.
 
   `remat` (default `cfg.remat`): every setting adds the attention logits recomputed in the
@@ -51,16 +51,16 @@ def step_flops(name: str, cfg, batch: int, length: int, remat: str | None = None
   once more (+ 1/3 of the model FLOPs).
   """
   remat = cfg.remat if remat is None else remat
-  model = train_flops(name, cfg, batch, length)['total']
-  extra = recompute_flops(name, cfg, batch, length)
+  model = train_flops(cfg, batch, length)['total']
+  extra = recompute_flops(cfg, batch, length)
   if remat in ('window', 'layer'):
     extra += model / TRAIN_FACTOR
   return model + extra
 
 
-def eval_flops(name: str, cfg, batch: int, length: int) -> float:
+def eval_flops(cfg, batch: int, length: int) -> float:
   """FLOPs of one forward (eval) step: the train step's model FLOPs / 3."""
-  return train_flops(name, cfg, batch, length)['total'] / TRAIN_FACTOR
+  return train_flops(cfg, batch, length)['total'] / TRAIN_FACTOR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +117,13 @@ def hbm_gib(device_kind: str) -> float | None:
   return _lookup(HBM_GIB, device_kind)
 
 
-def train_flops(name: str, cfg, batch: int, length: int) -> dict[str, float]:
-  """The model-FLOPs terms of architecture `name`'s train step, plus their sum under 'total'."""
-  terms = dict(architectures.get(name).train_flops(cfg, batch, length))
+def train_flops(cfg, batch: int, length: int) -> dict[str, float]:
+  """The model-FLOPs terms of `cfg`'s train step, plus their sum under 'total'.
+
+  The terms are written out by `cfg`'s architecture (`architectures.for_config`); a config no
+  architecture record names is an error.
+  """
+  terms = dict(architectures.for_config(cfg).train_flops(cfg, batch, length))
   terms['total'] = float(sum(terms.values()))
   return terms
 

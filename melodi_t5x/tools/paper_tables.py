@@ -36,12 +36,7 @@ from melodi_t5x.tools import compare_reports
 
 MISSING = 'missing'
 # T5X configurables of the model files, skipped when parsing without T5X.
-# (The run files' TPU mesh binds T5X's partitioner: gin/experiments/runs/tpu_mesh.gin.)
-T5X_SELECTORS = [
-  'adafactor.Adafactor',
-  't5x_model.MemoryDecoderModel',
-  'partitioning.PjitPartitioner',
-]
+T5X_SELECTORS = list(experiments.T5X_SELECTORS)
 PLOT_X = {
   'memory_tradeoff': ('memory (M floats, paper convention)', 'memory', False),
   'coverage': ('long-term coverage (windows)', 'x', True),
@@ -74,34 +69,12 @@ def read_report(eval_dir: epath.Path, task: str, step: int, mode: str) -> tuple[
 
 
 def experiment_config(exp: experiments.Experiment):
-  """The model config of an experiment, built from its gin text (T5X not needed).
-
-  The model files set `MODULE` to the decoder (`gin/models/common.gin`); the decoder object is
-  built (a Flax module definition: nothing is initialised) and its config returned.
-  """
-  import gin  # pylint: disable=g-import-not-at-top
-
-  import melodi_t5x.t5x_gin  # noqa: F401  # pylint: disable=g-import-not-at-top
-
-  gin.clear_config(clear_constants=True)
+  """The model config of an experiment, built from its gin text (T5X not needed)."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, f'{exp.name}.gin')
     with open(path, 'w') as f:
       f.write(experiments.render(exp))
-    try:
-      # Only T5X's configurables may be unknown (skip_unknown=True would also hide ours).
-      gin.parse_config_files_and_bindings(
-        [path], [], skip_unknown=T5X_SELECTORS, finalize_config=False
-      )
-      return _decoder_config()
-    finally:
-      gin.clear_config(clear_constants=True)
-
-
-def _decoder_config():
-  import gin  # pylint: disable=g-import-not-at-top
-
-  return gin.query_parameter('%MODULE').scoped_configurable_fn().config
+    return experiments.decoder_config([path])
 
 
 def memory_floats(exp: experiments.Experiment) -> tuple[float | None, int | None]:

@@ -255,21 +255,6 @@ def _abstract(tree):
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def _flops_name(module_config) -> str | None:
-  from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
-
-  # Subclasses first: MemorizingConfig and BRTConfig derive from XLConfig.
-  for cls, name in (
-    (config_lib.MemorizingConfig, 'memorizing'),
-    (config_lib.BRTConfig, 'brt'),
-    (config_lib.XLConfig, 'xl'),
-    (config_lib.MelodiConfig, 'melodi'),
-  ):
-    if isinstance(module_config, cls):
-      return name
-  return None
-
-
 def _train_batch_spec(batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The train iterator's batch (`t5x_data.get_dataset`: MODEL_KEYS, document_id folded)."""
   from melodi_t5x import t5x_data  # pylint: disable=g-import-not-at-top
@@ -366,10 +351,10 @@ def train_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
       'rules': repr(partitioner.logical_axis_rules),
       **_mesh_description(mesh),
     }
-    cfg = getattr(model.module, 'config', None)
-    name = _flops_name(cfg)
-    hw = flops_lib.step_flops(name, cfg, batch, length) if name else None
-    mf = flops_lib.train_flops(name, cfg, batch, length)['total'] if name else None
+    # Every project decoder has a config; its architecture record gives the FLOPs.
+    cfg = model.module.config
+    hw = flops_lib.step_flops(cfg, batch, length)
+    mf = flops_lib.train_flops(cfg, batch, length)['total']
 
   def lower():
     with mock.patch.object(jax, 'devices', lambda backend=None: list(devices)):
@@ -444,9 +429,8 @@ def eval_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
       'rules': repr(partitioner.logical_axis_rules),
       **_mesh_description(mesh),
     }
-    cfg = getattr(model.module, 'config', None)
-    name = _flops_name(cfg)
-    fwd = flops_lib.eval_flops(name, cfg, batch, length) if name else None
+    cfg = model.module.config
+    fwd = flops_lib.eval_flops(cfg, batch, length)
 
   def lower():
     with mock.patch.object(jax, 'devices', lambda backend=None: list(devices)):
@@ -497,8 +481,8 @@ def timing_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     step = bench.make_train_step(model, optimizer)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=one)
     abstract = (placed(params), placed(opt_state), placed(mem), batch, rng)
-    hw = flops_lib.step_flops(args.model, cfg, bsz, length)
-    mf = flops_lib.train_flops(args.model, cfg, bsz, length)['total']
+    hw = flops_lib.step_flops(cfg, bsz, length)
+    mf = flops_lib.train_flops(cfg, bsz, length)['total']
   else:
     tokens = jnp.ones((bsz, length), jnp.int32)
     variables = jax.eval_shape(
@@ -506,7 +490,7 @@ def timing_target(job, slice_: Slice, devices: Sequence[Any]) -> Target:
     )
     step = bench.make_eval_step(model)
     abstract = (placed(variables['params']), placed(variables.get('memory', {})), batch)
-    hw = mf = flops_lib.eval_flops(args.model, cfg, bsz, length)
+    hw = mf = flops_lib.eval_flops(cfg, bsz, length)
   describe = {
     'step': f'timing_{args.step}',
     'config': repr(cfg),
