@@ -182,10 +182,18 @@ class AttributionAccumulator:
             float(v / n) if n else None for v, n in zip(np.add.reduceat(s, edges), bucket_tokens)
           ],
         }
-        for source, s in sorted(self._sums[layer].items())
+        for source, s in sorted(self._sums[layer].items(), key=lambda kv: source_order(kv[0]))
         if source != NONE or s.sum() > 0
       }
     return {'layers': layers, 'window_edges': edges, 'tokens': int(tokens)}
+
+
+def source_order(name: str):
+  """Reading order of sources: the window, near memory, far memory by age, then 'none'."""
+  head, _, age = name.partition(' age ')
+  rank = {'window': 0, 'segment': 0, 'cache': 1, 'short_term': 1, 'state': 2, NONE: 9}
+  first = int(age.split('-')[0]) if age and age[0].isdigit() else 0
+  return (rank.get(head, 5), head, first, name)
 
 
 def _layer_order(path: str):
@@ -202,7 +210,7 @@ def plot(summary: Mapping[str, Any], path: str, title: str = '') -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   layers = summary['layers']
-  sources = sorted({s for v in layers.values() for s in v})
+  sources = sorted({s for v in layers.values() for s in v}, key=source_order)
   fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(layers) + 3.5), 3.8))
   bottom = np.zeros(len(layers))
   for source in sources:

@@ -373,7 +373,9 @@ def attribution_markdown(attr: Mapping[str, Any] | None) -> list[str]:
   """Lines of the attribution table (layers x sources, mean attention mass), if recorded."""
   if not attr:
     return []
-  sources = sorted({s for v in attr['layers'].values() for s in v})
+  from melodi_t5x.attribution import source_order  # pylint: disable=g-import-not-at-top
+
+  sources = sorted({s for v in attr['layers'].values() for s in v}, key=source_order)
   lines = [
     '',
     '## Memory-read attribution (attention mass per source, mean over scored tokens and heads)',
