@@ -202,8 +202,13 @@ def _layer_order(path: str):
   return (int(digits) if digits else 10**6, path)
 
 
+# Sources that are not memory: the current window (and, for the Memorizing layer, its segment).
+LOCAL = ('window', 'segment', NONE)
+
+
 def plot(summary: Mapping[str, Any], path: str, title: str = '') -> None:
-  """PNG: one stacked bar per layer (mass on each source, averaged over scored tokens)."""
+  """PNG: left, one stacked bar per layer (mass on each source, averaged over scored tokens);
+  right, each layer's mass on memory (every source but the window) by offset in the window."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -211,7 +216,7 @@ def plot(summary: Mapping[str, Any], path: str, title: str = '') -> None:
 
   layers = summary['layers']
   sources = sorted({s for v in layers.values() for s in v}, key=source_order)
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(layers) + 3.5), 3.8))
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(4.0, 0.9 * len(layers) + 3.0) + 5.5, 4.2))
   bottom = np.zeros(len(layers))
   for source in sources:
     mass = np.array([layers[lay].get(source, {}).get('mass') or 0.0 for lay in layers])
@@ -221,8 +226,20 @@ def plot(summary: Mapping[str, Any], path: str, title: str = '') -> None:
   ax.set_xticklabels(list(layers), rotation=30, ha='right')
   ax.set_ylabel('attention mass (mean over tokens, heads)')
   ax.set_ylim(0, 1.0)
-  ax.set_title(title or 'memory-read attribution')
-  ax.legend(fontsize='small', bbox_to_anchor=(1.02, 1), loc='upper left')
+  ax.legend(fontsize='x-small', loc='lower left', framealpha=0.8)
+  edges = summary['window_edges']
+  for layer, v in layers.items():
+    memory = np.zeros(len(edges))
+    for source, stats in v.items():
+      if source not in LOCAL:
+        memory += np.array([x or 0.0 for x in stats['by_window_position']])
+    ax2.plot(edges, memory, marker='.', label=layer)
+  ax2.set_xlabel('offset in window (tokens)')
+  ax2.set_ylabel('mass on memory')
+  ax2.set_ylim(0, 1.0)
+  ax2.grid(alpha=0.3)
+  ax2.legend(fontsize='x-small')
+  fig.suptitle(title or 'memory-read attribution', fontsize='medium')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
