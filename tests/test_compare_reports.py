@@ -95,3 +95,16 @@ def test_cli_writes_png_and_json_and_rejects_old_reports(tmp_path, capsys):
     cr.read_report(str(old))
   with pytest.raises(SystemExit, match='one per report'):
     cr.main([*paths, '--labels', 'only_one'])
+
+
+def test_few_documents_are_flagged_as_coarse(tmp_path):
+  rng = np.random.default_rng(7)
+  tokens, nll_a, nll_b = _pair(rng, 3, shift=0.05)
+  reports = [
+    cr.read_report(_write(tmp_path / f'{n}.json', range(3), tokens, nll))
+    for n, nll in (('a', nll_a), ('b', nll_b))
+  ]
+  assert 'Only 3 documents' in cr.format_table(cr.bootstrap(reports, samples=200))
+  tokens, nll_a, nll_b = _pair(rng, 30, shift=0.05)
+  many = [cr.read_report(_write(tmp_path / 'c.json', range(30), tokens, nll_a))]
+  assert 'Only' not in cr.format_table(cr.bootstrap(many, samples=200))

@@ -31,6 +31,8 @@ import numpy as np
 
 CONFIDENCE = 0.95
 SAMPLES = 2000
+# Below this many documents the table warns that the intervals are coarse.
+FEW_DOCUMENTS = 20
 _CHUNK = 256  # resamples drawn at a time (bounds the [chunk, documents] count matrix)
 
 
@@ -177,6 +179,13 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
       f'| {m["label"]} | {m["documents"]} | {m["tokens"]} | {m["perplexity"]:.3f} | {_ci(m, 3)} |'
     )
+  fewest = min(m['documents'] for m in result['models'])
+  if 1 < fewest < FEW_DOCUMENTS:
+    lines += [
+      '',
+      f'Only {fewest} documents: a bootstrap over so few has few distinct resamples, so the '
+      'intervals are coarse (read them as a rough range, not a calibrated 95%).',
+    ]
   if result['ratios']:
     lines += ['', f'| ratio of perplexities | ratio | {pct}% interval |', '|---|---:|---|']
     for r in result['ratios']:
