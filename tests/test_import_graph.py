@@ -4,7 +4,9 @@ Every module of `melodi_t5x/` and `tasks/` is parsed with `ast` (nothing is impo
 import of a project module, at module level or inside a function, is an edge of the graph. An
 import under `if TYPE_CHECKING:` never runs and does not count; neither does the implicit import of
 a parent package (`from tasks import config` inside the `tasks` package). The graph must be
-acyclic: a cycle is printed module by module.
+acyclic: a cycle is printed module by module. The layering is one-way: the launcher (`xm_launch/`)
+imports the model package, never the other way round, and no library module imports
+`unittest.mock` (patching belongs in tests).
 """
 
 from __future__ import annotations
@@ -161,3 +163,35 @@ def test_no_import_cycles():
   for component in cycles:
     print('import cycle:', ' -> '.join(a_cycle(graph, component)))
   assert not cycles, 'import cycles: ' + '; '.join(' -> '.join(a_cycle(graph, c)) for c in cycles)
+
+
+def external_imports(path: str) -> set[str]:
+  """Every module name a file imports (`from a import b` gives a and a.b), project or not."""
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read(), filename=path)
+  out = set()
+  for node in _imports(tree):
+    if isinstance(node, ast.Import):
+      out.update(alias.name for alias in node.names)
+    elif not node.level:
+      out.add(node.module)
+      out.update(f'{node.module}.{alias.name}' for alias in node.names)
+  return out
+
+
+def _offenders(*roots: str) -> list[str]:
+  """'<module> imports <name>' for every import of a module `roots` names or one inside it."""
+  return sorted(
+    f'{module} imports {name}'
+    for module, path in project_modules().items()
+    for name in external_imports(path)
+    if any(name == root or name.startswith(root + '.') for root in roots)
+  )
+
+
+def test_the_model_package_never_imports_the_launcher():
+  assert not _offenders('xm_launch')
+
+
+def test_no_library_module_patches_with_mock():
+  assert not _offenders('unittest.mock', 'mock')

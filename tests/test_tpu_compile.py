@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from unittest import mock
 
 import gin
@@ -25,14 +27,25 @@ from melodi_t5x.tools import flops
 REPO = experiments.REPO_ROOT
 
 
-def _tpu_compile():
+def _tpu_compile(libtpu: bool = True) -> types.SimpleNamespace:
+  """The check's modules (skips without T5X, and without libtpu unless `libtpu` is False)."""
   needs.t5x()
-  needs.libtpu()
-  from melodi_t5x.tools import tpu_compile  # pylint: disable=g-import-not-at-top
+  if libtpu:
+    needs.libtpu()
+  from melodi_t5x.tools.tpu_compile import (  # pylint: disable=g-import-not-at-top
+    cache,
+    cli,
+    pool,
+    report,
+    slices,
+    targets,
+  )
 
-  if not tpu_compile.libtpu_available():
+  if libtpu and not slices.libtpu_available():
     needs.skip('libtpu cannot describe a TPU topology on this machine')
-  return tpu_compile
+  return types.SimpleNamespace(
+    cache=cache, cli=cli, pool=pool, report=report, slices=slices, targets=targets
+  )
 
 
 # -- peak FLOPs and HBM by device kind (fast) -------------------------------------------------
@@ -94,25 +107,87 @@ def _run_partitioner(run: str, extra: str = ''):
 def test_run_files_give_a_data_parallel_mesh_on_every_tpu(run, slice_name, devices):
   tc = _tpu_compile()
   partitioner = _run_partitioner(run)
-  mesh = tc.t5x_mesh(partitioner, tc.topology_devices(slice_name))
+  mesh = tc.slices.t5x_mesh(partitioner, tc.slices.topology_devices(slice_name))
   assert dict(mesh.shape) == {'data': devices, 'model': 1}
   assert experiments.RUN_STEPS[run] % 1 == 0 and 32 % devices == 0
 
 
-def test_t5x_has_no_default_mesh_for_v5e_without_the_run_files_binding():
+def _t5x_own_mesh(partitioner, devices):
+  """The reference: T5X's `partitioner.mesh` (`default_mesh`) with the host's `jax.devices()` /
+  `jax.local_devices()` seen as the slice's devices (process 0's are the local ones)."""
+  from t5x import partitioning  # pylint: disable=g-import-not-at-top
+
+  devices = list(devices)
+  local = [d for d in devices if d.process_index == devices[0].process_index]
+  with (
+    mock.patch.object(partitioning.jax, 'devices', lambda backend=None: devices),
+    mock.patch.object(
+      partitioning.jax, 'local_devices', lambda process_index=None, backend=None: local
+    ),
+  ):
+    return partitioning.default_mesh(
+      partitioner._num_partitions,  # pylint: disable=protected-access
+      partitioner._model_parallel_submesh,  # pylint: disable=protected-access
+      None,
+      partitioner._ici_mesh_shape,  # pylint: disable=protected-access
+      partitioner._dcn_mesh_shape,  # pylint: disable=protected-access
+    )
+
+
+# Slices of every accelerator: the launcher's default and the smallest (the timing jobs').
+SLICES = ['v5e:4x8', 'v6e:4x8', 'v4:2x2x4', 'v5p:2x2x4', 'v5e:2x2', 'v4:2x2x1']
+
+
+@pytest.mark.parametrize('slice_name', SLICES)
+@pytest.mark.parametrize(
+  'settings',
+  [
+    {'model_parallel_submesh': (1, 1, 1, 1)},  # the suite's run files
+    {'model_parallel_submesh': (1, 2, 1, 1)},
+    {'model_parallel_submesh': (1, 1, 1, 2)},  # v4: a chip's two TensorCores
+    {'num_partitions': 1, 'ici_mesh_shape': (1, -1, 2), 'dcn_mesh_shape': (1, 1, 1)},
+  ],
+)
+def test_mesh_on_the_slice_is_the_mesh_t5x_builds_there(slice_name, settings):
   tc = _tpu_compile()
   from t5x import partitioning  # pylint: disable=g-import-not-at-top
 
-  partitioner = partitioning.PjitPartitioner(num_partitions=1)
+  devices = tc.slices.topology_devices(slice_name)
+  if 'ici_mesh_shape' in settings:  # every device: 'data' x 2 on 'model'
+    settings = {**settings, 'ici_mesh_shape': (1, len(devices) // 2, 2)}
+  try:
+    reference = _t5x_own_mesh(partitioning.PjitPartitioner(**settings), devices)
+  except (AssertionError, ValueError) as e:  # a submesh that does not tile this slice
+    with pytest.raises(type(e), match=re.escape(str(e))):
+      tc.slices.t5x_mesh(partitioning.PjitPartitioner(**settings), devices)
+    return
+  mesh = tc.slices.t5x_mesh(partitioning.PjitPartitioner(**settings), devices)
+  assert mesh.axis_names == reference.axis_names
+  assert dict(mesh.shape) == dict(reference.shape)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in reference.devices.flat]
+
+
+@pytest.mark.parametrize('slice_name', SLICES)
+@pytest.mark.parametrize('num_partitions', [1, 2, 4])
+def test_no_default_mesh_on_any_slice_as_in_t5x(slice_name, num_partitions):
+  """Without a submesh (or ICI/DCN shapes) T5X picks a per-TPU default mesh, and has none for the
+  devices libtpu describes for the check's slices; the check refuses as T5X does, naming the
+  binding that fixes it."""
+  tc = _tpu_compile()
+  from t5x import partitioning  # pylint: disable=g-import-not-at-top
+
+  devices = tc.slices.topology_devices(slice_name)
   with pytest.raises(ValueError, match='No default mesh'):
-    tc.t5x_mesh(partitioner, tc.topology_devices('v5e:4x8'))
+    _t5x_own_mesh(partitioning.PjitPartitioner(num_partitions=num_partitions), devices)
+  with pytest.raises(ValueError, match='No default mesh.*model_parallel_submesh'):
+    tc.slices.t5x_mesh(partitioning.PjitPartitioner(num_partitions=num_partitions), devices)
 
 
 # -- compiling the tiny model's jobs for v5e 2x2 (slow) --------------------------------------
 
 
 def _tiny_jobs(tmp_path, bindings):
-  from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
   exp = next(e for e in experiments.sweep('main', size='tiny') if e.model == 'melodi_s128_l64')
   path = tmp_path / 'experiment.gin'
@@ -139,7 +214,7 @@ def _nbytes(tree) -> int:
 def test_tiny_train_step_compiles_with_memory_sharded_on_the_batch_axis(tmp_path):
   tc = _tpu_compile()
   train_job = _tiny_jobs(tmp_path, MESH_2X2)[0]
-  target = tc.build_target(train_job, tc.Slice('v5e', '2x2'))
+  target = tc.targets.build_target(train_job, tc.slices.Slice('v5e', '2x2'))
   assert target.devices == 4 and target.device_kind == 'TPU v5 lite'
   assert target.describe['mesh_shape'] == {'data': 2, 'model': 2}
   compiled = target.lower().compile()
@@ -149,7 +224,7 @@ def test_tiny_train_step_compiles_with_memory_sharded_on_the_batch_axis(tmp_path
   assert leaves
   for sharding in leaves:  # every carried leaf [B, ...] is split over 'data'
     assert sharding.spec[0] == 'data', sharding
-  plan = tc.memory_plan(compiled)
+  plan = tc.cache.memory_plan(compiled)
   assert plan['peak'] == plan['argument'] + plan['output'] - plan['alias'] + plan['temp']
   # Arguments per device: at least this device's share of the carried memory and of the batch,
   # at most the whole train state and batch (nothing sharded).
@@ -165,7 +240,7 @@ def test_tiny_train_step_compiles_with_memory_sharded_on_the_batch_axis(tmp_path
 def test_tiny_jobs_fit_and_report_their_rows(tmp_path):
   tc = _tpu_compile()
   jobs = _tiny_jobs(tmp_path, MESH_2X2)
-  rows = tc.check_jobs(jobs, tc.Slice('v5e', '2x2'), log=lambda *_: None)
+  rows = tc.pool.check_jobs(jobs, tc.slices.Slice('v5e', '2x2'), log=lambda *_: None)
   assert [r['kind'] for r in rows] == ['train', 'eval']
   for row in rows:
     assert row['fits'], row
@@ -184,7 +259,7 @@ def test_tiny_jobs_fit_and_report_their_rows(tmp_path):
 @pytest.mark.slow
 def test_jobs_with_the_same_step_share_one_compile(tmp_path):
   tc = _tpu_compile()
-  from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
   jobs = _tiny_jobs(tmp_path, MESH_2X2)
   reset = jobs_lib.experiment_jobs(
@@ -194,10 +269,10 @@ def test_jobs_with_the_same_step_share_one_compile(tmp_path):
     bindings=MESH_2X2,
     eval_modes=('reset',),
   )[1]
-  slice_ = tc.Slice('v5e', '2x2')
-  carried = tc.build_target(jobs[1], slice_)
-  assert tc.build_target(reset, slice_).key == carried.key
-  wider = tc.build_target(
+  slice_ = tc.slices.Slice('v5e', '2x2')
+  carried = tc.targets.build_target(jobs[1], slice_)
+  assert tc.targets.build_target(reset, slice_).key == carried.key
+  wider = tc.targets.build_target(
     jobs_lib.experiment_jobs(
       experiments.sweep('main', size='tiny')[4],
       str(tmp_path / 'root'),
@@ -211,10 +286,9 @@ def test_jobs_with_the_same_step_share_one_compile(tmp_path):
 
 
 def test_result_cache_reads_back_only_its_own_fingerprint(tmp_path):
-  needs.t5x()
-  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+  tc = _tpu_compile(libtpu=False)
 
-  cache = tc.ResultCache(str(tmp_path / 'cache'))
+  cache = tc.cache.ResultCache(str(tmp_path / 'cache'))
   assert cache.get('abc') is None  # nothing there yet
   cache.put('abc', {'memory': {'peak': 7}}, describe={'step': 'train'})
   assert cache.get('abc') == {'memory': {'peak': 7}}
@@ -251,12 +325,12 @@ class _FakeSteps:
 
   def target(self, job, slice_):
     del slice_
-    return self.tc.Target(
+    return self.tc.targets.Target(
       job.name, None, 4, 1, 'TPU v5 lite', 1e12, 1e12, 10, {'mesh_shape': {'data': 4}}
     )
 
   def result(self, key, cached=False):
-    gib = self.tc.GIB
+    gib = self.tc.report.GIB
     plan = {'argument': 1, 'output': 1, 'alias': 1, 'temp': gib, 'peak': gib + 1}
     return {
       'memory': plan,
@@ -276,10 +350,9 @@ class _FakeSteps:
 
 def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
   """A worker killed for host memory breaks the pool: the check finishes the rest one by one."""
-  needs.t5x()
   import concurrent.futures  # pylint: disable=g-import-not-at-top
 
-  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+  tc = _tpu_compile(libtpu=False)
 
   steps = _FakeSteps(tc)
 
@@ -304,11 +377,11 @@ def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
         fut.set_exception(concurrent.futures.process.BrokenProcessPool('killed'))
       return fut
 
-  monkeypatch.setattr(tc, 'build_target', steps.target)
-  monkeypatch.setattr(tc, 'compile_target', steps.compile)
+  monkeypatch.setattr(tc.targets, 'build_target', steps.target)
+  monkeypatch.setattr(tc.cache, 'compile_target', steps.compile)
   monkeypatch.setattr(concurrent.futures, 'ProcessPoolExecutor', BrokenPool)
   logs = []
-  rows = tc.check_jobs(steps.jobs, tc.Slice('v5e', '2x2'), workers=2, log=logs.append)
+  rows = tc.pool.check_jobs(steps.jobs, tc.slices.Slice('v5e', '2x2'), workers=2, log=logs.append)
   assert [r['fits'] for r in rows] == [True, True, True]
   assert sorted(steps.compiled) == ['a/train', 'b/train', 'c/train']  # each step exactly once
   assert any('worker died' in line for line in logs), logs
@@ -316,10 +389,9 @@ def test_steps_left_by_a_dead_worker_compile_in_process(monkeypatch):
 
 def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkeypatch, tmp_path):
   """One step per spawned process (host memory returns between steps); cache hits stay here."""
-  needs.t5x()
   import concurrent.futures  # pylint: disable=g-import-not-at-top
 
-  from melodi_t5x.tools import tpu_compile as tc  # pylint: disable=g-import-not-at-top
+  tc = _tpu_compile(libtpu=False)
 
   steps = _FakeSteps(tc)
   pools, submitted, events = [], [], []
@@ -346,13 +418,13 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
     del slice_name, cache
     return steps.result(target.key, cached=True) if target.key == 'b/train' else None
 
-  monkeypatch.setattr(tc, 'build_target', steps.target)
-  monkeypatch.setattr(tc, 'compile_target', steps.compile)
-  monkeypatch.setattr(tc, 'cached_result', cached)
+  monkeypatch.setattr(tc.targets, 'build_target', steps.target)
+  monkeypatch.setattr(tc.cache, 'compile_target', steps.compile)
+  monkeypatch.setattr(tc.cache, 'cached_result', cached)
   monkeypatch.setattr(concurrent.futures, 'ProcessPoolExecutor', RecordingPool)
-  cache = tc.ResultCache(str(tmp_path / 'cache'))
-  rows = tc.check_jobs(
-    steps.jobs, tc.Slice('v5e', '2x2'), cache=cache, fresh_process=True, log=lambda *_: None
+  cache = tc.cache.ResultCache(str(tmp_path / 'cache'))
+  rows = tc.pool.check_jobs(
+    steps.jobs, tc.slices.Slice('v5e', '2x2'), cache=cache, fresh_process=True, log=lambda *_: None
   )
   assert sorted(submitted) == ['a/train', 'c/train']  # the cached step spawns nothing
   [(max_workers, kwargs)] = pools
@@ -362,17 +434,17 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
   # steps overlap the compiles): train steps before eval steps, whatever the jobs' order.
   steps = _FakeSteps(tc, names=('a/eval_carried', 'b/train', 'c/train', 'd/eval_carried'))
   events.clear()
-  monkeypatch.setattr(tc, 'build_target', steps.target)
-  monkeypatch.setattr(tc, 'compile_target', steps.compile)
+  monkeypatch.setattr(tc.targets, 'build_target', steps.target)
+  monkeypatch.setattr(tc.cache, 'compile_target', steps.compile)
 
   def looked_up(target, slice_name, cache):
     del slice_name, cache
     events.append(f'lookup {target.key}')
     return steps.result(target.key, cached=True) if target.key == 'b/train' else None
 
-  monkeypatch.setattr(tc, 'cached_result', looked_up)
-  rows = tc.check_jobs(
-    steps.jobs, tc.Slice('v5e', '2x2'), cache=cache, workers=2, log=lambda *_: None
+  monkeypatch.setattr(tc.cache, 'cached_result', looked_up)
+  rows = tc.pool.check_jobs(
+    steps.jobs, tc.slices.Slice('v5e', '2x2'), cache=cache, workers=2, log=lambda *_: None
   )
   assert events == [
     'lookup b/train',
@@ -388,14 +460,14 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
   # In process (the library's default, --in_process): no pool at all.
   pools.clear()
   steps.compiled.clear()
-  tc.check_jobs(steps.jobs, tc.Slice('v5e', '2x2'), log=lambda *_: None)
+  tc.pool.check_jobs(steps.jobs, tc.slices.Slice('v5e', '2x2'), log=lambda *_: None)
   assert not pools and steps.compiled == [j.name for j in steps.jobs]  # the jobs' order
 
 
 @pytest.mark.slow
 def test_a_cached_step_is_read_back_without_compiling_and_a_changed_one_compiles(tmp_path):
   tc = _tpu_compile()
-  from xm_launch import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
   def eval_job(bindings):
     return jobs_lib.experiment_jobs(
@@ -407,9 +479,9 @@ def test_a_cached_step_is_read_back_without_compiling_and_a_changed_one_compiles
     )[1]
 
   _tiny_jobs(tmp_path, MESH_2X2)  # writes the experiment file
-  slice_ = tc.Slice('v5e', '2x2')
-  cache = tc.ResultCache(str(tmp_path / 'cache'))
-  [first] = tc.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)
+  slice_ = tc.slices.Slice('v5e', '2x2')
+  cache = tc.cache.ResultCache(str(tmp_path / 'cache'))
+  [first] = tc.pool.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)
   assert first['fits'] and not first['cached']
   assert os.listdir(tmp_path / 'cache') == [first['fingerprint'] + '.json']
 
@@ -421,12 +493,12 @@ def test_a_cached_step_is_read_back_without_compiling_and_a_changed_one_compiles
     return real_compile(self, *args, **kwargs)
 
   with mock.patch.object(jax.stages.Lowered, 'compile', counting_compile):
-    [again] = tc.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)
+    [again] = tc.pool.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)
     assert not compiled and again['cached']
     assert again['memory'] == first['memory'] and again['fingerprint'] == first['fingerprint']
     # Another program (twice the rows) misses the cache and compiles.
     wider = [*MESH_2X2, 'EVAL_BATCH_SIZE=8']
-    [other] = tc.check_jobs([eval_job(wider)], slice_, cache=cache, log=lambda *_: None)
+    [other] = tc.pool.check_jobs([eval_job(wider)], slice_, cache=cache, log=lambda *_: None)
     assert compiled and not other['cached']
     assert other['fingerprint'] != first['fingerprint']
     assert other['memory']['argument'] > first['memory']['argument']
@@ -436,7 +508,7 @@ def test_a_cached_step_is_read_back_without_compiling_and_a_changed_one_compiles
 def test_a_job_that_fails_to_compile_gives_exit_status_1(tmp_path, capsys):
   tc = _tpu_compile()
   out = tmp_path / 'rows.json'
-  status = tc.main(
+  status = tc.cli.main(
     [
       *('--experiment', 'gin/experiments/main/pg19_t5_xl.gin', '--noeval'),
       *('--accelerator', 'v5e', '--topology', '2x2', '--json', str(out)),
