@@ -15,6 +15,11 @@ its last checkpoint. A failed step stops the chain: the runner exits with the
 step's status. A plan that cannot run (unknown module, missing gin file) exits with
 `CONFIG_ERROR` (78), which the JobSet's pod failure policy does not retry.
 
+SIGTERM (the pod is stopping) is passed on to the running step's process; the runner then starts
+no further step and exits with `RESTART_EXIT_CODE` (42) or the step's own failure status. A
+training step that saved its emergency checkpoint exits with 42 itself (`run_module`), as does
+any step module that raises T5X's `PreemptionError`.
+
 Each step runs in its own process (`python -m xm_launch.steps --module=M [--distributed] -- ARGS`):
 on TPU that process calls `jax.distributed.initialize()` with no arguments (GKE injects
 `TPU_WORKER_ID` / `TPU_WORKER_HOSTNAMES`; JAX finds the other hosts) and then runs the module as
@@ -24,15 +29,19 @@ on TPU that process calls `jax.distributed.initialize()` with no arguments (GKE 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+
+from xm_launch import runner as runner_lib
 
 # Exit status of a configuration error (sysexits.h EX_CONFIG): never retried by the JobSet.
 CONFIG_ERROR = 78
@@ -145,11 +154,25 @@ def module_command(step: Step, worker: int = 0, distributed: bool = False) -> li
 
 
 def run_subprocess(cmd: Sequence[str], log: str | None = None, cwd: str | None = None) -> int:
-  """Runs a command (output to `log` when given, else inherited); returns its exit status."""
-  if log is None:
-    return subprocess.run(list(cmd), cwd=cwd).returncode
-  with open(log, 'w') as out:
-    return subprocess.run(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=cwd).returncode
+  """Runs a command (output to `log` when given, else inherited); returns its exit status.
+
+  SIGTERM received meanwhile is passed on to the command. After one, a command that still
+  exits 0 returns `RESTART_EXIT_CODE`: the pod is stopping, so the plan must not go on to its
+  next step (a restarted pod skips the finished one). Killed by signal N: 128 + N.
+  """
+  with runner_lib.Forwarder((signal.SIGTERM,)) as forwarder:
+    with open(log, 'w') if log else contextlib.nullcontext() as out:
+      stdout = {'stdout': out, 'stderr': subprocess.STDOUT} if out else {}
+      with subprocess.Popen(list(cmd), cwd=cwd, **stdout) as proc:
+        forwarder.attach(proc.pid)
+        try:
+          rc = runner_lib.returncode_exit_code(proc.wait())
+        except BaseException:  # Ctrl-C: as subprocess.run, the command does not outlive us
+          proc.kill()
+          raise
+  if forwarder.received and rc == 0:
+    return runner_lib.RESTART_EXIT_CODE
+  return rc
 
 
 def run_plan(
@@ -198,6 +221,9 @@ def run_plan(
     log(f'{tag} running: {" ".join(step.command(worker))}')
     tick = time.time()
     rc = run(step, worker)
+    if rc == runner_lib.RESTART_EXIT_CODE:
+      log(f'{tag} preempted after {time.time() - tick:.0f} s (exit status {rc}); stopping')
+      return rc
     if rc:
       log(f'{tag} FAILED with exit status {rc} after {time.time() - tick:.0f} s; stopping')
       return rc
@@ -217,7 +243,8 @@ def run_module(
 ) -> None:
   """Runs `module` as __main__ with `args`, after `jax.distributed.initialize()` if distributed.
 
-  Configuration errors (an unprepared data split) exit with CONFIG_ERROR, which is not retried.
+  Configuration errors (an unprepared data split) exit with CONFIG_ERROR, which is not retried;
+  T5X's `PreemptionError` (raised after its emergency checkpoint) exits with RESTART_EXIT_CODE.
   """
   if distributed:
     if initialize is None:
@@ -232,6 +259,9 @@ def run_module(
     if _is_config_error(e):
       print(f'configuration error (not retried): {e}', file=sys.stderr, flush=True)
       raise SystemExit(CONFIG_ERROR) from e
+    if _is_preemption(e):
+      print(f'preempted, restart me (exit {runner_lib.RESTART_EXIT_CODE}): {e}', file=sys.stderr)
+      raise SystemExit(runner_lib.RESTART_EXIT_CODE) from e
     raise
 
 
@@ -239,6 +269,16 @@ def _is_config_error(error: BaseException) -> bool:
   from tasks import prepare  # pylint: disable=g-import-not-at-top
 
   return isinstance(error, prepare.MissingPreparedSplitError)
+
+
+def _is_preemption(error: BaseException) -> bool:
+  # Only modules the step imported are looked at (the data stage imports neither).
+  kinds = (('t5x.trainer', 'PreemptionError'), ('melodi_t5x.preemption', 'PreemptedBeforeTraining'))
+  for module, name in kinds:
+    kind = getattr(sys.modules.get(module), name, None)
+    if kind is not None and isinstance(error, kind):
+      return True
+  return False
 
 
 def worker_index(env: Mapping[str, str] = os.environ) -> int:
