@@ -34,7 +34,7 @@ from xm_launch import runner, steps  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough that the sync point (a few steps after the SIGTERM) comes before the end.
-STEPS = 20
+STEPS = 12
 # SIGTERM once host 0 has logged this step.
 SIGNAL_AFTER = 3
 LOSS = 'loss_per_nonpadding_target_token'

@@ -74,6 +74,13 @@ def test_a_failed_step_stops_the_chain_with_its_exit_status():
   assert any('FAILED with exit status 3' in line for line in cluster.lines)
 
 
+def test_a_preempted_step_stops_the_chain_with_the_restart_code():
+  cluster = FakeCluster(fail={'train': steps.runner_lib.RESTART_EXIT_CODE})
+  assert cluster(_plan(TRAIN, EVAL_C)) == 42
+  assert [r[0] for r in cluster.ran] == ['train']
+  assert any('[main/exp/train] preempted' in line for line in cluster.lines), cluster.lines
+
+
 def test_exit_zero_without_the_output_is_a_failure():
   cluster = FakeCluster()
   cluster.run = lambda step, worker: cluster.ran.append(step.name) or 0  # writes nothing
@@ -170,6 +177,10 @@ def tiny_module(tmp_path, monkeypatch):
     "  raise prepare.MissingPreparedSplitError('split test of task x is not prepared')\n"
     "if os.environ.get('PROBE_RAISE') == 'other':\n"
     "  raise RuntimeError('boom')\n"
+    "if os.environ.get('PROBE_RAISE') in ('preempted', 'before_training'):\n"
+    "  module, name = ('t5x.trainer', 'PreemptionError') if os.environ['PROBE_RAISE'] == "
+    "'preempted' else ('melodi_t5x.preemption', 'PreemptedBeforeTraining')\n"
+    "  raise getattr(sys.modules[module], name)('preempted at step 4')\n"
   )
   monkeypatch.syspath_prepend(str(tmp_path))
   record = []
@@ -199,6 +210,64 @@ def test_run_module_maps_a_missing_prepared_split_to_config_error(tiny_module, m
   monkeypatch.setenv('PROBE_RAISE', 'other')  # any other error propagates (retried by the JobSet)
   with pytest.raises(RuntimeError, match='boom'):
     steps.run_module('melodi_step_probe', [], distributed=False)
+
+
+@pytest.mark.parametrize('kind', ['preempted', 'before_training'])
+def test_run_module_maps_a_preemption_to_the_restart_code(tiny_module, monkeypatch, kind):
+  """T5X's PreemptionError (after its emergency save) and a stop before any step: exit 42.
+
+  Stand-ins for the two exception modules (the real ones import T5X; only their classes count).
+  """
+  import types
+
+  for module, name in (
+    ('t5x.trainer', 'PreemptionError'),
+    ('melodi_t5x.preemption', 'PreemptedBeforeTraining'),
+  ):
+    stand_in = types.SimpleNamespace(**{name: type(name, (Exception,), {})})
+    monkeypatch.setitem(sys.modules, module, stand_in)
+  monkeypatch.setenv('PROBE_RAISE', kind)
+  with pytest.raises(SystemExit) as exit_info:
+    steps.run_module('melodi_step_probe', [], distributed=False)
+  assert exit_info.value.code == steps.runner_lib.RESTART_EXIT_CODE == 42
+
+
+# A step command that says it is ready, then on SIGTERM exits with the code in argv[2]
+# ('default': no handler, it dies of the signal).
+_ON_SIGTERM = """
+import signal, sys, time
+if sys.argv[2] != 'default':
+  signal.signal(signal.SIGTERM, lambda n, f: sys.exit(int(sys.argv[2])))
+open(sys.argv[1], 'w').close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize('child_code, expected', [('0', 42), ('5', 5), ('default', 143)])
+def test_run_subprocess_passes_sigterm_on(tmp_path, child_code, expected):
+  """The step runner (not PID 1) forwards SIGTERM to the step; a step that then exits 0 still
+  stops the plan (42: the pod is going away); a failure keeps its code; a death by SIGTERM, 143.
+  """
+  import os
+  import signal
+  import subprocess
+  import time
+
+  script, ready = tmp_path / 'step.py', tmp_path / 'ready'
+  script.write_text(_ON_SIGTERM)
+  cmd = [sys.executable, str(script), str(ready), child_code]
+  code = f'import sys; from xm_launch import steps; sys.exit(steps.run_subprocess({cmd!r}))'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.Popen([sys.executable, '-c', code], env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not ready.exists():
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == expected, err
+  assert '[xm_launch.steps] forwarding SIGTERM' in err
 
 
 @pytest.mark.slow

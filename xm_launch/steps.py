@@ -160,7 +160,7 @@ def run_subprocess(cmd: Sequence[str], log: str | None = None, cwd: str | None =
   exits 0 returns `RESTART_EXIT_CODE`: the pod is stopping, so the plan must not go on to its
   next step (a restarted pod skips the finished one). Killed by signal N: 128 + N.
   """
-  with runner_lib.Forwarder((signal.SIGTERM,)) as forwarder:
+  with runner_lib.Forwarder((signal.SIGTERM,), _log_signal) as forwarder:
     with open(log, 'w') if log else contextlib.nullcontext() as out:
       stdout = {'stdout': out, 'stderr': subprocess.STDOUT} if out else {}
       with subprocess.Popen(list(cmd), cwd=cwd, **stdout) as proc:
@@ -173,6 +173,10 @@ def run_subprocess(cmd: Sequence[str], log: str | None = None, cwd: str | None =
   if forwarder.received and rc == 0:
     return runner_lib.RESTART_EXIT_CODE
   return rc
+
+
+def _log_signal(line: str) -> None:
+  print(f'[xm_launch.steps] {line}', file=sys.stderr, flush=True)
 
 
 def run_plan(
