@@ -191,7 +191,17 @@ def tiny_module(tmp_path, monkeypatch):
   return record
 
 
-def test_run_module_initializes_jax_distributed_first(tiny_module, monkeypatch):
+@pytest.fixture
+def preemption_service():
+  """Restores JAX's preemption-service setting, which `run_module(distributed=True)` sets."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  before = jax.config.jax_enable_preemption_service
+  yield
+  jax.config.update('jax_enable_preemption_service', before)
+
+
+def test_run_module_initializes_jax_distributed_first(tiny_module, monkeypatch, preemption_service):
   calls = []
   init = lambda: calls.append(('initialize', len(tiny_module)))
   steps.run_module('melodi_step_probe', ['--a=1'], distributed=True, initialize=init)
@@ -268,6 +278,58 @@ def test_run_subprocess_passes_sigterm_on(tmp_path, child_code, expected):
   _, err = proc.communicate(timeout=30)
   assert proc.returncode == expected, err
   assert '[xm_launch.steps] forwarding SIGTERM' in err
+
+
+# A step module (`--distributed`, one process) that says it is ready and sleeps; argv[1]: the
+# module name, argv[2]: 'train' to list it among the preemptible modules, argv[3]: ready file.
+_DISTRIBUTED_SLEEPER = """
+import socket, sys
+import jax
+from xm_launch import steps
+module, kind, ready = sys.argv[1:4]
+with open(module + '.py', 'w') as f:
+  f.write('import sys, time\\nopen(sys.argv[1], "w").close()\\ntime.sleep(60)\\n')
+sys.path.insert(0, '.')
+if kind == 'train':
+  steps.PREEMPTIBLE_MODULES = (module,)
+with socket.socket() as s:
+  s.bind(('127.0.0.1', 0))
+  address = f'127.0.0.1:{s.getsockname()[1]}'
+steps.run_module(module, [ready], distributed=True,
+                 initialize=lambda: jax.distributed.initialize(address, 1, 0))
+"""
+
+
+@pytest.mark.parametrize('kind', ['eval', 'train'])
+def test_only_training_steps_get_jax_preemption_service(tmp_path, kind):
+  """Under jax.distributed, JAX's preemption service swallows SIGTERM (training polls it at its
+  sync point); an eval step without it ends at once (143) instead of waiting for SIGKILL.
+  """
+  import os
+  import signal
+  import subprocess
+  import time
+
+  ready = tmp_path / 'ready'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['PYTHONPATH'] = os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')])
+  cmd = [sys.executable, '-c', _DISTRIBUTED_SLEEPER, 'melodi_sleep_probe', kind, str(ready)]
+  proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 120
+    while not ready.exists():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    if kind == 'eval':
+      assert proc.wait(timeout=30) == -signal.SIGTERM
+    else:
+      time.sleep(2.0)
+      assert proc.poll() is None  # the notice is waiting for a sync point
+  finally:
+    proc.kill()
+    proc.communicate()
 
 
 @pytest.mark.slow

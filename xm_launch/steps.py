@@ -45,6 +45,8 @@ from xm_launch import runner as runner_lib
 
 # Exit status of a configuration error (sysexits.h EX_CONFIG): never retried by the JobSet.
 CONFIG_ERROR = 78
+# Step modules that stop at a preemption sync point on SIGTERM (JAX's preemption service on).
+PREEMPTIBLE_MODULES = ('t5x.train',)
 # Placeholders in step arguments and outputs: this pod's index in its slice (Kubernetes'
 # JOB_COMPLETION_INDEX), plain and zero-padded to 5 digits.
 WORKER = '{worker}'
@@ -249,13 +251,15 @@ def run_module(
 
   Configuration errors (an unprepared data split) exit with CONFIG_ERROR, which is not retried;
   T5X's `PreemptionError` (raised after its emergency checkpoint) exits with RESTART_EXIT_CODE.
+  Only `PREEMPTIBLE_MODULES` get JAX's preemption service; other steps die of SIGTERM (143).
   """
   if distributed:
-    if initialize is None:
-      import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
 
-      initialize = jax.distributed.initialize
-    initialize()
+    # JAX's preemption service turns SIGTERM into a notice that only training reads (at its
+    # sync point); any other step would run on until SIGKILL, so it keeps SIGTERM's default.
+    jax.config.update('jax_enable_preemption_service', module in PREEMPTIBLE_MODULES)
+    (initialize or jax.distributed.initialize)()
   sys.argv = [module, *args]
   try:
     runpy.run_module(module, run_name='__main__', alter_sys=True)
