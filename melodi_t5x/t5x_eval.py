@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 from t5x import metrics as metrics_lib
@@ -231,6 +232,8 @@ class MemoryTrainer(trainer_lib.Trainer):
       weight_metrics_computer=weight_metrics_computer,
     )
     self._report_dir = report_dir
+    # T5X's model dir in `t5x.train` (where its checkpoints are).
+    self._summary_dir = summary_dir
     self._memory_mode = memory_mode
     self._bucket_edges = list(bucket_edges) if bucket_edges else None
     self._streaming_step = None
@@ -266,7 +269,7 @@ class MemoryTrainer(trainer_lib.Trainer):
 
     compiled = self._compiled_train_step
     self._compiled_train_step = step
-    batches = preemption.StoppingBatches(batch_iter, self._preemption)
+    batches = preemption.StoppingBatches(batch_iter, self._preemption, first)
     try:
       summary = super().train(batches, num_steps, start_step)
     except preemption.SyncPointReached:
@@ -286,10 +289,20 @@ class MemoryTrainer(trainer_lib.Trainer):
     logging.warning('Preemption: every host stops at step %d (checkpoint_%d).', step, step)
     if not self._preemption.steps:
       raise preemption.PreemptedBeforeTraining(
-        f'preempted before this process trained a step (at step {step}; nothing new to save)'
+        f'preempted at step {step} before this process trained a step: nothing new to save'
+      )
+    if train_state is None and self._has_checkpoint(step):
+      raise preemption.PreemptedBeforeTraining(
+        f'preempted at step {step}, whose checkpoint was just saved: nothing new to save'
       )
     raise trainer_lib.PreemptionError(
       f'preempted: stopped after step {step}, which T5X saves as an emergency checkpoint'
+    )
+
+  def _has_checkpoint(self, step: int) -> bool:
+    """Whether T5X's checkpoint of `step` exists in the model dir (T5X's summary dir)."""
+    return bool(self._summary_dir) and tf.io.gfile.exists(
+      os.path.join(self._summary_dir, f'checkpoint_{step}')
     )
 
   # -- the partitioned step --------------------------------------------------------------------

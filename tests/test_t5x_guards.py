@@ -277,7 +277,20 @@ def test_sigterm_stops_training_after_the_current_step(tmp_path, clean_gin, monk
   ):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   monkeypatch.setattr(preemption._SIGTERM, 'received', True)  # SIGTERM before any step
-  fresh = _trainer(tmp_path)
-  with pytest.raises(preemption.PreemptedBeforeTraining):
+  fresh = _trainer(tmp_path / 'fresh')
+  with pytest.raises(preemption.PreemptedBeforeTraining, match='before this process trained'):
     fresh.train(iter(batches), 2, start_step=0)
   assert int(fresh.train_state.step) == 0
+  # A stop between two calls: T5X may have just saved that step (its checkpoint exists: no new
+  # save, which Orbax would refuse) or not (saved now).
+  monkeypatch.setattr(preemption._SIGTERM, 'received', False)
+  between = _trainer(tmp_path / 'between')
+  between.train(iter(batches[:2]), 2, start_step=0)
+  monkeypatch.setattr(preemption._SIGTERM, 'received', True)
+  (tmp_path / 'between' / 'checkpoint_2').mkdir(parents=True)
+  with pytest.raises(preemption.PreemptedBeforeTraining, match='step 2, whose checkpoint'):
+    between.train(iter(batches[2:]), 2, start_step=2)
+  (tmp_path / 'between' / 'checkpoint_2').rmdir()
+  with pytest.raises(trainer_lib.PreemptionError, match='stopped after step 2'):
+    between.train(iter(batches[2:]), 2, start_step=2)
+  assert int(between.train_state.step) == 2
