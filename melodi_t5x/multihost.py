@@ -8,6 +8,9 @@ initialises `jax.distributed` (before any JAX backend starts), then runs the nam
 (`--multiprocess_gpu --coordinator_address=... --process_count=... --process_index=...`), but
 `t5x.eval` and `t5x.infer` cannot; this wrapper serves all three. On Cloud TPU it is not needed:
 run the plain command on every host (JAX finds the other hosts itself).
+
+A run stopped by a preemption (SIGTERM; T5X saved its emergency checkpoint) exits with
+`RESTART_EXIT_CODE` (42, `melodi_t5x.preemption`).
 """
 
 from __future__ import annotations
@@ -56,7 +59,15 @@ def main(argv: Sequence[str]) -> None:
   )
   module = rest[0][3:] if rest[0].startswith('-m ') else rest[0]
   sys.argv = [module, *rest[1:]]
-  runpy.run_module(module, run_name='__main__', alter_sys=True)
+  try:
+    runpy.run_module(module, run_name='__main__', alter_sys=True)
+  except Exception as e:  # pylint: disable=broad-except
+    from melodi_t5x import preemption  # pylint: disable=g-import-not-at-top
+
+    if not preemption.is_preemption(e):
+      raise
+    print(f'preempted, restart me (exit {preemption.RESTART_EXIT_CODE}): {e}', file=sys.stderr)
+    raise SystemExit(preemption.RESTART_EXIT_CODE) from e
 
 
 if __name__ == '__main__':

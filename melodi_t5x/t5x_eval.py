@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 from t5x import metrics as metrics_lib
@@ -40,7 +41,7 @@ from t5x import partitioning as t5x_partitioning
 from t5x import trainer as trainer_lib
 
 from melodi_t5x import attribution as attribution_lib
-from melodi_t5x import report, t5x_data, t5x_model
+from melodi_t5x import preemption, report, t5x_data, t5x_model
 
 # Evaluation settings of `MemoryTrainer.memory_mode`: memory carried over each whole document, or
 # reset at every chunk. Besides these, 'no_<source>' carries memory but drops one memory source of
@@ -171,9 +172,11 @@ class MemoryTrainer(trainer_lib.Trainer):
 
   Training is T5X's (`Trainer.train`); `learning_rate_fn`, `num_microbatches` and
   `weight_metrics_computer` are taken from the `trainer.Trainer` gin bindings when not given
-  (`forward_trainer_bindings`). `eval` expects, per eval name, a re-iterable dataset
-  (or an iterator) of streamed batches: row r of batch t+1 continues the document of row r of
-  batch t, with `start_of_sequence`, `document_id`, `chunk_index` and optionally `row_valid`.
+  (`forward_trainer_bindings`); on SIGTERM every host stops at the same step and T5X saves an
+  emergency checkpoint (`melodi_t5x.preemption`). `eval` expects, per eval name, a re-iterable
+  dataset (or an iterator) of streamed batches: row r of batch t+1 continues the document of row
+  r of batch t, with `start_of_sequence`, `document_id`, `chunk_index` and optionally
+  `row_valid`.
   """
 
   def __init__(
@@ -255,6 +258,8 @@ class MemoryTrainer(trainer_lib.Trainer):
       weight_metrics_computer=weight_metrics_computer,
     )
     self._report_dir = report_dir
+    # T5X's model dir in `t5x.train` (where its checkpoints are).
+    self._summary_dir = summary_dir
     self._memory_mode = memory_mode
     self._bucket_edges = list(bucket_edges) if bucket_edges else None
     self._streaming_step = None
@@ -262,6 +267,8 @@ class MemoryTrainer(trainer_lib.Trainer):
     self._attribution = bool(attribution)
     # Attribution summary of the last `stream` pass (all hosts), or None.
     self.last_attribution: dict[str, Any] | None = None
+    # Whether to stop before the next training step for a preemption (SIGTERM).
+    self._preemption = preemption.PreemptionWatch()
     self.last_reports: dict[str, dict[str, Any]] = {}
     # Rows reset by misalignment in the last `stream` pass (all hosts): count and first examples.
     self.last_misaligned: dict[str, Any] = {'rows': 0, 'examples': []}
@@ -269,26 +276,63 @@ class MemoryTrainer(trainer_lib.Trainer):
   # -- training --------------------------------------------------------------------------------
 
   def train(self, batch_iter, num_steps: int, start_step: int | None = None):
-    """T5X's `Trainer.train`, stopping at the first step with a non-finite loss or memory."""
-    if not self._stop_on_nonfinite:
-      return super().train(batch_iter, num_steps, start_step)
+    """T5X's `Trainer.train`, stopping at a non-finite loss or memory, or for a preemption.
+
+    Before each step the preemption watch is asked whether to stop (`melodi_t5x.preemption`:
+    SIGTERM, every host at the same step). Then the train state is that of the last finished
+    step and `PreemptionError` is raised, on which T5X's `train` saves an emergency checkpoint
+    (`PreemptedBeforeTraining` if this process has not trained a step: nothing to save).
+    """
     first = int(start_step if start_step is not None else jax.device_get(self.train_state.step))
     inner = self._compiled_train_step or self._partitioned_train_step
-    guard = NonFiniteGuard(first)
+    guard = NonFiniteGuard(first) if self._stop_on_nonfinite else None
+    # The state after the last step finished in this call (None: no step yet).
+    done = {'state': None, 'steps': 0}
 
-    def guarded_step(train_state, batch):
+    def step(train_state, batch):
       train_state, metrics = inner(train_state, batch)
-      guard.push(metrics)
+      if guard is not None:
+        guard.push(metrics)
+      done['state'], done['steps'] = train_state, done['steps'] + 1
       return train_state, metrics
 
     compiled = self._compiled_train_step
-    self._compiled_train_step = guarded_step
+    self._compiled_train_step = step
+    batches = preemption.StoppingBatches(batch_iter, self._preemption, first)
     try:
-      summary = super().train(batch_iter, num_steps, start_step)
+      summary = super().train(batches, num_steps, start_step)
+    except preemption.SyncPointReached:
+      self._stop_for_preemption(first + done['steps'], done['state'], guard)
     finally:
       self._compiled_train_step = compiled
-    guard.drain()
+    if guard is not None:
+      guard.drain()
     return summary
+
+  def _stop_for_preemption(self, step: int, train_state: Any, guard: NonFiniteGuard | None):
+    """Keeps the state of the last finished step (`step` steps done) and raises for T5X."""
+    if guard is not None:
+      guard.drain()  # a non-finite step fails the run rather than being saved
+    if train_state is not None:
+      self.train_state = train_state
+    logging.warning('Preemption: every host stops at step %d (checkpoint_%d).', step, step)
+    if not self._preemption.steps:
+      raise preemption.PreemptedBeforeTraining(
+        f'preempted at step {step} before this process trained a step: nothing new to save'
+      )
+    if train_state is None and self._has_checkpoint(step):
+      raise preemption.PreemptedBeforeTraining(
+        f'preempted at step {step}, whose checkpoint was just saved: nothing new to save'
+      )
+    raise trainer_lib.PreemptionError(
+      f'preempted: stopped after step {step}, which T5X saves as an emergency checkpoint'
+    )
+
+  def _has_checkpoint(self, step: int) -> bool:
+    """Whether T5X's checkpoint of `step` exists in the model dir (T5X's summary dir)."""
+    return bool(self._summary_dir) and tf.io.gfile.exists(
+      os.path.join(self._summary_dir, f'checkpoint_{step}')
+    )
 
   # -- the partitioned step --------------------------------------------------------------------
 

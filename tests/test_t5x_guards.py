@@ -2,7 +2,7 @@
 
 In-process: a checkpoint of another architecture or vocabulary is refused before the restore
 with an error naming both (`t5x_signature`, through the gin files of `t5x.train` / `t5x.eval` /
-`t5x.infer`).
+`t5x.infer`); SIGTERM stops training at a step boundary for T5X's emergency checkpoint.
 """
 
 from __future__ import annotations
@@ -229,3 +229,68 @@ def test_training_stops_at_the_first_nonfinite_step_naming_it(tmp_path, clean_gi
     trainer.train(iter(batches[2:]), 4, start_step=2)
   print(err.value)
   assert float(t5x_model.nonfinite_count({'m': np.asarray([1.0, np.nan, np.inf])})) == 2.0
+
+
+def test_sigterm_stops_training_after_the_current_step(tmp_path, clean_gin, monkeypatch):
+  """Issue 25 item 3: SIGTERM used to be ignored (PID 1) or to kill the run mid-period.
+
+  One process (no jax.distributed): the SIGTERM flag. The trainer stops before the next step
+  with the state of the last finished one, having drawn exactly that many batches (the saved data
+  position resumes with the next), and raises T5X's PreemptionError (T5X then saves). A trainer
+  that has not trained a step in this process stops without asking for a save.
+  """
+  import signal
+  import threading
+
+  import jax
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from t5x import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x import preemption  # pylint: disable=g-import-not-at-top
+
+  del clean_gin
+  assert threading.current_thread() is threading.main_thread()  # else SIGTERM would kill pytest
+  monkeypatch.setattr(preemption._SIGTERM, 'received', False)
+  keys = ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
+  keys += ('start_of_sequence', 'document_id', 'chunk_index')
+  batches = [{k: b[k] for k in keys} for b in _document_batches(6)]
+  drawn = []
+
+  def source():
+    for i, batch in enumerate(batches):
+      drawn.append(i)
+      if i == 2:  # while step 3 runs
+        assert preemption._SIGTERM.installed
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  trainer = _trainer(tmp_path)
+  with pytest.raises(trainer_lib.PreemptionError, match='stopped after step 3') as err:
+    trainer.train(source(), 6, start_step=0)
+  print(err.value)
+  assert int(trainer.train_state.step) == 3 and drawn == [0, 1, 2]
+  monkeypatch.setattr(preemption._SIGTERM, 'received', False)
+  reference = _trainer(tmp_path)
+  reference.train(iter(batches[:3]), 3, start_step=0)
+  for got, want in zip(
+    jax.tree.leaves(trainer.train_state.params), jax.tree.leaves(reference.train_state.params)
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  monkeypatch.setattr(preemption._SIGTERM, 'received', True)  # SIGTERM before any step
+  fresh = _trainer(tmp_path / 'fresh')
+  with pytest.raises(preemption.PreemptedBeforeTraining, match='before this process trained'):
+    fresh.train(iter(batches), 2, start_step=0)
+  assert int(fresh.train_state.step) == 0
+  # A stop between two calls: T5X may have just saved that step (its checkpoint exists: no new
+  # save, which Orbax would refuse) or not (saved now).
+  monkeypatch.setattr(preemption._SIGTERM, 'received', False)
+  between = _trainer(tmp_path / 'between')
+  between.train(iter(batches[:2]), 2, start_step=0)
+  monkeypatch.setattr(preemption._SIGTERM, 'received', True)
+  (tmp_path / 'between' / 'checkpoint_2').mkdir(parents=True)
+  with pytest.raises(preemption.PreemptedBeforeTraining, match='step 2, whose checkpoint'):
+    between.train(iter(batches[2:]), 2, start_step=2)
+  (tmp_path / 'between' / 'checkpoint_2').rmdir()
+  with pytest.raises(trainer_lib.PreemptionError, match='stopped after step 2'):
+    between.train(iter(batches[2:]), 2, start_step=2)
+  assert int(between.train_state.step) == 2

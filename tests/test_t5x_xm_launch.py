@@ -113,7 +113,8 @@ def test_job_image_dockerfile():
     'RUN python -m pip install -r requirements-tpu.txt',
     'COPY . ./',
     'RUN python -m pip install --no-deps -e .',
-    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks, xm_launch.steps"',
+    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks, xm_launch.steps, '
+    'xm_launch.runner"',
   ]
   positions = [dockerfile.index(s) for s in steps]
   assert positions == sorted(positions)

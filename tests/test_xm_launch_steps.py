@@ -74,6 +74,13 @@ def test_a_failed_step_stops_the_chain_with_its_exit_status():
   assert any('FAILED with exit status 3' in line for line in cluster.lines)
 
 
+def test_a_preempted_step_stops_the_chain_with_the_restart_code():
+  cluster = FakeCluster(fail={'train': steps.runner_lib.RESTART_EXIT_CODE})
+  assert cluster(_plan(TRAIN, EVAL_C)) == 42
+  assert [r[0] for r in cluster.ran] == ['train']
+  assert any('[main/exp/train] preempted' in line for line in cluster.lines), cluster.lines
+
+
 def test_exit_zero_without_the_output_is_a_failure():
   cluster = FakeCluster()
   cluster.run = lambda step, worker: cluster.ran.append(step.name) or 0  # writes nothing
@@ -170,6 +177,10 @@ def tiny_module(tmp_path, monkeypatch):
     "  raise prepare.MissingPreparedSplitError('split test of task x is not prepared')\n"
     "if os.environ.get('PROBE_RAISE') == 'other':\n"
     "  raise RuntimeError('boom')\n"
+    "if os.environ.get('PROBE_RAISE') in ('preempted', 'before_training'):\n"
+    "  module, name = ('t5x.trainer', 'PreemptionError') if os.environ['PROBE_RAISE'] == "
+    "'preempted' else ('melodi_t5x.preemption', 'PreemptedBeforeTraining')\n"
+    "  raise getattr(sys.modules[module], name)('preempted at step 4')\n"
   )
   monkeypatch.syspath_prepend(str(tmp_path))
   record = []
@@ -180,7 +191,17 @@ def tiny_module(tmp_path, monkeypatch):
   return record
 
 
-def test_run_module_initializes_jax_distributed_first(tiny_module, monkeypatch):
+@pytest.fixture
+def preemption_service():
+  """Restores JAX's preemption-service setting, which `run_module(distributed=True)` sets."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  before = jax.config.jax_enable_preemption_service
+  yield
+  jax.config.update('jax_enable_preemption_service', before)
+
+
+def test_run_module_initializes_jax_distributed_first(tiny_module, monkeypatch, preemption_service):
   calls = []
   init = lambda: calls.append(('initialize', len(tiny_module)))
   steps.run_module('melodi_step_probe', ['--a=1'], distributed=True, initialize=init)
@@ -199,6 +220,116 @@ def test_run_module_maps_a_missing_prepared_split_to_config_error(tiny_module, m
   monkeypatch.setenv('PROBE_RAISE', 'other')  # any other error propagates (retried by the JobSet)
   with pytest.raises(RuntimeError, match='boom'):
     steps.run_module('melodi_step_probe', [], distributed=False)
+
+
+@pytest.mark.parametrize('kind', ['preempted', 'before_training'])
+def test_run_module_maps_a_preemption_to_the_restart_code(tiny_module, monkeypatch, kind):
+  """T5X's PreemptionError (after its emergency save) and a stop before any step: exit 42.
+
+  Stand-ins for the two exception modules (the real ones import T5X; only their classes count).
+  """
+  import types
+
+  for module, name in (
+    ('t5x.trainer', 'PreemptionError'),
+    ('melodi_t5x.preemption', 'PreemptedBeforeTraining'),
+  ):
+    stand_in = types.SimpleNamespace(**{name: type(name, (Exception,), {})})
+    monkeypatch.setitem(sys.modules, module, stand_in)
+  monkeypatch.setenv('PROBE_RAISE', kind)
+  with pytest.raises(SystemExit) as exit_info:
+    steps.run_module('melodi_step_probe', [], distributed=False)
+  assert exit_info.value.code == steps.runner_lib.RESTART_EXIT_CODE == 42
+
+
+# A step command that says it is ready, then on SIGTERM exits with the code in argv[2]
+# ('default': no handler, it dies of the signal).
+_ON_SIGTERM = """
+import signal, sys, time
+if sys.argv[2] != 'default':
+  signal.signal(signal.SIGTERM, lambda n, f: sys.exit(int(sys.argv[2])))
+open(sys.argv[1], 'w').close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize('child_code, expected', [('0', 42), ('5', 5), ('default', 143)])
+def test_run_subprocess_passes_sigterm_on(tmp_path, child_code, expected):
+  """The step runner (not PID 1) forwards SIGTERM to the step; a step that then exits 0 still
+  stops the plan (42: the pod is going away); a failure keeps its code; a death by SIGTERM, 143.
+  """
+  import os
+  import signal
+  import subprocess
+  import time
+
+  script, ready = tmp_path / 'step.py', tmp_path / 'ready'
+  script.write_text(_ON_SIGTERM)
+  cmd = [sys.executable, str(script), str(ready), child_code]
+  code = f'import sys; from xm_launch import steps; sys.exit(steps.run_subprocess({cmd!r}))'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.Popen([sys.executable, '-c', code], env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not ready.exists():
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == expected, err
+  assert '[xm_launch.steps] forwarding SIGTERM' in err
+
+
+# A step module (`--distributed`, one process) that says it is ready and sleeps; argv[1]: the
+# module name, argv[2]: 'train' to list it among the preemptible modules, argv[3]: ready file.
+_DISTRIBUTED_SLEEPER = """
+import socket, sys
+import jax
+from xm_launch import steps
+module, kind, ready = sys.argv[1:4]
+with open(module + '.py', 'w') as f:
+  f.write('import sys, time\\nopen(sys.argv[1], "w").close()\\ntime.sleep(60)\\n')
+sys.path.insert(0, '.')
+if kind == 'train':
+  steps.PREEMPTIBLE_MODULES = (module,)
+with socket.socket() as s:
+  s.bind(('127.0.0.1', 0))
+  address = f'127.0.0.1:{s.getsockname()[1]}'
+steps.run_module(module, [ready], distributed=True,
+                 initialize=lambda: jax.distributed.initialize(address, 1, 0))
+"""
+
+
+@pytest.mark.parametrize('kind', ['eval', 'train'])
+def test_only_training_steps_get_jax_preemption_service(tmp_path, kind):
+  """Under jax.distributed, JAX's preemption service swallows SIGTERM (training polls it at its
+  sync point); an eval step without it ends at once (143) instead of waiting for SIGKILL.
+  """
+  import os
+  import signal
+  import subprocess
+  import time
+
+  ready = tmp_path / 'ready'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['PYTHONPATH'] = os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')])
+  cmd = [sys.executable, '-c', _DISTRIBUTED_SLEEPER, 'melodi_sleep_probe', kind, str(ready)]
+  proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 120
+    while not ready.exists():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    if kind == 'eval':
+      assert proc.wait(timeout=30) == -signal.SIGTERM
+    else:
+      time.sleep(2.0)
+      assert proc.poll() is None  # the notice is waiting for a sync point
+  finally:
+    proc.kill()
+    proc.communicate()
 
 
 @pytest.mark.slow

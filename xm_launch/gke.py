@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from xm_launch import jobs as jobs_lib
+from xm_launch import runner
 from xm_launch import steps as steps_lib
 
 API_VERSION = 'jobset.x-k8s.io/v1alpha2'
@@ -73,10 +74,10 @@ DNS_1035 = re.compile(r'[a-z]([-a-z0-9]*[a-z0-9])?')
 POD_FAILURE_POLICY_REASON = 'PodFailurePolicy'
 
 # -- failures and restarts --
-# The "restart me" exit code: the training process saw SIGTERM (a preemption), saved an
-# emergency checkpoint and asks for a restart. The JobSet restarts without spending maxRestarts
-# (xpk's workloads use the same code).
-RESTART_EXIT_CODE = 42
+# The "restart me" exit code (defined by the pods' runner, `xm_launch.runner`): the training
+# process saw SIGTERM (a preemption), saved an emergency checkpoint and asks for a restart. The
+# JobSet restarts without spending maxRestarts (xpk's workloads use the same code).
+RESTART_EXIT_CODE = runner.RESTART_EXIT_CODE
 # Exit code of a process killed by SIGTERM (128 + 15): a termination request from outside.
 SIGTERM_EXIT_CODE = 143
 # Exit codes 128 + N of a process killed by signal N.

@@ -63,7 +63,8 @@ def container_steps() -> list[str]:
     'RUN python -m pip install -r requirements-tpu.txt',
     'COPY . ./',
     'RUN python -m pip install --no-deps -e .',
-    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks, xm_launch.steps"',
+    'RUN python -c "import t5x.train, t5x.eval, melodi_t5x.t5x_model, tasks, xm_launch.steps, '
+    'xm_launch.runner"',
     f'ENV PYTHONPATH={WORKDIR}',
   ]
 

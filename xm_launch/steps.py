@@ -16,6 +16,11 @@ step's status. A plan that cannot run (unknown module, missing gin file) exits w
 `CONFIG_ERROR` (78): like every application exit code it fails the JobSet at once
 (`xm_launch.gke.failure_policies`). A step killed by signal N gives 128 + N, as a shell would.
 
+SIGTERM (the pod is stopping) is passed on to the running step's process; the runner then starts
+no further step and exits with `RESTART_EXIT_CODE` (42) or the step's own failure status. A
+training step that saved its emergency checkpoint exits with 42 itself (`run_module`), as does
+any step module that raises T5X's `PreemptionError`.
+
 Each step runs in its own process (`python -m xm_launch.steps --module=M [--distributed] -- ARGS`):
 on TPU that process calls `jax.distributed.initialize()` with no arguments (GKE injects
 `TPU_WORKER_ID` / `TPU_WORKER_HOSTNAMES`; JAX finds the other hosts) and then runs the module as
@@ -25,18 +30,24 @@ on TPU that process calls `jax.distributed.initialize()` with no arguments (GKE 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from xm_launch import runner as runner_lib
+
 # Exit status of a configuration error (sysexits.h EX_CONFIG): an application error, never retried.
 CONFIG_ERROR = 78
+# Step modules that stop at a preemption sync point on SIGTERM (JAX's preemption service on).
+PREEMPTIBLE_MODULES = ('t5x.train',)
 # Placeholders in step arguments and outputs: this pod's index in its slice (Kubernetes'
 # JOB_COMPLETION_INDEX), plain and zero-padded to 5 digits.
 WORKER = '{worker}'
@@ -155,12 +166,29 @@ def exit_status(returncode: int) -> int:
 
 
 def run_subprocess(cmd: Sequence[str], log: str | None = None, cwd: str | None = None) -> int:
-  """Runs a command (output to `log` when given, else inherited); returns its exit status."""
-  if log is None:
-    return exit_status(subprocess.run(list(cmd), cwd=cwd).returncode)
-  with open(log, 'w') as out:
-    proc = subprocess.run(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-  return exit_status(proc.returncode)
+  """Runs a command (output to `log` when given, else inherited); returns its exit status.
+
+  SIGTERM received meanwhile is passed on to the command. After one, a command that still
+  exits 0 returns `RESTART_EXIT_CODE`: the pod is stopping, so the plan must not go on to its
+  next step (a restarted pod skips the finished one). Killed by signal N: 128 + N.
+  """
+  with runner_lib.Forwarder((signal.SIGTERM,), _log_signal) as forwarder:
+    with open(log, 'w') if log else contextlib.nullcontext() as out:
+      stdout = {'stdout': out, 'stderr': subprocess.STDOUT} if out else {}
+      with subprocess.Popen(list(cmd), cwd=cwd, **stdout) as proc:
+        forwarder.attach(proc.pid)
+        try:
+          rc = runner_lib.returncode_exit_code(proc.wait())
+        except BaseException:  # Ctrl-C: as subprocess.run, the command does not outlive us
+          proc.kill()
+          raise
+  if forwarder.received and rc == 0:
+    return runner_lib.RESTART_EXIT_CODE
+  return rc
+
+
+def _log_signal(line: str) -> None:
+  print(f'[xm_launch.steps] {line}', file=sys.stderr, flush=True)
 
 
 def run_plan(
@@ -209,6 +237,9 @@ def run_plan(
     log(f'{tag} running: {" ".join(step.command(worker))}')
     tick = time.time()
     rc = run(step, worker)
+    if rc == runner_lib.RESTART_EXIT_CODE:
+      log(f'{tag} preempted after {time.time() - tick:.0f} s (exit status {rc}); stopping')
+      return rc
     if rc:
       log(f'{tag} FAILED with exit status {rc} after {time.time() - tick:.0f} s; stopping')
       return rc
@@ -228,14 +259,17 @@ def run_module(
 ) -> None:
   """Runs `module` as __main__ with `args`, after `jax.distributed.initialize()` if distributed.
 
-  Configuration errors (an unprepared data split) exit with CONFIG_ERROR, which is not retried.
+  Configuration errors (an unprepared data split) exit with CONFIG_ERROR, which is not retried;
+  T5X's `PreemptionError` (raised after its emergency checkpoint) exits with RESTART_EXIT_CODE.
+  Only `PREEMPTIBLE_MODULES` get JAX's preemption service; other steps die of SIGTERM (143).
   """
   if distributed:
-    if initialize is None:
-      import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
 
-      initialize = jax.distributed.initialize
-    initialize()
+    # JAX's preemption service turns SIGTERM into a notice that only training reads (at its
+    # sync point); any other step would run on until SIGKILL, so it keeps SIGTERM's default.
+    jax.config.update('jax_enable_preemption_service', module in PREEMPTIBLE_MODULES)
+    (initialize or jax.distributed.initialize)()
   sys.argv = [module, *args]
   try:
     runpy.run_module(module, run_name='__main__', alter_sys=True)
@@ -243,6 +277,9 @@ def run_module(
     if _is_config_error(e):
       print(f'configuration error (not retried): {e}', file=sys.stderr, flush=True)
       raise SystemExit(CONFIG_ERROR) from e
+    if _is_preemption(e):
+      print(f'preempted, restart me (exit {runner_lib.RESTART_EXIT_CODE}): {e}', file=sys.stderr)
+      raise SystemExit(runner_lib.RESTART_EXIT_CODE) from e
     raise
 
 
@@ -250,6 +287,16 @@ def _is_config_error(error: BaseException) -> bool:
   from tasks import prepare  # pylint: disable=g-import-not-at-top
 
   return isinstance(error, prepare.MissingPreparedSplitError)
+
+
+def _is_preemption(error: BaseException) -> bool:
+  # Only modules the step imported are looked at (the data stage imports neither).
+  kinds = (('t5x.trainer', 'PreemptionError'), ('melodi_t5x.preemption', 'PreemptedBeforeTraining'))
+  for module, name in kinds:
+    kind = getattr(sys.modules.get(module), name, None)
+    if kind is not None and isinstance(error, kind):
+      return True
+  return False
 
 
 def worker_index(env: Mapping[str, str] = os.environ) -> int:
