@@ -28,13 +28,16 @@ _MAX_SENTENCE_BYTES = 4000
 
 
 def document_texts(task_name: str, split: str = 'train', max_documents: int | None = None):
-  """Raw texts of a task's split, in source order (no shuffling, no tokenization)."""
-  import seqio  # pylint: disable=g-import-not-at-top
+  """Raw texts of a task's split, in source order (no shuffling, no tokenization).
 
-  import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  Read from the task's document source (`tasks.sources.DATASET_FNS`), not through the seqio task,
+  whose source also checks the vocabulary file: the vocabulary is what is being trained here.
+  """
+  from tasks import sources  # pylint: disable=g-import-not-at-top
 
-  source = seqio.get_mixture_or_task(task_name).source
-  ds = source.get_dataset(split=split, shuffle=False)
+  if task_name not in sources.DATASET_FNS:
+    raise ValueError(f'Unknown task {task_name!r}; known tasks: {sorted(sources.DATASET_FNS)}.')
+  ds = sources.DATASET_FNS[task_name](split, False, None)
   for i, ex in enumerate(ds.as_numpy_iterator()):
     if max_documents is not None and i >= max_documents:
       break
