@@ -5,14 +5,18 @@ deep inside the restore with a pytree-structure error (mentioning the other arch
 state leaves); another vocabulary of the same padded size restores cleanly and scores the
 wrong ids. `t5x.train` therefore writes `<MODEL_DIR>/model_signature.json` (architecture, config
 class, config, vocabulary name, size and checksum of its SentencePiece model) and `t5x.eval` /
-`t5x.infer` compare it with the model they build before restoring, with an error naming both.
+`t5x.infer`, `python -m melodi_t5x.tools.generate` and a resumed `t5x.train` compare it with the
+model they build before restoring, with an error naming both: the architecture, the vocabulary
+and the embedding's rows (`vocab_size`, the gin macro `VOCAB_SIZE`; a different size would
+otherwise stop the restore with a raw `ScopeParamShapeError`).
 
 Gin hooks (in `gin/runs/melodi_pretrain.gin`, `melodi_eval.gin`, `gin/infer.gin`):
 
   train_script.train.model_dir = @t5x_signature.signed_model_dir()      # writes or checks
   utils.RestoreCheckpointConfig.path = @t5x_signature.checked_checkpoint_path()   # checks
 
-A model directory without the file (trained before it existed) is not checked.
+A model directory without the file is not checked: a new run writes it silently, a directory
+with checkpoints but no signature (trained before signatures were written) logs a warning.
 """
 
 from __future__ import annotations
@@ -91,6 +95,14 @@ def mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
       'this run: evaluate with the vocabulary the model was trained with (the task of the '
       'training run, or tasks.TextCorpusConfig.vocabulary_task / vocabulary_path naming it)'
     )
+  saved_rows = saved['config'].get('vocab_size')
+  rows = current['config'].get('vocab_size')
+  if saved_rows is not None and rows is not None and saved_rows != rows:
+    problems.append(
+      f'embedding of {saved_rows} rows (vocab_size) in the checkpoint, {rows} in this run: bind '
+      f"the training run's VOCAB_SIZE (--gin.VOCAB_SIZE={saved_rows}), which the data gin file "
+      '(gin/experiments/data/<task>.gin) sets for its own vocabulary'
+    )
   return '; '.join(problems) or None
 
 
@@ -128,13 +140,25 @@ def check(model, checkpoint_path: str, what: str) -> None:
     raise ValueError(f'{what} {checkpoint_path} does not fit this model: {problem}.')
 
 
+def has_checkpoints(model_dir: str) -> bool:
+  """Whether `model_dir` holds a T5X checkpoint (`checkpoint_<N>`), i.e. a run to resume."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  path = epath.Path(model_dir)
+  if not path.is_dir():
+    return False
+  return any(re.fullmatch(r'checkpoint_\d+', p.name) for p in path.iterdir())
+
+
 def signed_model_dir(model_dir: str, model) -> str:
   """`train_script.train.model_dir`: checks (resume) or writes (new run) the signature."""
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
 
-  check(model, model_dir, 'The model directory')
-  if read_signature(model_dir) is None and jax.process_index() == 0:
+  signed = read_signature(model_dir) is not None
+  if signed or has_checkpoints(model_dir):  # a new run has nothing to check (and no warning)
+    check(model, model_dir, 'The model directory')
+  if not signed and jax.process_index() == 0:
     path = epath.Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / SIGNATURE_FILE).write_text(json.dumps(model_signature(model), indent=1) + '\n')

@@ -229,3 +229,97 @@ def test_training_stops_at_the_first_nonfinite_step_naming_it(tmp_path, clean_gi
     trainer.train(iter(batches[2:]), 4, start_step=2)
   print(err.value)
   assert float(t5x_model.nonfinite_count({'m': np.asarray([1.0, np.nan, np.inf])})) == 2.0
+
+
+# -- issue 27: embedding rows, tools.generate, no false warning ------------------------------------
+
+
+def _signed_run(model_dir, *bindings):
+  """Signs `model_dir` as `t5x.train` of the quickstart does (with extra bindings)."""
+  bindings = [f'MODEL_DIR = {str(model_dir)!r}', *bindings]
+  assert _evaluate('quickstart.gin', 'train_script.train.model_dir', bindings) == str(model_dir)
+
+
+def test_checkpoint_with_other_embedding_rows_is_refused_naming_vocab_size(tmp_path, entry_points):
+  """Issue 27 item 3: instead of a raw ScopeParamShapeError after the model is built."""
+  del entry_points
+  _signed_run(tmp_path / 'run', 'VOCAB_SIZE = 8192')  # an own vocabulary's embedding size
+  checkpoint = str(tmp_path / 'run' / 'checkpoint_400')
+  with pytest.raises(ValueError, match=r'--gin\.VOCAB_SIZE=8192') as err:
+    _eval_path(checkpoint)  # t5x.eval (the data file binds VOCAB_SIZE = 4096)
+  print(err.value)
+  assert 'embedding of 8192 rows (vocab_size) in the checkpoint, 4096 in this run' in str(err.value)
+  assert _eval_path(checkpoint, 'VOCAB_SIZE = 8192') == checkpoint
+  with pytest.raises(ValueError, match=r'VOCAB_SIZE=8192'):  # t5x.infer
+    _evaluate(
+      ['models/melodi_base.gin', 'models/tiny.gin', 'infer.gin'],
+      'utils.RestoreCheckpointConfig.path',
+      [f'CHECKPOINT_PATH = {checkpoint!r}', "INFER_OUTPUT_DIR = '/tmp/unused'"],
+    )
+  with pytest.raises(ValueError, match=r'VOCAB_SIZE=8192'):  # resuming t5x.train
+    _signed_run(tmp_path / 'run')
+
+
+def test_new_run_writes_its_signature_without_the_unsigned_warning(tmp_path, entry_points, caplog):
+  """Issue 27 item 3: every new run used to warn 'trained before signatures were written'."""
+  del entry_points
+  caplog.set_level('WARNING')
+  _signed_run(tmp_path / 'new')
+  assert (tmp_path / 'new' / t5x_signature.SIGNATURE_FILE).exists()
+  assert 'No model_signature.json' not in caplog.text
+  # A directory with checkpoints but no signature (an old run) is resumed with the warning.
+  (tmp_path / 'old' / 'checkpoint_100').mkdir(parents=True)
+  _signed_run(tmp_path / 'old')
+  assert f'No model_signature.json in {tmp_path / "old"}' in caplog.text
+
+
+def test_generate_checks_the_signature_before_reading_the_checkpoint(
+  tmp_path, entry_points, monkeypatch
+):
+  """Issue 27 item 2: tools.generate printed nonsense with another vocabulary and exited 0."""
+  del entry_points
+  from melodi_t5x.tools import generate  # pylint: disable=g-import-not-at-top
+
+  def no_restore(checkpoint):
+    raise AssertionError(f'the checkpoint {checkpoint} was read before the signature check')
+
+  monkeypatch.setattr(generate, 'load_params', no_restore)
+  prompt = tmp_path / 'prompt.txt'
+  prompt.write_text('To be, or not to be, that is the question.')
+  _signed_run(tmp_path / 'run')
+  path = tmp_path / 'run' / t5x_signature.SIGNATURE_FILE
+  saved = json.loads(path.read_text())
+  other = dict(saved['vocabulary'], name="TaskVocabulary('my_books')", checksum=123)
+  path.write_text(json.dumps(dict(saved, vocabulary=other)))
+  args = ['--checkpoint', str(tmp_path / 'run' / 'checkpoint_400'), '--prompt_file', str(prompt)]
+  with pytest.raises(ValueError, match=r"vocabulary TaskVocabulary\('my_books'\)"):
+    generate.main(args)
+  path.write_text(json.dumps(dict(saved, config=dict(saved['config'], vocab_size='8192'))))
+  with pytest.raises(ValueError, match=r'--gin\.VOCAB_SIZE=8192'):
+    generate.main(args)
+
+
+@pytest.mark.parametrize(
+  'content, message',
+  [
+    (None, 'cannot read it'),
+    (b'caf\xe9 au lait', r'not UTF-8 text \(byte 0xe9 at offset 3\)'),
+    (b'', 'is empty'),
+    (b' \n\n', 'is empty'),
+  ],
+)
+def test_generate_refuses_a_bad_prompt_file_before_loading_the_model(
+  tmp_path, monkeypatch, content, message
+):
+  """Issue 27 item 2: reported after ~20 s of model loading (raw traceback), or generated."""
+  from melodi_t5x.tools import generate  # pylint: disable=g-import-not-at-top
+
+  def no_model(*unused):
+    raise AssertionError('the model was loaded before the prompt file was checked')
+
+  monkeypatch.setattr(generate, 'load_model', no_model)
+  prompt = tmp_path / 'prompt.txt'
+  if content is not None:
+    prompt.write_bytes(content)
+  with pytest.raises(SystemExit, match=f'--prompt_file {prompt}.*{message}'):
+    generate.main(['--checkpoint', str(tmp_path / 'checkpoint_1'), '--prompt_file', str(prompt)])

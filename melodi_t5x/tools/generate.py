@@ -11,6 +11,10 @@ tokens per step, a multiple of the window), the rest is prefilled, then tokens a
 a time with T5X's `temperature_sample` (`--temperature 0` is greedy; `--topk 0` samples from the
 full softmax).
 Prints the continuation (with `--json`, one JSON line with tokens, timings and tokens/s).
+
+Checked before the checkpoint is read: the prompt file (it must exist, be UTF-8 and hold text)
+and the checkpoint's `model_signature.json` (architecture, vocabulary and embedding rows must be
+those of the model built here, as `t5x.eval` checks them; `melodi_t5x.t5x_signature`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from melodi_t5x import t5x_generate, t5x_gin
+from melodi_t5x import t5x_generate, t5x_gin, t5x_signature
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +75,25 @@ def load_model(gin_files, bindings, task: str):
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
 
 
+def read_prompt(prompt_file: str) -> str:
+  """The prompt's text (`-`: stdin); exits naming the file if it is missing, not UTF-8 or empty."""
+  name = 'standard input' if prompt_file == '-' else f'--prompt_file {prompt_file}'
+  try:
+    data = sys.stdin.buffer.read() if prompt_file == '-' else open(prompt_file, 'rb').read()
+  except OSError as e:
+    raise SystemExit(f'{name}: cannot read it ({e.strerror}); give an existing text file.') from e
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise SystemExit(
+      f'{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it '
+      'first, e.g. iconv -f latin1 -t utf-8 IN > OUT.'
+    ) from e
+  if not text.strip():
+    raise SystemExit(f'{name} is empty: give a prompt of at least one token of text.')
+  return text
+
+
 def load_params(checkpoint: str):
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', UserWarning)  # "Sharding info not provided when restoring"
@@ -80,13 +103,14 @@ def load_params(checkpoint: str):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  text = read_prompt(args.prompt_file)
   model = load_model(args.gin_file or list(DEFAULT_GIN_FILES), args.gin_bindings, args.task)
   window = model.module.config.window_length
   segment = args.segment_length or 8 * window
   if segment % window:
     raise SystemExit(f'--segment_length={segment} is not a multiple of the window ({window}).')
+  t5x_signature.check(model, args.checkpoint, 'The checkpoint')
   params = load_params(args.checkpoint)
-  text = sys.stdin.read() if args.prompt_file == '-' else open(args.prompt_file).read()
   vocab = model.output_vocabulary
   tokens = vocab.encode(text)
   timings = {}
