@@ -395,3 +395,31 @@ def test_includes_from_another_folder_log_no_path_not_found_errors(tmp_path, mon
   assert 'Path not found' not in caplog.text
   with pytest.raises(IOError, match='Unable to open file: gin/models/nope.gin'):
     gin.parse_config_files_and_bindings(['gin/models/nope.gin'], [], finalize_config=False)
+
+
+@pytest.mark.parametrize(
+  'gin_files, period',
+  [
+    (['quickstart.gin'], 25),
+    (['experiments/train.gin', 'experiments/main/pg19_t5_melodi_s128_l64.gin'], 100),
+  ],
+  ids=['quickstart', 'paper'],
+)
+def test_run_files_log_training_metrics_often(gin_files, period, monkeypatch):
+  """Issue 27 item 6: the paper runs logged the training loss every 5,000 steps (eval_period)."""
+  needs.t5x()
+  gin_entry_points.install(monkeypatch)
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      [os.path.join(GIN_DIR, g) for g in gin_files],
+      ["MODEL_DIR = '/tmp/unused'"],
+      finalize_config=False,
+    )
+    assert gin.query_parameter('train_script.train.stats_period') == period
+    eval_period = gin.query_parameter('train_script.train.eval_period')
+    while hasattr(eval_period, 'scoped_configurable_fn'):  # a macro (EVAL_PERIOD)
+      eval_period = eval_period.scoped_configurable_fn()
+    assert eval_period % period == 0
+  finally:
+    gin.clear_config(clear_constants=True)

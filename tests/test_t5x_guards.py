@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gin
 import gin_entry_points
@@ -323,3 +324,79 @@ def test_generate_refuses_a_bad_prompt_file_before_loading_the_model(
     prompt.write_bytes(content)
   with pytest.raises(SystemExit, match=f'--prompt_file {prompt}.*{message}'):
     generate.main(['--checkpoint', str(tmp_path / 'checkpoint_1'), '--prompt_file', str(prompt)])
+
+
+def _event_tags(folder) -> dict[str, str]:
+  """Tag -> kind ('scalar' / 'image') of the TensorBoard event files under `folder`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tags = {}
+  for path in tf.io.gfile.glob(os.path.join(str(folder), 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        plugin = value.metadata.plugin_data.plugin_name
+        tags[value.tag] = 'image' if plugin == 'images' else 'scalar'
+  return tags
+
+
+def test_eval_logs_progress_with_tokens_per_second_and_eta(tmp_path, clean_gin, caplog):
+  """Issue 27 item 6: eval printed nothing for its whole run, and had no ETA."""
+  del clean_gin
+  trainer = _trainer(tmp_path, progress_seconds=0)
+  state = trainer.train_state
+  caplog.set_level('INFO')
+  batches = _document_batches(6)
+  counted = t5x_eval_module().EvalProgress('x', 0, batches)
+  counted._counter.join(timeout=60)  # the background count of a re-iterable dataset
+  assert counted.total == 6 * B * T
+  trainer.stream(state.params, state.flax_mutables, batches, name='books')
+  lines = [r.getMessage() for r in caplog.records if 'Streaming eval books' in r.getMessage()]
+  print('\n'.join(lines))
+  assert 'first batch after' in lines[0] and '(memory carried)' in lines[0]
+  assert any(re.search(r'batch [2-6], \d+ tokens in .*tokens/s\)', line) for line in lines)
+  # Once the split is counted (a second pass on a background thread), lines carry an ETA.
+  assert any(re.search(rf'% of {6 * B * T} tokens, ETA', line) for line in lines) or any(
+    'ETA after the split is counted' in line for line in lines
+  )
+
+
+def t5x_eval_module():
+  from melodi_t5x import t5x_eval  # pylint: disable=g-import-not-at-top
+
+  return t5x_eval
+
+
+def test_eval_progress_line_eta_from_the_counted_total():
+  """The ETA is the tokens left at the measured rate (after the first, compiling batch)."""
+  now = [100.0]
+  progress = t5x_eval_module().EvalProgress('books (memory reset)', 30, clock=lambda: now[0])
+  now[0] = 110.0
+  progress.add(1000)  # first batch: 10 s of compilation
+  now[0] = 120.0
+  progress.add(1000)  # 1000 tokens in 10 s: 100 tokens/s
+  assert progress.line() == (
+    'Streaming eval books (memory reset): batch 2, 2000 tokens in 20 s (100 tokens/s).'
+  )
+  progress.total = 8000
+  assert progress.line().endswith('(100 tokens/s), 25% of 8000 tokens, ETA 1 min 00 s.')
+
+
+def test_eval_writes_perplexities_and_the_report_image_to_tensorboard(tmp_path, clean_gin):
+  """Issue 27 item 6: per-position perplexities and the image never reached TensorBoard."""
+  del clean_gin
+  from t5x import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  t5x_eval = t5x_eval_module()
+  trainer = _trainer(tmp_path / 'run', report_dir=str(tmp_path / 'report'), memory_mode='reset')
+  trainer.eval_metrics_managers = {
+    'books': trainer_lib.MetricsManager('training_eval/books', summary_dir=str(tmp_path / 'run'))
+  }
+  trainer.eval({'books': _document_batches(3)})
+  tags = _event_tags(tmp_path / 'run' / 'training_eval' / 'books')
+  print(sorted(tags))
+  assert tags['reset/perplexity'] == 'scalar'
+  assert tags['reset/position/0-16/perplexity'] == 'scalar'
+  assert tags['reset/perplexity_by_position'] == 'image'
+  # The report's titles say the memory mode.
+  md = (tmp_path / 'report' / f'{t5x_eval.report_name("books", 0, "reset")}.md').read_text()
+  assert md.startswith('# Perplexity report: books (memory reset)')
