@@ -26,10 +26,16 @@ Importing this module also quiets gin's `Path not found` errors of search-path p
 `t5x.infer` when a command-line macro binding (`--gin.TRAIN_STEP=40`) names a macro that no
 configuration of the run uses and no gin file of melodi-t5x or T5X knows (a typo gin would
 otherwise ignore), naming the closest macro the run uses (`check_command_line_macros`).
+
+Every command-line tool of the project speaks T5X's gin flags through `add_gin_flags` /
+`parse_args` / `parse_gin` here: `--gin_file` (repeatable), `--gin.NAME=VALUE` and
+`--gin_bindings='NAME = VALUE'` (repeatable), `--gin_search_paths` (comma-separated). Older
+spellings (`--gin_param`, `--binding`) stay as deprecated aliases of `--gin_bindings`.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import glob
@@ -37,6 +43,8 @@ import importlib.util
 import logging as py_logging
 import os
 import re
+import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import gin
@@ -200,6 +208,117 @@ def _check_t5x_command_line(config: Mapping) -> None:
 
 
 gin.config.register_finalize_hook(_check_t5x_command_line)
+
+
+# -- T5X's gin flags for argparse command lines ----------------------------------------------------
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (as T5X's mains read them)."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.') :].partition('=')
+      if not sep or not name:
+        raise SystemExit(f'gin bindings are written --gin.NAME=VALUE; got {arg!r}.')
+      arg = f'--gin_bindings={name} = {value}'
+    out.append(arg)
+  return out
+
+
+class _DeprecatedBinding(argparse.Action):
+  """An old spelling of `--gin_bindings`: appends to it, with a FutureWarning naming the new one."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    warnings.warn(
+      f'{option_string} is deprecated and will be removed in the next release: write '
+      f'--gin.NAME=VALUE or --gin_bindings="NAME = VALUE" (as t5x.train).',
+      FutureWarning,
+      stacklevel=2,
+    )
+    items = list(getattr(namespace, self.dest, None) or [])
+    setattr(namespace, self.dest, [*items, values])
+
+
+def _search_paths(text: str) -> list[str]:
+  return [p for p in text.split(',') if p]
+
+
+def add_gin_flags(
+  parser: argparse.ArgumentParser,
+  *,
+  gin_files: bool = True,
+  gin_file_help: str = 'gin file to parse (repeatable), as in t5x.train',
+  deprecated: Sequence[str] = (),
+) -> None:
+  """Adds T5X's gin flags to an argparse parser (parse with `parse_args`, which reads `--gin.`).
+
+  Args:
+    parser: the tool's parser.
+    gin_files: whether the tool reads gin files (`--gin_file`, `--gin_search_paths`).
+    gin_file_help: help text of `--gin_file`.
+    deprecated: older spellings of `--gin_bindings` kept as aliases (e.g. '--gin_param').
+  """
+  if gin_files:
+    parser.add_argument('--gin_file', action='append', default=None, help=gin_file_help)
+    parser.add_argument(
+      '--gin_search_paths',
+      type=_search_paths,
+      default=[],
+      help='comma-separated folders where gin files are looked up, as in t5x.train',
+    )
+  parser.add_argument(
+    '--gin_bindings',
+    action='append',
+    default=[],
+    help="gin binding 'NAME = VALUE' (repeatable); or --gin.NAME=VALUE, as in t5x.train",
+  )
+  for flag in deprecated:
+    parser.add_argument(
+      flag,
+      dest='gin_bindings',
+      action=_DeprecatedBinding,
+      help='deprecated spelling of --gin_bindings',
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
+  """`parser.parse_args` after rewriting `--gin.NAME=VALUE` (default: the process's argv)."""
+  return parser.parse_args(rewrite_gin_args(sys.argv[1:] if argv is None else list(argv)))
+
+
+def parse_gin(
+  args: argparse.Namespace,
+  default_files: Sequence[str] = (),
+  *,
+  extra_bindings: Sequence[str] = (),
+  finalize_config: bool = False,
+  skip_unknown: bool | Sequence[str] = False,
+) -> None:
+  """Parses the gin files and bindings of `add_gin_flags` and checks the command-line macros.
+
+  `extra_bindings` (the tool's own) come before the command line's, which win. A command-line
+  macro that nothing uses and no gin file knows is an error (`check_command_line_macros`).
+  """
+  for path in getattr(args, 'gin_search_paths', None) or []:
+    gin.add_config_file_search_path(path)
+  files = getattr(args, 'gin_file', None) or list(default_files)
+  gin.parse_config_files_and_bindings(
+    files,
+    [*extra_bindings, *args.gin_bindings],
+    finalize_config=finalize_config,
+    skip_unknown=skip_unknown,
+  )
+  check_command_line_macros(args.gin_bindings)
+
+
+def normalize_binding(binding: str) -> str:
+  """`NAME = VALUE` -> `NAME=VALUE` (the form the launcher passes on as --gin.NAME=VALUE)."""
+  name, sep, value = binding.partition('=')
+  if not sep or not name.strip():
+    raise SystemExit(f'gin bindings are written NAME=VALUE; got {binding!r}.')
+  return f'{name.strip()}={value.strip()}'
+
 
 if __name__ == '__main__':
   print(GIN_ROOT)

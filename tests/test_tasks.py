@@ -445,8 +445,8 @@ def test_train_vocab_command_suggested_by_the_missing_vocabulary_error_works(tmp
   folder.mkdir()
   for i, (_, _, path) in enumerate(sources.local_books_split('test')[:2]):
     (folder / f'play{i}.txt').write_text(pathlib.Path(path).read_text(encoding='utf-8')[:40000])
-  data = f"--gin_param=tasks.TextCorpusConfig.train_files='{folder}/*.txt'"
-  gin.parse_config(data.split('=', 1)[1])
+  data = f"--gin.tasks.TextCorpusConfig.train_files='{folder}/*.txt'"  # as the shell passes it
+  gin.parse_config(f"tasks.TextCorpusConfig.train_files='{folder}/*.txt'")
   try:
     with pytest.raises(ValueError, match='has no vocabulary') as error:
       _get('text_corpus')

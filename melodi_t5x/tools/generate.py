@@ -3,6 +3,9 @@ r"""Continue a long text document with a trained memory decoder (T5X checkpoint)
   python -m melodi_t5x.tools.generate --checkpoint /tmp/melodi_quickstart/checkpoint_400 \
     --prompt_file play.txt --max_new_tokens 200 --temperature 0.8 --topk 40
 
+Gin flags as in t5x.train: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_bindings`,
+`--gin_search_paths`.
+
 The model comes from gin model files (default: the quickstart's tiny MELODI,
 `gin/models/melodi_base.gin` + `gin/models/tiny.gin`), with the vocabulary of `--task` and an
 embedding of its size (`tasks.embedding_size`). The whole prompt is read: its windows are
@@ -36,12 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', required=True, help='T5X checkpoint directory')
   parser.add_argument('--prompt_file', required=True, help='UTF-8 text to continue ("-": stdin)')
-  parser.add_argument(
-    '--gin_file',
-    action='append',
-    help='model gin file(s); default gin/models/melodi_base.gin then gin/models/tiny.gin',
+  t5x_gin.add_gin_flags(
+    parser,
+    gin_file_help='model gin file(s); default gin/models/melodi_base.gin then gin/models/tiny.gin',
   )
-  parser.add_argument('--gin_bindings', action='append', default=[], help='extra gin bindings')
   parser.add_argument('--task', default='local_books', help='task whose vocabulary to use')
   parser.add_argument('--max_new_tokens', type=int, default=128)
   parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--segment_length', type=int, default=0, help='prompt tokens per streamed step (0: 8 windows)'
   )
   parser.add_argument('--json', action='store_true', help='print one JSON line with details')
-  args = parser.parse_args(argv)
+  args = t5x_gin.parse_args(parser, argv)
   if args.max_new_tokens <= 0:
     parser.error('--max_new_tokens must be positive')
   if args.temperature < 0 or args.topk < 0:
@@ -72,6 +73,7 @@ def load_model(gin_files, bindings, task: str):
     'tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME',
   ]
   gin.parse_config_files_and_bindings(gin_files, [*task_bindings, 'DROPOUT_RATE = 0.0', *bindings])
+  t5x_gin.check_command_line_macros(bindings)
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
 
 
@@ -104,6 +106,8 @@ def load_params(checkpoint: str):
 def main(argv=None) -> int:
   args = parse_args(argv)
   text = read_prompt(args.prompt_file)
+  for path in args.gin_search_paths:
+    gin.add_config_file_search_path(path)
   model = load_model(args.gin_file or list(DEFAULT_GIN_FILES), args.gin_bindings, args.task)
   window = model.module.config.window_length
   segment = args.segment_length or 8 * window

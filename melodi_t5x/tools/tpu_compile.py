@@ -3,7 +3,7 @@ r"""Compiles every job of a sweep for its TPU slice on this (CPU) machine and ch
 Usage (a CPU machine with libtpu installed, e.g. `pip install -r requirements-tpu.txt`):
 
   JAX_PLATFORMS=cpu python -m melodi_t5x.tools.tpu_compile --sweep=main \
-      [--accelerator=v5e] [--topology=4x8] [--binding NAME=VALUE ...] [--json OUT] [--workers N]
+      [--accelerator=v5e] [--topology=4x8] [--gin.NAME=VALUE ...] [--json OUT] [--workers N]
   JAX_PLATFORMS=cpu python -m melodi_t5x.tools.tpu_compile \
       --experiment=gin/experiments/main/pg19_t5_xl.gin --accelerator=v4
 
@@ -64,7 +64,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from melodi_t5x import experiments  # noqa: E402
+from melodi_t5x import experiments, t5x_gin  # noqa: E402
 from melodi_t5x.tools import bench  # noqa: E402
 from melodi_t5x.tools import flops as flops_lib  # noqa: E402
 
@@ -947,7 +947,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--timing_topology', default=None, help="slice of the timing jobs (default: the launcher's)"
   )
-  p.add_argument('--binding', action='append', default=[], help='gin binding NAME=VALUE (all jobs)')
+  # Gin bindings of all jobs: --gin.NAME=VALUE or --gin_bindings (--binding: deprecated).
+  t5x_gin.add_gin_flags(p, gin_files=False, deprecated=('--binding',))
   p.add_argument('--noeval', action='store_true', help='leave out the eval jobs')
   p.add_argument('--json', default=None, help='write the rows to this JSON file')
   p.add_argument(
@@ -974,7 +975,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=DEFAULT_UTILISATION,
     help='model FLOPs utilisation assumed for the step-time estimate',
   )
-  return p.parse_args(argv)
+  return t5x_gin.parse_args(p, argv)
 
 
 def launcher_jobs(args: argparse.Namespace):
@@ -990,7 +991,7 @@ def launcher_jobs(args: argparse.Namespace):
     sweep=args.sweep,
     experiment=args.experiment,
     eval_modes=() if args.noeval else experiments.MEMORY_MODES,
-    bindings=args.binding,
+    bindings=[t5x_gin.normalize_binding(b) for b in args.gin_bindings],
     topology=topology,
     timing_topology=timing,
   )
