@@ -400,3 +400,19 @@ def test_eval_writes_perplexities_and_the_report_image_to_tensorboard(tmp_path, 
   # The report's titles say the memory mode.
   md = (tmp_path / 'report' / f'{t5x_eval.report_name("books", 0, "reset")}.md').read_text()
   assert md.startswith('# Perplexity report: books (memory reset)')
+
+
+def test_eval_does_not_warn_for_the_optimizer_state_it_skips(tmp_path, entry_points, caplog):
+  """Issue 27 item 8: 184 'Not restoring param=state/param_states/...' warnings per eval."""
+  del entry_points
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  _signed_run(tmp_path / 'run')
+  checkpoint = str(tmp_path / 'run' / 'checkpoint_400')
+  assert _eval_path(checkpoint) == checkpoint  # what t5x.eval evaluates before restoring
+  caplog.set_level('WARNING')
+  message = "Not restoring param=%s because it's missing in the checkpoint"
+  logging.warning(message, 'state/param_states/decoder/layers_0/mlp/wi/kernel/v_row')
+  logging.warning(message, 'state/params/decoder/layers_0/mlp/wi/kernel')
+  assert 'param_states' not in caplog.text
+  assert 'Not restoring param=state/params/decoder/layers_0/mlp/wi/kernel' in caplog.text
