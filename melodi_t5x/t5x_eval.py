@@ -601,17 +601,18 @@ def write_tensorboard(summary_dir: str, summary: Mapping[str, Any], step: int) -
   """Writes a report's perplexities and its image to TensorBoard (clu); returns the tags.
 
   Tags (under `summary_dir`, T5X's `training_eval/<task>` folder), per memory mode:
-  `<mode>/perplexity`, `<mode>/position/<start>-<end>/perplexity` (one per position bucket, token
-  offsets from the document start) and the image `<mode>/perplexity_by_position`.
+  `<mode>/perplexity`, `<mode>/position/<i>_<start>-<end>/perplexity` (bucket i, two digits so
+  that TensorBoard lists them in order; token offsets from the document start) and the image
+  `<mode>/perplexity_by_position`.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   mode = summary.get('memory_mode', 'carried')
   scalars = {f'{mode}/perplexity': summary['perplexity']}
-  for b in summary['position_buckets']:
+  for i, b in enumerate(summary['position_buckets']):
     if b['tokens']:
       end = b['end'] if b['end'] is not None else 'end'
-      scalars[f'{mode}/position/{b["start"]}-{end}/perplexity'] = b['perplexity']
+      scalars[f'{mode}/position/{i:02d}_{b["start"]}-{end}/perplexity'] = b['perplexity']
   images = {f'{mode}/perplexity_by_position': report.bucket_image(summary)[None]}
   writer = metric_writers.create_default_writer(summary_dir, asynchronous=False)
   try:

@@ -395,7 +395,7 @@ def test_eval_writes_perplexities_and_the_report_image_to_tensorboard(tmp_path, 
   tags = _event_tags(tmp_path / 'run' / 'training_eval' / 'books')
   print(sorted(tags))
   assert tags['reset/perplexity'] == 'scalar'
-  assert tags['reset/position/0-16/perplexity'] == 'scalar'
+  assert tags['reset/position/00_0-16/perplexity'] == 'scalar'
   assert tags['reset/perplexity_by_position'] == 'image'
   # The report's titles say the memory mode.
   md = (tmp_path / 'report' / f'{t5x_eval.report_name("books", 0, "reset")}.md').read_text()
