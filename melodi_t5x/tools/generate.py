@@ -17,7 +17,8 @@ Prints the continuation (with `--json`, one JSON line with tokens, timings and t
 
 Checked before the checkpoint is read: the prompt file (it must exist, be UTF-8 and hold text)
 and the checkpoint's `model_signature.json` (architecture, vocabulary and embedding rows must be
-those of the model built here, as `t5x.eval` checks them; `melodi_t5x.t5x_signature`).
+those of the model built here, as `t5x.eval` checks them; `melodi_t5x.t5x_signature`). JAX,
+Orbax and the model code are imported after the prompt is read, so a bad prompt file fails at once.
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ import sys
 import warnings
 
 import gin
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 
-from melodi_t5x import t5x_generate, t5x_gin, t5x_signature
+from melodi_t5x import t5x_gin, t5x_signature
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +95,10 @@ def read_prompt(prompt_file: str) -> str:
 
 
 def load_params(checkpoint: str):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', UserWarning)  # "Sharding info not provided when restoring"
     state = ocp.PyTreeCheckpointer().restore(f'{checkpoint.rstrip("/")}/state')
@@ -106,6 +108,10 @@ def load_params(checkpoint: str):
 def main(argv=None) -> int:
   args = parse_args(argv)
   text = read_prompt(args.prompt_file)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x import t5x_generate  # pylint: disable=g-import-not-at-top
+
   for path in args.gin_search_paths:
     gin.add_config_file_search_path(path)
   model = load_model(args.gin_file or list(DEFAULT_GIN_FILES), args.gin_bindings, args.task)
