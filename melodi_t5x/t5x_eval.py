@@ -242,6 +242,8 @@ class MemoryTrainer(trainer_lib.Trainer):
     self._streaming_step = None
     self._stop_on_nonfinite = bool(stop_on_nonfinite)
     self._progress_seconds = progress_seconds
+    # One TensorBoard writer per summary folder for the run (not one event file per eval).
+    self._tensorboard_writers: dict[str, Any] = {}
     self.last_reports: dict[str, dict[str, Any]] = {}
     # Rows reset by misalignment in the last `stream` pass (all hosts): count and first examples.
     self.last_misaligned: dict[str, Any] = {'rows': 0, 'examples': []}
@@ -357,10 +359,19 @@ class MemoryTrainer(trainer_lib.Trainer):
         )
         logging.info('Wrote perplexity report %s', paths['json'])
       if mm.summary_dir and jax.process_index() == 0:
-        write_tensorboard(mm.summary_dir, summary, step_num)
+        write_tensorboard(self._tensorboard_writer(mm.summary_dir), summary, step_num)
       metrics = self._summary_metrics(acc)
       summaries[name] = mm.write_metrics_summary(metrics, step_num, max(num_batches, 1))
     return {k: v.result() for k, v in summaries.items()}
+
+  def _tensorboard_writer(self, summary_dir: str):
+    if summary_dir not in self._tensorboard_writers:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+      self._tensorboard_writers[summary_dir] = metric_writers.create_default_writer(
+        summary_dir, asynchronous=False
+      )
+    return self._tensorboard_writers[summary_dir]
 
   def stream(
     self,
@@ -597,16 +608,15 @@ class EvalProgress:
     return text + '.'
 
 
-def write_tensorboard(summary_dir: str, summary: Mapping[str, Any], step: int) -> list[str]:
-  """Writes a report's perplexities and its image to TensorBoard (clu); returns the tags.
+def write_tensorboard(writer, summary: Mapping[str, Any], step: int) -> list[str]:
+  """Writes a report's perplexities and its image with a clu metric writer; returns the tags.
 
-  Tags (under `summary_dir`, T5X's `training_eval/<task>` folder), per memory mode:
+  `MemoryTrainer` writes to T5X's eval summary folder (`training_eval/<task>`). Tags, per memory
+  mode:
   `<mode>/perplexity`, `<mode>/position/<i>_<start>-<end>/perplexity` (bucket i, two digits so
   that TensorBoard lists them in order; token offsets from the document start) and the image
   `<mode>/perplexity_by_position`.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
   mode = summary.get('memory_mode', 'carried')
   scalars = {f'{mode}/perplexity': summary['perplexity']}
   for i, b in enumerate(summary['position_buckets']):
@@ -614,13 +624,9 @@ def write_tensorboard(summary_dir: str, summary: Mapping[str, Any], step: int) -
       end = b['end'] if b['end'] is not None else 'end'
       scalars[f'{mode}/position/{i:02d}_{b["start"]}-{end}/perplexity'] = b['perplexity']
   images = {f'{mode}/perplexity_by_position': report.bucket_image(summary)[None]}
-  writer = metric_writers.create_default_writer(summary_dir, asynchronous=False)
-  try:
-    writer.write_scalars(step, scalars)
-    writer.write_images(step, images)
-    writer.flush()
-  finally:
-    writer.close()
+  writer.write_scalars(step, scalars)
+  writer.write_images(step, images)
+  writer.flush()
   return [*scalars, *images]
 
 

@@ -392,7 +392,11 @@ def test_eval_writes_perplexities_and_the_report_image_to_tensorboard(tmp_path, 
     'books': trainer_lib.MetricsManager('training_eval/books', summary_dir=str(tmp_path / 'run'))
   }
   trainer.eval({'books': _document_batches(3)})
-  tags = _event_tags(tmp_path / 'run' / 'training_eval' / 'books')
+  folder = tmp_path / 'run' / 'training_eval' / 'books'
+  files = set(os.listdir(folder))
+  trainer.eval({'books': _document_batches(3)})  # a second eval: the same event files
+  assert set(os.listdir(folder)) == files
+  tags = _event_tags(folder)
   print(sorted(tags))
   assert tags['reset/perplexity'] == 'scalar'
   assert tags['reset/position/00_0-16/perplexity'] == 'scalar'
