@@ -17,7 +17,10 @@ architecture uses has a rule here or in T5X's standard rules. The plain lists be
 without T5X; the two builder functions import T5X lazily and are meant for gin:
 
   partitioning.PjitPartitioner.logical_axis_rules = @melodi_partitioning.logical_axis_rules()
-  adafactor.Adafactor.logical_factor_rules = @melodi_partitioning.logical_factor_rules()
+  adafactor.Adafactor.factor_map = @melodi_partitioning.factor_map()
+
+(`logical_factor_rules()`, Adafactor's per-axis rules, serves a parameter of rank > 2; every
+parameter here has rank <= 2, for which T5X ignores such rules with a warning: see `factor_map`.)
 
 `HostMeshPartitioner` (a `PjitPartitioner` with a data-parallel mesh over the devices of every
 process, for CPU hosts) is available as `partitioning.HostMeshPartitioner` once T5X is installed
@@ -87,6 +90,22 @@ def logical_factor_rules():
   for name, dim in MELODI_FACTOR_RULES:
     rules[name] = adafactor.factor_name_to_factordim(dim)
   return frozen_dict.freeze(rules)
+
+
+def factor_map():
+  """Adafactor's factoring rule for every parameter (`adafactor.Adafactor.factor_map`).
+
+  Every parameter of the four architectures has rank <= 2. T5X's Adafactor factors such a
+  parameter by its heuristic (row and column second moments over the two largest dimensions, when
+  both have at least `min_dim_size_to_factor` entries) whatever logical rule it is given, and logs
+  "the factorization method falls back to heuristics" for each one (about 140 per run). This map
+  gives every parameter that heuristic directly: the same optimizer state, no warnings. A parameter
+  of rank > 2 has no heuristic: T5X then stops with an error naming it ("must have an explicit
+  factorization rule"); give it a rule here (a `(path regex, FactorDim tuple)` before the last).
+  """
+  from t5x import adafactor  # pylint: disable=g-import-not-at-top
+
+  return adafactor.HParamMap([(r'.*', adafactor.HEURISTIC_RULE)])
 
 
 def host_mesh_partitioner_cls():

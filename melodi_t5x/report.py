@@ -322,10 +322,16 @@ def _fmt_tokens(n: int | None) -> str:
   return f'{n // 1024}K' if n and n % 1024 == 0 else str(n)
 
 
+def title(summary: Mapping[str, Any]) -> str:
+  """The report's title: the task and, when known, the memory mode (carried or reset)."""
+  task = summary.get('task', 'evaluation')
+  mode = summary.get('memory_mode')
+  return f'{task} (memory {mode})' if mode else task
+
+
 def to_markdown(summary: Mapping[str, Any]) -> str:
   """Renders a report dictionary (from `PerplexityAccumulator.summary`) as Markdown."""
-  title = summary.get('task', 'evaluation')
-  lines = [f'# Perplexity report: {title}', '']
+  lines = [f'# Perplexity report: {title(summary)}', '']
   for key in ('checkpoint_step', 'split', 'segment_length', 'batch_size', 'checkpoint'):
     if summary.get(key) is not None:
       lines.append(f'- {key}: `{summary[key]}`')
@@ -392,8 +398,9 @@ def attribution_markdown(attr: Mapping[str, Any] | None) -> list[str]:
   return lines
 
 
-def plot_buckets(summary: Mapping[str, Any], path: str) -> None:
-  """Writes a PNG of perplexity per position-in-document bucket and, if kept, per window offset."""
+def _bucket_figure(summary: Mapping[str, Any]):
+  """A matplotlib figure of perplexity per position-in-document bucket and, if kept, per offset
+  in the window."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -411,11 +418,19 @@ def plot_buckets(summary: Mapping[str, Any], path: str) -> None:
   ax.set_xlabel('position in document (tokens)')
   ax.set_ylabel('perplexity')
   ppl = summary['perplexity']
-  ax.set_title(f'{summary.get("task", "")}: overall perplexity {ppl:.3f}' if ppl else '')
+  ax.set_title(f'{title(summary)}: overall perplexity {ppl:.3f}' if ppl else title(summary))
   ax.grid(alpha=0.3)
   if windows:
     plot_window_positions(axes[1], [(summary.get('label', ''), windows)])
   fig.tight_layout()
+  return fig
+
+
+def plot_buckets(summary: Mapping[str, Any], path: str) -> None:
+  """Writes a PNG of perplexity per position-in-document bucket."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig = _bucket_figure(summary)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
@@ -431,6 +446,18 @@ def plot_window_positions(ax, series: Sequence[tuple[str, Sequence[Mapping[str, 
   ax.grid(alpha=0.3)
   if any(label for label, _ in series):
     ax.legend(fontsize='small')
+
+
+def bucket_image(summary: Mapping[str, Any]) -> np.ndarray:
+  """The figure of `plot_buckets` as an RGB image: uint8 [H, W, 3] (for TensorBoard)."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig = _bucket_figure(summary)
+  fig.set_dpi(100)
+  fig.canvas.draw()
+  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return image
 
 
 def write_report(summary: Mapping[str, Any], directory: str, name: str) -> dict[str, str]:

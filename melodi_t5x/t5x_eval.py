@@ -11,6 +11,10 @@ Bind it in gin as `train_script.train.trainer_cls` (training; train-eval then st
 `eval_script.evaluate.training_evaluator_cls` (evaluation, which also writes the report: JSON,
 Markdown and a PNG of perplexity by position-in-document bucket).
 
+Each pass logs its progress (`EvalProgress`: batches, tokens scored, tokens/s and an ETA, every
+`progress_seconds`) and `eval` writes, besides T5X's metrics, the per-position perplexities and
+the report image to TensorBoard through a clu metric writer (`write_tensorboard`).
+
 seqio's inference path (score/predict) cannot carry memory, so for `t5x.eval`
 `StreamingOnlyInferenceEvaluator` stands in for `seqio.Evaluator`: it gives T5X the model feature
 shapes it needs to restore the checkpoint and runs no seqio metrics.
@@ -23,6 +27,7 @@ import copy
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -196,6 +201,7 @@ class MemoryTrainer(trainer_lib.Trainer):
     memory_mode: str = 'carried',
     stop_on_nonfinite: bool = True,
     attribution: bool = False,
+    progress_seconds: float | None = 30.0,
   ):
     """Constructor; the first nine arguments are T5X's (see `t5x.trainer.Trainer`).
 
@@ -227,6 +233,8 @@ class MemoryTrainer(trainer_lib.Trainer):
       stop_on_nonfinite: training stops with an error naming the step at the first step whose
         loss or written memory holds a NaN / inf (a NaN in a row's memory would otherwise persist
         until its document ends, and the run go on); False: train on.
+      progress_seconds: seconds between the progress lines of a streaming eval pass (batches,
+        tokens, tokens/s, ETA); 0 logs every batch, None none.
     """
     check_memory_mode(memory_mode, getattr(getattr(model, 'module', None), 'config', None))
     forwarded = forward_trainer_bindings(
@@ -269,6 +277,9 @@ class MemoryTrainer(trainer_lib.Trainer):
     self.last_attribution: dict[str, Any] | None = None
     # Whether to stop before the next training step for a preemption (SIGTERM).
     self._preemption = preemption.PreemptionWatch()
+    self._progress_seconds = progress_seconds
+    # One TensorBoard writer per summary folder for the run (not one event file per eval).
+    self._tensorboard_writers: dict[str, Any] = {}
     self.last_reports: dict[str, dict[str, Any]] = {}
     # Rows reset by misalignment in the last `stream` pass (all hosts): count and first examples.
     self.last_misaligned: dict[str, Any] = {'rows': 0, 'examples': []}
@@ -424,7 +435,9 @@ class MemoryTrainer(trainer_lib.Trainer):
       mm = self.eval_metrics_managers[name]
       mm.start_duration_timer(block_on=train_state)
       tick = time.time()
-      acc, num_batches = self.stream(train_state.params, train_state.flax_mutables, dataset)
+      acc, num_batches = self.stream(
+        train_state.params, train_state.flax_mutables, dataset, name=name
+      )
       extra = {
         'task': name,
         'checkpoint_step': step_num,
@@ -438,11 +451,12 @@ class MemoryTrainer(trainer_lib.Trainer):
       summary = acc.summary(**extra, **getattr(dataset, 'report_info', {}))
       self.last_reports[name] = summary
       logging.info(
-        'Streaming eval %s: perplexity %s over %d tokens, %d documents (all hosts).',
+        'Streaming eval %s: perplexity %s over %d tokens, %d documents (all hosts), %.1f s.',
         name,
         summary['perplexity'],
         summary['tokens'],
         summary['documents'],
+        summary['seconds'],
       )
       if self._report_dir and jax.process_index() == 0:
         base = report_name(name, step_num, self._memory_mode)
@@ -454,12 +468,27 @@ class MemoryTrainer(trainer_lib.Trainer):
             f'{name} step {step_num} ({self._memory_mode}): memory-read attribution',
           )
         logging.info('Wrote perplexity report %s', paths['json'])
+      if mm.summary_dir and jax.process_index() == 0:
+        write_tensorboard(self._tensorboard_writer(mm.summary_dir), summary, step_num)
       metrics = self._summary_metrics(acc)
       summaries[name] = mm.write_metrics_summary(metrics, step_num, max(num_batches, 1))
     return {k: v.result() for k, v in summaries.items()}
 
+  def _tensorboard_writer(self, summary_dir: str):
+    if summary_dir not in self._tensorboard_writers:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+      self._tensorboard_writers[summary_dir] = metric_writers.create_default_writer(
+        summary_dir, asynchronous=False
+      )
+    return self._tensorboard_writers[summary_dir]
+
   def stream(
-    self, params: Any, flax_mutables: Any, dataset: Iterable[Mapping[str, Any]]
+    self,
+    params: Any,
+    flax_mutables: Any,
+    dataset: Iterable[Mapping[str, Any]],
+    name: str = 'eval',
   ) -> tuple[report.PerplexityAccumulator, int]:
     """One pass over `dataset` from zero memory, on every host; returns all hosts' totals.
 
@@ -467,7 +496,7 @@ class MemoryTrainer(trainer_lib.Trainer):
     has a batch left, the others feed padding batches (`row_valid` False). Host-local batches
     become global arrays as in T5X's `Trainer.eval`; per-token results come back as this host's
     rows. At the end the hosts' accumulators are combined, so every host returns the totals of
-    every document of the split.
+    every document of the split. Progress (this host's rows) is logged as `name`.
 
     The memory holds the global batch: this host's rows times the number of data shards (hosts
     that read different data). When the model axis spans hosts, several hosts hold the same rows
@@ -483,12 +512,54 @@ class MemoryTrainer(trainer_lib.Trainer):
     if self._streaming_step is None:
       self._streaming_step = self._make_streaming_step()
     num_hosts = jax.process_count()
+    counts_rows = bool(self._partitioner.get_data_layout().is_first_host_in_replica_set)
+    iterator = _fresh_iterator(dataset)
+    spec = getattr(iterator, 'element_spec', None) or getattr(dataset, 'element_spec', None)
+    progress = EvalProgress(
+      f'{name} (memory {self._memory_mode})',
+      self._progress_seconds,
+      dataset if self._progress_seconds is not None else None,
+    )
+    try:
+      acc, attr, num_batches, misaligned, examples = self._stream_batches(
+        params, flax_mutables, iterator, spec, progress
+      )
+    finally:
+      progress.close()
+    if acc is None:
+      raise ValueError('the eval dataset produced no batches; check its split and task name.')
+    if num_hosts > 1:
+      if not counts_rows:
+        acc = report.PerplexityAccumulator(
+          list(acc.bucket_edges), grow=acc.grow, window_length=acc.window_length
+        )
+      acc = _combine_across_hosts(acc)
+      if attr is not None:
+        attr = _combine_attribution(attr if counts_rows else attr.empty())
+      misaligned, examples = _combine_misaligned(misaligned, examples)
+    self.last_misaligned = {'rows': misaligned, 'examples': examples}
+    self.last_attribution = None
+    if attr is not None:
+      self.last_attribution = attr.summary(report.window_bucket_edges(attr.window_length))
+    if misaligned and self._memory_mode != 'reset':
+      detail = ', '.join(f'batch {b} row {r}: document {d} chunk {c}' for b, r, d, c in examples)
+      raise ValueError(
+        f'Streaming eval (memory_mode {self._memory_mode}): {misaligned} eval rows did not '
+        f'continue the document of their memory and were reset ({detail}); their perplexity '
+        'would be a reset one, not a carried one. Feed eval batches from the document stream '
+        '(train_eval_get_dataset_fn = @t5x_data.get_eval_datasets), whose row r of batch t+1 '
+        "continues row r of batch t, or evaluate with MEMORY_MODE = 'reset'."
+      )
+    return acc, num_batches
+
+  def _stream_batches(self, params, flax_mutables, iterator, spec, progress):
+    """The loop of `stream`: this host's (accumulator, attribution accumulator or None, steps,
+    misaligned rows, examples)."""
+    num_hosts = jax.process_count()
     layout = self._partitioner.get_data_layout()
     counts_rows = bool(layout.is_first_host_in_replica_set)
     mesh, data_spec = self._partitioner.mesh, self._partitioner.data_partition_spec
     misaligned, examples = 0, []
-    iterator = _fresh_iterator(dataset)
-    spec = getattr(iterator, 'element_spec', None) or getattr(dataset, 'element_spec', None)
     acc, memory, num_batches = None, None, 0
     attr = None
     while True:
@@ -530,6 +601,7 @@ class MemoryTrainer(trainer_lib.Trainer):
         out = multihost_utils.global_array_to_host_local_array(out, mesh, data_spec)
       out = jax.tree_util.tree_map(np.asarray, out)
       num_batches += 1
+      progress.add(real_tokens(host))
       if not counts_rows:
         continue  # another host of this replica set counts these rows
       for r in np.flatnonzero(out['misaligned']):
@@ -548,31 +620,7 @@ class MemoryTrainer(trainer_lib.Trainer):
       )
       if attr is not None:
         attr.add(out['attribution'], out['weights'])
-    if acc is None:
-      raise ValueError('the eval dataset produced no batches; check its split and task name.')
-    if num_hosts > 1:
-      if not counts_rows:
-        acc = report.PerplexityAccumulator(
-          list(acc.bucket_edges), grow=acc.grow, window_length=acc.window_length
-        )
-      acc = _combine_across_hosts(acc)
-      if attr is not None:
-        attr = _combine_attribution(attr if counts_rows else attr.empty())
-      misaligned, examples = _combine_misaligned(misaligned, examples)
-    self.last_misaligned = {'rows': misaligned, 'examples': examples}
-    self.last_attribution = None
-    if attr is not None:
-      self.last_attribution = attr.summary(report.window_bucket_edges(attr.window_length))
-    if misaligned and self._memory_mode != 'reset':
-      detail = ', '.join(f'batch {b} row {r}: document {d} chunk {c}' for b, r, d, c in examples)
-      raise ValueError(
-        f'Streaming eval (memory_mode {self._memory_mode}): {misaligned} eval rows did not '
-        f'continue the document of their memory and were reset ({detail}); their perplexity '
-        'would be a reset one, not a carried one. Feed eval batches from the document stream '
-        '(train_eval_get_dataset_fn = @t5x_data.get_eval_datasets), whose row r of batch t+1 '
-        "continues row r of batch t, or evaluate with MEMORY_MODE = 'reset'."
-      )
-    return acc, num_batches
+    return acc, attr, num_batches, misaligned, examples
 
   @staticmethod
   def _summary_metrics(acc: report.PerplexityAccumulator) -> dict[str, clu.metrics.Metric]:
@@ -585,6 +633,125 @@ class MemoryTrainer(trainer_lib.Trainer):
       'num_tokens': metrics_lib.Sum(total=np.float32(acc.tokens)),
       'num_documents': metrics_lib.Sum(total=np.float32(acc.documents)),
     }
+
+
+def real_tokens(batch: Mapping[str, Any]) -> int:
+  """Real target tokens of a host batch (loss weight > 0 in a valid row)."""
+  targets = np.asarray(batch['decoder_target_tokens'])
+  weights = np.asarray(batch.get('decoder_loss_weights', targets != 0)) > 0
+  if 'row_valid' in batch:
+    weights = weights & np.asarray(batch['row_valid'], bool)[:, None]
+  return int(np.count_nonzero(weights))
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds} s'
+  if seconds < 3600:
+    return f'{seconds // 60} min {seconds % 60:02d} s'
+  return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+
+
+class EvalProgress:
+  """Progress lines of one streaming eval pass: batches, tokens scored, tokens/s and an ETA.
+
+  The number of tokens of the pass (this host's rows) is counted on a background thread from a
+  second pass over a re-iterable `dataset` (the data pipeline only, no model); until it is known,
+  or for a one-shot iterator, the line says so instead of an ETA. Tokens/s is measured from the
+  end of the first batch (whose time is mostly compilation, logged on its own).
+  """
+
+  def __init__(
+    self,
+    label: str,
+    period: float | None,
+    dataset: Iterable[Mapping[str, Any]] | None = None,
+    clock=time.monotonic,
+  ):
+    self._label, self._period, self._clock = label, period, clock
+    self._start = self._last = clock()
+    self._first: tuple[float, int] | None = None  # (time, tokens) at the end of the first batch
+    self.batches = self.tokens = 0
+    self.total: int | None = None
+    self._stop = threading.Event()
+    self._counter = None
+    if period is not None and dataset is not None and not isinstance(dataset, Iterator):
+      self._counter = threading.Thread(target=self._count, args=(dataset,), daemon=True)
+      self._counter.start()
+
+  def _count(self, dataset) -> None:
+    total = 0
+    try:
+      for batch in dataset:
+        if self._stop.is_set():
+          return
+        total += real_tokens(batch)
+    except Exception as e:  # pylint: disable=broad-except  (the eval pass itself will report it)
+      logging.warning('Streaming eval %s: counting its tokens failed (%s); no ETA.', self._label, e)
+      return
+    self.total = total
+
+  def close(self) -> None:
+    self._stop.set()
+
+  def add(self, tokens: int) -> None:
+    """Counts one finished batch; logs a line when `period` seconds have passed."""
+    now = self._clock()
+    self.batches += 1
+    self.tokens += tokens
+    if self._first is None:
+      self._first = (now, self.tokens)
+      if self._period is not None:
+        logging.info(
+          'Streaming eval %s: first batch after %s (compilation included).',
+          self._label,
+          _format_seconds(now - self._start),
+        )
+      self._last = now
+      return
+    if self._period is not None and now - self._last >= self._period:
+      self._last = now
+      logging.info('%s', self.line(now))
+
+  def line(self, now: float | None = None) -> str:
+    now = self._clock() if now is None else now
+    first_time, first_tokens = self._first or (self._start, 0)
+    elapsed = now - first_time
+    rate = (self.tokens - first_tokens) / elapsed if elapsed > 0 else 0.0
+    text = (
+      f'Streaming eval {self._label}: batch {self.batches}, {self.tokens} tokens in '
+      f'{_format_seconds(now - self._start)} ({rate:.0f} tokens/s)'
+    )
+    if self.total:
+      left = max(self.total - self.tokens, 0)
+      eta = _format_seconds(left / rate) if rate > 0 else 'unknown'
+      text += f', {100 * self.tokens / self.total:.0f}% of {self.total} tokens, ETA {eta}'
+    elif self._counter is not None:
+      text += ', ETA after the split is counted'
+    return text + '.'
+
+
+def write_tensorboard(writer, summary: Mapping[str, Any], step: int) -> list[str]:
+  """Writes a report's perplexities and its image with a clu metric writer; returns the tags.
+
+  `MemoryTrainer` writes to T5X's eval summary folder (`training_eval/<task>`). Tags, per memory
+  mode:
+  `<mode>/perplexity`, `<mode>/position/<i>_<start>-<end>/perplexity` (bucket i, two digits so
+  that TensorBoard lists them in order; token offsets from the document start) and the image
+  `<mode>/perplexity_by_position`.
+  """
+  mode = summary.get('memory_mode', 'carried')
+  scalars = {f'{mode}/perplexity': summary['perplexity']}
+  for i, b in enumerate(summary['position_buckets']):
+    if b['tokens']:
+      end = b['end'] if b['end'] is not None else 'end'
+      scalars[f'{mode}/position/{i:02d}_{b["start"]}-{end}/perplexity'] = b['perplexity']
+  images = {f'{mode}/perplexity_by_position': report.bucket_image(summary)[None]}
+  writer.write_scalars(step, scalars)
+  writer.write_images(step, images)
+  writer.flush()
+  return [*scalars, *images]
 
 
 def _window_length(model) -> int | None:

@@ -5,20 +5,29 @@ deep inside the restore with a pytree-structure error (mentioning the other arch
 state leaves); another vocabulary of the same padded size restores cleanly and scores the
 wrong ids. `t5x.train` therefore writes `<MODEL_DIR>/model_signature.json` (architecture, config
 class, config, vocabulary name, size and checksum of its SentencePiece model) and `t5x.eval` /
-`t5x.infer` compare it with the model they build before restoring, with an error naming both.
+`t5x.infer`, `python -m melodi_t5x.tools.generate` and a resumed `t5x.train` compare it with the
+model they build before restoring, with an error naming both: the architecture, the vocabulary
+and the embedding's rows (`vocab_size`, the gin macro `VOCAB_SIZE`; a different size would
+otherwise stop the restore with a raw `ScopeParamShapeError`).
 
 Gin hooks (in `gin/runs/melodi_pretrain.gin`, `melodi_eval.gin`, `gin/infer.gin`):
 
   train_script.train.model_dir = @t5x_signature.signed_model_dir()      # writes or checks
   utils.RestoreCheckpointConfig.path = @t5x_signature.checked_checkpoint_path()   # checks
 
-A model directory without the file (trained before it existed) is not checked.
+`checked_checkpoint_path` also quiets T5X's "Not restoring param=state/param_states/..." warnings of
+those tools (they restore the parameters only; the optimizer state is dropped on purpose, one line
+per optimizer-state leaf, 184 for the quickstart model); a parameter not restored is still logged.
+
+A model directory without the file is not checked: a new run writes it silently, a directory
+with checkpoints but no signature (trained before signatures were written) logs a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging as py_logging
 import os
 import re
 import zlib
@@ -91,6 +100,14 @@ def mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
       'this run: evaluate with the vocabulary the model was trained with (the task of the '
       'training run, or tasks.TextCorpusConfig.vocabulary_task / vocabulary_path naming it)'
     )
+  saved_rows = saved['config'].get('vocab_size')
+  rows = current['config'].get('vocab_size')
+  if saved_rows is not None and rows is not None and saved_rows != rows:
+    problems.append(
+      f'embedding of {saved_rows} rows (vocab_size) in the checkpoint, {rows} in this run: bind '
+      f"the training run's VOCAB_SIZE (--gin.VOCAB_SIZE={saved_rows}), which the data gin file "
+      '(gin/experiments/data/<task>.gin) sets for its own vocabulary'
+    )
   return '; '.join(problems) or None
 
 
@@ -128,21 +145,57 @@ def check(model, checkpoint_path: str, what: str) -> None:
     raise ValueError(f'{what} {checkpoint_path} does not fit this model: {problem}.')
 
 
+def has_checkpoints(model_dir: str) -> bool:
+  """Whether `model_dir` holds a T5X checkpoint (`checkpoint_<N>`), i.e. a run to resume."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  path = epath.Path(model_dir)
+  if not path.is_dir():
+    return False
+  return any(re.fullmatch(r'checkpoint_\d+', p.name) for p in path.iterdir())
+
+
 def signed_model_dir(model_dir: str, model) -> str:
   """`train_script.train.model_dir`: checks (resume) or writes (new run) the signature."""
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
 
-  check(model, model_dir, 'The model directory')
-  if read_signature(model_dir) is None and jax.process_index() == 0:
+  signed = read_signature(model_dir) is not None
+  if signed or has_checkpoints(model_dir):  # a new run has nothing to check (and no warning)
+    check(model, model_dir, 'The model directory')
+  if not signed and jax.process_index() == 0:
     path = epath.Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / SIGNATURE_FILE).write_text(json.dumps(model_signature(model), indent=1) + '\n')
   return model_dir
 
 
+class _OptimizerStateNotRestoredFilter(py_logging.Filter):
+  """Drops T5X's warning for each optimizer-state leaf that eval / infer deliberately skip."""
+
+  MESSAGE = "Not restoring param=%s because it's missing in the checkpoint"
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (
+      record.msg == self.MESSAGE
+      and bool(record.args)
+      and str(record.args[0]).startswith('state/param_states/')
+    )
+
+
+def quiet_optimizer_state_restore() -> None:
+  """Installs `_OptimizerStateNotRestoredFilter` on absl's logger (once)."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _OptimizerStateNotRestoredFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OptimizerStateNotRestoredFilter())
+
+
 def checked_checkpoint_path(path, model):
-  """`utils.RestoreCheckpointConfig.path` of eval / infer: checks the signature, returns `path`."""
+  """`utils.RestoreCheckpointConfig.path` of eval / infer: checks the signature, returns `path`.
+
+  Also quiets the warnings of the optimizer state these tools do not restore.
+  """
   for p in [path] if isinstance(path, str) else list(path):
     check(model, p, 'The checkpoint')
+  quiet_optimizer_state_restore()
   return path

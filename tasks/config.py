@@ -171,6 +171,10 @@ class TextCorpusConfig:
   vocabulary_extra_ids: int = 0
   # Documents with fewer tokens (after tokenization) are dropped; 0 keeps every non-empty one.
   min_document_tokens: int = 0
+  # Files that are not UTF-8 (sources 'text' and 'jsonl', checked when a split's dataset is
+  # requested, i.e. at the start of a run or of `tasks.prepare`): 'fail' stops naming each file
+  # and the byte offset of its first bad byte; 'skip' leaves them out, logging them and their count.
+  undecodable_files: str = 'fail'
   # Tokens per chunk.
   chunk_length: int = DEFAULT_CHUNK_LENGTH
 

@@ -10,8 +10,8 @@ One machine (small corpora, e.g. local_books in seconds, a folder of books in mi
   python -m tasks.prepare --task=local_books --split=train --out=/data/prepared
 
   python -m tasks.prepare --task=text_corpus --split=test --out=/data/prepared \
-    --gin_param="tasks.TextCorpusConfig.test_files='/data/austen/*.txt'" \
-    --gin_param="tasks.TextCorpusConfig.vocabulary_task='local_books'"
+    --gin.tasks.TextCorpusConfig.test_files="'/data/austen/*.txt'" \
+    --gin.tasks.TextCorpusConfig.vocabulary_task="'local_books'"
 
 Several machines (PG-19, C4): K workers each tokenize 1/K of the documents (the source's
 documents i, i + K, i + 2K, ...), then one command merges the indexes (no tokens are copied):
@@ -20,7 +20,8 @@ documents i, i + K, i + 2K, ...), then one command merges the indexes (no tokens
   python -m tasks.prepare --task=pg19_t5 --split=train --out=gs://b/prep --num_workers=K --finalize
 
 The prepared order is then worker by worker (deterministic). Settings of the task (data_dir,
-vocabulary, ...) come from `--gin_file` / `--gin_param`, as for t5x.train.
+vocabulary, ...) come from gin flags as in t5x.train: `--gin_file`, `--gin.NAME=VALUE`,
+`--gin_bindings`, `--gin_search_paths` (`--gin_param` is a deprecated spelling of `--gin_bindings`).
 """
 
 from __future__ import annotations
@@ -206,15 +207,14 @@ def main(argv=None) -> None:
   parser.add_argument('--num_workers', type=int, default=1)
   parser.add_argument('--finalize', action='store_true', help="merge the workers' parts")
   parser.add_argument('--shard_tokens', type=int, default=None, help='tokens per shard file')
-  parser.add_argument('--gin_file', action='append', default=[])
-  parser.add_argument('--gin_param', action='append', default=[])
-  args = parser.parse_args(argv)
+  from melodi_t5x import t5x_gin  # pylint: disable=g-import-not-at-top
 
-  import gin  # pylint: disable=g-import-not-at-top
+  t5x_gin.add_gin_flags(parser, deprecated=('--gin_param',))
+  args = t5x_gin.parse_args(parser, argv)
 
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param, finalize_config=False)
+  t5x_gin.parse_gin(args)
   start = time.time()
   if args.finalize:
     result = finalize(args.task, args.split, args.out, args.num_workers)

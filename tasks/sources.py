@@ -18,15 +18,18 @@ change when the file order is shuffled:
 
 from __future__ import annotations
 
+import codecs
+import functools
 import gzip
 import importlib.util
 import io
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tasks import config as config_lib
 
@@ -228,6 +231,111 @@ def resolve_files(task_name: str, data_dir: str | None, patterns: str, field: st
   return files
 
 
+# ------------------------------------------------------------------------------------------------
+# Corpus validation (text_corpus): files that are not UTF-8, or empty, found before any reading.
+
+# 'fail' / 'skip': what `TextCorpusConfig.undecodable_files` may be.
+UNDECODABLE_CHOICES = ('fail', 'skip')
+# Files named per message (the rest are counted).
+_NAMED_FILES = 10
+
+
+def _open_binary(path: str):
+  raw = tf.io.gfile.GFile(path, 'rb')
+  return gzip.GzipFile(fileobj=raw) if path.endswith('.gz') else raw
+
+
+@functools.lru_cache(maxsize=65536)
+def _scan(path: str, size: int, mtime: int) -> tuple[int, int | None]:
+  """(decoded characters, offset of the first byte that is not UTF-8 or None) of one file.
+
+  Offsets count bytes of the file (of the decompressed stream for .gz). Cached per path, size and
+  modification time, so each file is read once per process.
+  """
+  del size, mtime  # cache keys
+  decoder = codecs.getincrementaldecoder('utf-8')()
+  offset = chars = 0
+  with _open_binary(path) as f:
+    while chunk := f.read(1 << 22):
+      pending = len(decoder.getstate()[0])
+      try:
+        chars += len(decoder.decode(chunk))
+      except UnicodeDecodeError as e:
+        return chars, offset - pending + e.start
+      offset += len(chunk)
+    pending = len(decoder.getstate()[0])
+    try:
+      decoder.decode(b'', final=True)
+    except UnicodeDecodeError as e:
+      return chars, offset - pending + e.start
+  return chars, None
+
+
+def scan_file(path: str) -> tuple[int, int | None]:
+  """(decoded characters, offset of the first byte that is not UTF-8 or None) of a text file."""
+  stat = tf.io.gfile.stat(path)
+  return _scan(path, stat.length, stat.mtime_nsec)
+
+
+def _named(paths: Sequence[str]) -> str:
+  more = len(paths) - _NAMED_FILES
+  return ', '.join(paths[:_NAMED_FILES]) + (f' and {more} more' if more > 0 else '')
+
+
+def validate_files(task_name: str, files: Sequence[str], field: str, undecodable: str) -> set[str]:
+  """Checks a split's text or JSONL files before any is read; returns the files to leave out.
+
+  Files that are not UTF-8 stop the run naming each with the byte offset of its first bad byte
+  (`undecodable` 'fail'), or are left out, logged and counted ('skip'). Empty files are named in a
+  warning; a split whose files are all empty (or skipped) is an error naming them.
+  """
+  setting = config_lib.setting_name(task_name, 'undecodable_files')
+  if undecodable not in UNDECODABLE_CHOICES:
+    raise ValueError(f'{setting} must be one of {UNDECODABLE_CHOICES}, got {undecodable!r}.')
+  bad, empty = [], []
+  for path in files:
+    chars, offset = scan_file(path)
+    if offset is not None:
+      bad.append(f'{path} (byte {offset})')
+    elif chars == 0:
+      empty.append(path)
+  where = f'{config_lib.setting_name(task_name, field)}'
+  if bad and undecodable == 'fail':
+    raise ValueError(
+      f'Task {task_name!r}: {len(bad)} of the {len(files)} files of {where} are not UTF-8 text '
+      f'(offset of the first bad byte): {_named(bad)}. Convert them (e.g. iconv -f latin1 -t '
+      f"utf-8 IN > OUT), or leave them out: {setting} = 'skip'."
+    )
+  if bad:
+    logging.warning(
+      'Task %r: skipping %d of the %d files of %s that are not UTF-8 text (%s): %s.',
+      task_name,
+      len(bad),
+      len(files),
+      where,
+      f"{setting} = 'skip'",
+      _named(bad),
+    )
+  if empty:
+    logging.warning(
+      'Task %r: %d of the %d files of %s are empty (no document): %s.',
+      task_name,
+      len(empty),
+      len(files),
+      where,
+      _named(empty),
+    )
+  if len(bad) + len(empty) == len(files):
+    raise ValueError(
+      f'Task {task_name!r}: no file of {where} has text: '
+      + (f'empty: {_named(empty)}' if empty else '')
+      + ('; ' if empty and bad else '')
+      + (f'not UTF-8, skipped: {_named(bad)}' if bad else '')
+      + '. Point the setting at files with text.'
+    )
+  return {b.rsplit(' (byte ', 1)[0] for b in bad}
+
+
 def _open_text(path: str) -> io.TextIOBase:
   if path.endswith('.gz'):
     raw = tf.io.gfile.GFile(path, 'rb')
@@ -258,7 +366,14 @@ def iter_jsonl_texts(
   for file_index, path in files:
     row_index = 0
     with _open_text(path) as f:
-      for line_number, line in enumerate(f, 1):
+      lines = enumerate(f, 1)
+      while True:
+        try:
+          line_number, line = next(lines)
+        except StopIteration:
+          break
+        except UnicodeDecodeError as e:
+          raise ValueError(f'{path} is not UTF-8 text ({e}).') from e
         if not line.strip():
           continue
         row_index += 1
@@ -275,7 +390,15 @@ def iter_text_files(files: Sequence[tuple[int, str]]) -> Iterator[tuple[str, int
   """`(text, document id)` of `(file_index, path)` plain-text files, one document per file."""
   for file_index, path in files:
     with _open_text(path) as f:
-      yield f.read(), file_index * ROWS_PER_FILE
+      yield _read_named(f, path), file_index * ROWS_PER_FILE
+
+
+def _read_named(f, path: str) -> str:
+  """`f.read()`, with a decoding error naming the file (tf.data would show none)."""
+  try:
+    return f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not UTF-8 text ({e}).') from e
 
 
 def file_documents(
@@ -286,6 +409,7 @@ def file_documents(
   filter_value: str | None,
   shuffle_files: bool,
   seed: int | None,
+  exclude: Collection[str] = (),
 ) -> tf.data.Dataset:
   """Documents read from files (file order shuffled with `seed` when asked).
 
@@ -298,8 +422,9 @@ def file_documents(
     filter_value: see `filter_field`.
     shuffle_files: shuffle the file order with `seed`.
     seed: seed of the file order.
+    exclude: files left out (their index is kept by the others: ids do not change).
   """
-  indexed = list(enumerate(files))
+  indexed = [(i, f) for i, f in enumerate(files) if f not in exclude]
   if shuffle_files:
     indexed = [indexed[i] for i in np.random.default_rng(seed).permutation(len(indexed))]
   signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64))
@@ -415,7 +540,12 @@ def text_corpus_dataset(
     )
   field = f'{split}_files'
   files = resolve_files('text_corpus', cfg.data_dir, getattr(cfg, field), field)
-  return file_documents(files, cfg.source, cfg.text_field, None, None, shuffle_files, seed)
+  exclude = set()
+  if cfg.source in ('text', 'jsonl'):
+    exclude = validate_files('text_corpus', files, field, cfg.undecodable_files)
+  return file_documents(
+    files, cfg.source, cfg.text_field, None, None, shuffle_files, seed, exclude=exclude
+  )
 
 
 DATASET_FNS: dict[str, Callable[..., tf.data.Dataset]] = {

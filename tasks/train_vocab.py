@@ -7,11 +7,14 @@ deterministic for a given input (single thread by default, fixed sentencepiece s
   # arXiv Math (32k, Meena's vocabulary being private); set the task's data settings first:
   python -m tasks.train_vocab --task=arxiv_math --vocab_size=32000 \
     --output_prefix=/data/spm/arxiv_math_32k \
-    --gin_param="tasks.ArxivMathConfig.data_dir='/data/proof-pile'" --max_documents=200000
+    --gin.tasks.ArxivMathConfig.data_dir="'/data/proof-pile'" --max_documents=200000
 
   # Regenerate the committed local_books vocabulary (tasks/local_books_4k.model):
   python -m tasks.train_vocab --task=local_books --vocab_size=4096 \
     --output_prefix=tasks/local_books_4k
+
+Gin flags as in t5x.train (`--gin_file`, `--gin.NAME=VALUE`, `--gin_bindings`,
+`--gin_search_paths`); `--gin_param` is a deprecated spelling of `--gin_bindings`.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ _MAX_SENTENCE_BYTES = 4000
 
 
 def document_texts(task_name: str, split: str = 'train', max_documents: int | None = None):
-  """Raw texts of a task's split, in source order (no shuffling, no tokenization)."""
-  import seqio  # pylint: disable=g-import-not-at-top
+  """Raw texts of a task's split, in source order (no shuffling, no tokenization).
 
-  import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  Read from the task's document source (`tasks.sources.DATASET_FNS`), not through the seqio task,
+  whose source also checks the vocabulary file: the vocabulary is what is being trained here.
+  """
+  from tasks import sources  # pylint: disable=g-import-not-at-top
 
-  source = seqio.get_mixture_or_task(task_name).source
-  ds = source.get_dataset(split=split, shuffle=False)
+  if task_name not in sources.DATASET_FNS:
+    raise ValueError(f'Unknown task {task_name!r}; known tasks: {sorted(sources.DATASET_FNS)}.')
+  ds = sources.DATASET_FNS[task_name](split, False, None)
   for i, ex in enumerate(ds.as_numpy_iterator()):
     if max_documents is not None and i >= max_documents:
       break
@@ -114,15 +120,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--max_documents', type=int, default=None)
   parser.add_argument('--input_sentence_size', type=int, default=0)
   parser.add_argument('--num_threads', type=int, default=1)
-  parser.add_argument('--gin_file', action='append', default=[])
-  parser.add_argument('--gin_param', action='append', default=[])
-  args = parser.parse_args(argv)
+  from melodi_t5x import t5x_gin  # pylint: disable=g-import-not-at-top
 
-  import gin  # pylint: disable=g-import-not-at-top
+  t5x_gin.add_gin_flags(parser, deprecated=('--gin_param',))
+  args = t5x_gin.parse_args(parser, argv)
 
   import tasks  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+  t5x_gin.parse_gin(args, finalize_config=True)
   model = train_sentencepiece(
     document_texts(args.task, args.split, args.max_documents),
     vocab_size=args.vocab_size,

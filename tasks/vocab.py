@@ -42,7 +42,9 @@ def check_vocabulary_file(task_name: str) -> str:
       f'{config_lib.setting_name(task_name, "vocabulary_path")}'
       ' is not set. '
       + config_lib.fix_hint(task_name, 'vocabulary_path', "'/path/to/spm.model'")
-      + f' To train one: python -m tasks.train_vocab --task={task_name} --output_prefix=/path/spm'
+      + f" To train one on the task's training split (with the same data settings): python -m "
+      f'tasks.train_vocab --task={task_name} --output_prefix=/path/spm, then set '
+      f"{config_lib.setting_name(task_name, 'vocabulary_path')} = '/path/spm.model'."
     )
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(

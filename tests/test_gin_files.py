@@ -305,3 +305,121 @@ def test_data_seed_follows_random_seed_unless_set(gin_files, monkeypatch):
   assert _data_seed(files, base + ['RANDOM_SEED = 3']) == 3
   assert _data_seed(files, base + ['RANDOM_SEED = 3', 'DATA_SEED = 7']) == 7
   assert _data_seed(files, base + ['RANDOM_SEED = 0']) == 0
+
+
+def _parsed_quickstart(bindings):
+  gin.clear_config(clear_constants=True)
+  gin.parse_config_files_and_bindings(
+    [os.path.join(GIN_DIR, 'quickstart.gin')], bindings, finalize_config=False
+  )
+
+
+def test_a_command_line_macro_typo_is_an_error_naming_the_closest_macro(monkeypatch):
+  """Issue 27 item 4: `--gin.TRAIN_STEP=40` used to train the full 400 steps and exit 0."""
+  needs.t5x()
+  gin_entry_points.install(monkeypatch)
+  bindings = ["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEP = 40']
+  try:
+    _parsed_quickstart(bindings)
+    with pytest.raises(ValueError, match=r'Gin macro TRAIN_STEP .*did you mean TRAIN_STEPS') as e:
+      t5x_gin.check_command_line_macros(bindings)
+    print(e.value)
+    # Macros the run uses, and macros of other runs (a sweep's shared bindings), pass.
+    t5x_gin.check_command_line_macros(["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEPS = 40'])
+    t5x_gin.check_command_line_macros(["MEMORY_MODE = 'reset'"])
+    with pytest.raises(ValueError, match=r'Gin macro BATCHSIZE .*did you mean BATCH_SIZE'):
+      t5x_gin.check_command_line_macros(['BATCHSIZE=4'])
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+def test_macro_names_of_bindings_and_references():
+  assert t5x_gin.macro_bindings(['A = 1', ' B=2', 'c.d = 3', 'x/y.z = 4', 'A = 5']) == {
+    'A': 'A = 5',
+    'B': 'B=2',
+  }
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      [], ['A = 3', 'B = %A', "C = [1, {'x': %B}]"], finalize_config=False
+    )
+    assert t5x_gin.referenced_macros(gin.config._CONFIG) == {'A', 'B'}
+  finally:
+    gin.clear_config(clear_constants=True)
+  known = t5x_gin.known_macros()
+  assert {'TRAIN_STEPS', 'MEMORY_MODE', 'BATCH_SIZE', 'VOCAB_SIZE'} <= known
+  assert 'gin' not in known  # `%gin.REQUIRED` is a constant, not a macro
+
+
+@pytest.mark.slow
+def test_t5x_train_stops_at_a_macro_typo_before_building_anything(tmp_path):
+  """The finalize hook of `melodi_t5x.t5x_gin` checks `t5x.train`'s own command line."""
+  needs.t5x()
+  model_dir = tmp_path / 'run'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      't5x.train',
+      f'--gin_search_paths={REPO}',
+      '--gin_file=gin/quickstart.gin',
+      f'--gin.MODEL_DIR="{model_dir}"',
+      '--gin.TRAIN_STEP=40',
+    ],
+    cwd=tmp_path,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode != 0
+  assert 'Gin macro TRAIN_STEP ' in proc.stderr and 'did you mean TRAIN_STEPS' in proc.stderr
+  assert 'Path not found' not in proc.stderr  # issue 27 item 8: search-path probes are quiet
+  assert not model_dir.exists()
+
+
+def test_includes_from_another_folder_log_no_path_not_found_errors(tmp_path, monkeypatch, caplog):
+  """Issue 27 item 8: 11 error-level lines per run from another folder, for nothing wrong."""
+  monkeypatch.chdir(tmp_path)
+  caplog.set_level('INFO')
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      ['gin/models/melodi_base.gin', 'gin/models/tiny.gin'],
+      ["MIXTURE_OR_TASK_NAME = 'local_books'", 'VOCAB_SIZE = 4096'],
+      skip_unknown=T5X_SELECTORS,
+      finalize_config=False,
+    )
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert 'Path not found' not in caplog.text
+  with pytest.raises(IOError, match='Unable to open file: gin/models/nope.gin'):
+    gin.parse_config_files_and_bindings(['gin/models/nope.gin'], [], finalize_config=False)
+
+
+@pytest.mark.parametrize(
+  'gin_files, period',
+  [
+    (['quickstart.gin'], 25),
+    (['experiments/train.gin', 'experiments/main/pg19_t5_melodi_s128_l64.gin'], 100),
+  ],
+  ids=['quickstart', 'paper'],
+)
+def test_run_files_log_training_metrics_often(gin_files, period, monkeypatch):
+  """Issue 27 item 6: the paper runs logged the training loss every 5,000 steps (eval_period)."""
+  needs.t5x()
+  gin_entry_points.install(monkeypatch)
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_files_and_bindings(
+      [os.path.join(GIN_DIR, g) for g in gin_files],
+      ["MODEL_DIR = '/tmp/unused'"],
+      finalize_config=False,
+    )
+    assert gin.query_parameter('train_script.train.stats_period') == period
+    eval_period = gin.query_parameter('train_script.train.eval_period')
+    while hasattr(eval_period, 'scoped_configurable_fn'):  # a macro (EVAL_PERIOD)
+      eval_period = eval_period.scoped_configurable_fn()
+    assert eval_period % period == 0
+  finally:
+    gin.clear_config(clear_constants=True)

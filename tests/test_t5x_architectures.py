@@ -120,3 +120,38 @@ def test_loss_fn_carries_memory_with_unchanged_tree(name):
     assert float(carried) == float(reset)  # nothing is carried
   else:
     assert abs(float(carried) - float(reset)) > 1e-6  # the first chunk's memory is read
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_factor_map_covers_every_parameter_without_fallback_warnings(name, caplog):
+  """Issue 27 item 8: ~140 'factorization method falls back' warnings per training run.
+
+  The gin-bound rules (`melodi_partitioning.factor_map`) give the optimizer state T5X built with
+  the per-axis rules (the same factoring), without a warning.
+  """
+  cfg = CONFIGS[name]
+  caplog.set_level('WARNING')
+
+  def state_shapes(optimizer_def):
+    model = t5x_model.MemoryDecoderModel(
+      module=architectures.build_decoder(cfg),
+      vocabulary=seqio.PassThroughVocabulary(cfg.vocab_size),
+      optimizer_def=optimizer_def,
+    )
+    state = jax.eval_shape(
+      lambda: train_state.FlaxOptimTrainState.create(model.optimizer_def, _initial_variables(model))
+    )
+    return jax.tree_util.tree_map(lambda x: x.shape, state.param_states)
+
+  # Small dimensions are factored too (min_dim_size_to_factor), so that factoring is compared.
+  hyper = dict(decay_rate=0.8, beta1=0.9, min_dim_size_to_factor=4)
+  old = state_shapes(
+    adafactor.Adafactor(**hyper, logical_factor_rules=melodi_partitioning.logical_factor_rules())
+  )
+  assert 'falls back to heuristics' in caplog.text  # what T5X said for each parameter
+  caplog.clear()
+  new = state_shapes(adafactor.Adafactor(**hyper, factor_map=melodi_partitioning.factor_map()))
+  assert 'falls back' not in caplog.text
+  assert new == old
+  rows = [s.v_row for s in jax.tree_util.tree_leaves(new, is_leaf=lambda x: hasattr(x, 'v_row'))]
+  assert any(shape != (1,) for shape in rows)  # some parameters are factored

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gin
 import gin_entry_points
@@ -294,3 +295,193 @@ def test_sigterm_stops_training_after_the_current_step(tmp_path, clean_gin, monk
   with pytest.raises(trainer_lib.PreemptionError, match='stopped after step 2'):
     between.train(iter(batches[2:]), 2, start_step=2)
   assert int(between.train_state.step) == 2
+
+
+# -- issue 27: embedding rows, tools.generate, no false warning ------------------------------------
+
+
+def _signed_run(model_dir, *bindings):
+  """Signs `model_dir` as `t5x.train` of the quickstart does (with extra bindings)."""
+  bindings = [f'MODEL_DIR = {str(model_dir)!r}', *bindings]
+  assert _evaluate('quickstart.gin', 'train_script.train.model_dir', bindings) == str(model_dir)
+
+
+def test_checkpoint_with_other_embedding_rows_is_refused_naming_vocab_size(tmp_path, entry_points):
+  """Issue 27 item 3: instead of a raw ScopeParamShapeError after the model is built."""
+  del entry_points
+  _signed_run(tmp_path / 'run', 'VOCAB_SIZE = 8192')  # an own vocabulary's embedding size
+  checkpoint = str(tmp_path / 'run' / 'checkpoint_400')
+  with pytest.raises(ValueError, match=r'--gin\.VOCAB_SIZE=8192') as err:
+    _eval_path(checkpoint)  # t5x.eval (the data file binds VOCAB_SIZE = 4096)
+  print(err.value)
+  assert 'embedding of 8192 rows (vocab_size) in the checkpoint, 4096 in this run' in str(err.value)
+  assert _eval_path(checkpoint, 'VOCAB_SIZE = 8192') == checkpoint
+  with pytest.raises(ValueError, match=r'VOCAB_SIZE=8192'):  # t5x.infer
+    _evaluate(
+      ['models/melodi_base.gin', 'models/tiny.gin', 'infer.gin'],
+      'utils.RestoreCheckpointConfig.path',
+      [f'CHECKPOINT_PATH = {checkpoint!r}', "INFER_OUTPUT_DIR = '/tmp/unused'"],
+    )
+  with pytest.raises(ValueError, match=r'VOCAB_SIZE=8192'):  # resuming t5x.train
+    _signed_run(tmp_path / 'run')
+
+
+def test_new_run_writes_its_signature_without_the_unsigned_warning(tmp_path, entry_points, caplog):
+  """Issue 27 item 3: every new run used to warn 'trained before signatures were written'."""
+  del entry_points
+  caplog.set_level('WARNING')
+  _signed_run(tmp_path / 'new')
+  assert (tmp_path / 'new' / t5x_signature.SIGNATURE_FILE).exists()
+  assert 'No model_signature.json' not in caplog.text
+  # A directory with checkpoints but no signature (an old run) is resumed with the warning.
+  (tmp_path / 'old' / 'checkpoint_100').mkdir(parents=True)
+  _signed_run(tmp_path / 'old')
+  assert f'No model_signature.json in {tmp_path / "old"}' in caplog.text
+
+
+def test_generate_checks_the_signature_before_reading_the_checkpoint(
+  tmp_path, entry_points, monkeypatch
+):
+  """Issue 27 item 2: tools.generate printed nonsense with another vocabulary and exited 0."""
+  del entry_points
+  from melodi_t5x.tools import generate  # pylint: disable=g-import-not-at-top
+
+  def no_restore(checkpoint):
+    raise AssertionError(f'the checkpoint {checkpoint} was read before the signature check')
+
+  monkeypatch.setattr(generate, 'load_params', no_restore)
+  prompt = tmp_path / 'prompt.txt'
+  prompt.write_text('To be, or not to be, that is the question.')
+  _signed_run(tmp_path / 'run')
+  path = tmp_path / 'run' / t5x_signature.SIGNATURE_FILE
+  saved = json.loads(path.read_text())
+  other = dict(saved['vocabulary'], name="TaskVocabulary('my_books')", checksum=123)
+  path.write_text(json.dumps(dict(saved, vocabulary=other)))
+  args = ['--checkpoint', str(tmp_path / 'run' / 'checkpoint_400'), '--prompt_file', str(prompt)]
+  with pytest.raises(ValueError, match=r"vocabulary TaskVocabulary\('my_books'\)"):
+    generate.main(args)
+  path.write_text(json.dumps(dict(saved, config=dict(saved['config'], vocab_size='8192'))))
+  with pytest.raises(ValueError, match=r'--gin\.VOCAB_SIZE=8192'):
+    generate.main(args)
+
+
+@pytest.mark.parametrize(
+  'content, message',
+  [
+    (None, 'cannot read it'),
+    (b'caf\xe9 au lait', r'not UTF-8 text \(byte 0xe9 at offset 3\)'),
+    (b'', 'is empty'),
+    (b' \n\n', 'is empty'),
+  ],
+)
+def test_generate_refuses_a_bad_prompt_file_before_loading_the_model(
+  tmp_path, monkeypatch, content, message
+):
+  """Issue 27 item 2: reported after ~20 s of model loading (raw traceback), or generated."""
+  from melodi_t5x.tools import generate  # pylint: disable=g-import-not-at-top
+
+  def no_model(*unused):
+    raise AssertionError('the model was loaded before the prompt file was checked')
+
+  monkeypatch.setattr(generate, 'load_model', no_model)
+  prompt = tmp_path / 'prompt.txt'
+  if content is not None:
+    prompt.write_bytes(content)
+  with pytest.raises(SystemExit, match=f'--prompt_file {prompt}.*{message}'):
+    generate.main(['--checkpoint', str(tmp_path / 'checkpoint_1'), '--prompt_file', str(prompt)])
+
+
+def _event_tags(folder) -> dict[str, str]:
+  """Tag -> kind ('scalar' / 'image') of the TensorBoard event files under `folder`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tags = {}
+  for path in tf.io.gfile.glob(os.path.join(str(folder), 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        plugin = value.metadata.plugin_data.plugin_name
+        tags[value.tag] = 'image' if plugin == 'images' else 'scalar'
+  return tags
+
+
+def test_eval_logs_progress_with_tokens_per_second_and_eta(tmp_path, clean_gin, caplog):
+  """Issue 27 item 6: eval printed nothing for its whole run, and had no ETA."""
+  del clean_gin
+  trainer = _trainer(tmp_path, progress_seconds=0)
+  state = trainer.train_state
+  caplog.set_level('INFO')
+  batches = _document_batches(6)
+  counted = t5x_eval_module().EvalProgress('x', 0, batches)
+  counted._counter.join(timeout=60)  # the background count of a re-iterable dataset
+  assert counted.total == 6 * B * T
+  trainer.stream(state.params, state.flax_mutables, batches, name='books')
+  lines = [r.getMessage() for r in caplog.records if 'Streaming eval books' in r.getMessage()]
+  print('\n'.join(lines))
+  assert 'first batch after' in lines[0] and '(memory carried)' in lines[0]
+  assert any(re.search(r'batch [2-6], \d+ tokens in .*tokens/s\)', line) for line in lines)
+  # Once the split is counted (a second pass on a background thread), lines carry an ETA.
+  assert any(re.search(rf'% of {6 * B * T} tokens, ETA', line) for line in lines) or any(
+    'ETA after the split is counted' in line for line in lines
+  )
+
+
+def t5x_eval_module():
+  from melodi_t5x import t5x_eval  # pylint: disable=g-import-not-at-top
+
+  return t5x_eval
+
+
+def test_eval_progress_line_eta_from_the_counted_total():
+  """The ETA is the tokens left at the measured rate (after the first, compiling batch)."""
+  now = [100.0]
+  progress = t5x_eval_module().EvalProgress('books (memory reset)', 30, clock=lambda: now[0])
+  now[0] = 110.0
+  progress.add(1000)  # first batch: 10 s of compilation
+  now[0] = 120.0
+  progress.add(1000)  # 1000 tokens in 10 s: 100 tokens/s
+  assert progress.line() == (
+    'Streaming eval books (memory reset): batch 2, 2000 tokens in 20 s (100 tokens/s).'
+  )
+  progress.total = 8000
+  assert progress.line().endswith('(100 tokens/s), 25% of 8000 tokens, ETA 1 min 00 s.')
+
+
+def test_eval_writes_perplexities_and_the_report_image_to_tensorboard(tmp_path, clean_gin):
+  """Issue 27 item 6: per-position perplexities and the image never reached TensorBoard."""
+  del clean_gin
+  from t5x import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  t5x_eval = t5x_eval_module()
+  trainer = _trainer(tmp_path / 'run', report_dir=str(tmp_path / 'report'), memory_mode='reset')
+  trainer.eval_metrics_managers = {
+    'books': trainer_lib.MetricsManager('training_eval/books', summary_dir=str(tmp_path / 'run'))
+  }
+  trainer.eval({'books': _document_batches(3)})
+  folder = tmp_path / 'run' / 'training_eval' / 'books'
+  files = set(os.listdir(folder))
+  trainer.eval({'books': _document_batches(3)})  # a second eval: the same event files
+  assert set(os.listdir(folder)) == files
+  tags = _event_tags(folder)
+  print(sorted(tags))
+  assert tags['reset/perplexity'] == 'scalar'
+  assert tags['reset/position/00_0-16/perplexity'] == 'scalar'
+  assert tags['reset/perplexity_by_position'] == 'image'
+  # The report's titles say the memory mode.
+  md = (tmp_path / 'report' / f'{t5x_eval.report_name("books", 0, "reset")}.md').read_text()
+  assert md.startswith('# Perplexity report: books (memory reset)')
+
+
+def test_eval_does_not_warn_for_the_optimizer_state_it_skips(tmp_path, entry_points, caplog):
+  """Issue 27 item 8: 184 'Not restoring param=state/param_states/...' warnings per eval."""
+  del entry_points
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  _signed_run(tmp_path / 'run')
+  checkpoint = str(tmp_path / 'run' / 'checkpoint_400')
+  assert _eval_path(checkpoint) == checkpoint  # what t5x.eval evaluates before restoring
+  caplog.set_level('WARNING')
+  message = "Not restoring param=%s because it's missing in the checkpoint"
+  logging.warning(message, 'state/param_states/decoder/layers_0/mlp/wi/kernel/v_row')
+  logging.warning(message, 'state/params/decoder/layers_0/mlp/wi/kernel')
+  assert 'param_states' not in caplog.text
+  assert 'Not restoring param=state/params/decoder/layers_0/mlp/wi/kernel' in caplog.text

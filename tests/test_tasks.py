@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -436,3 +437,25 @@ def test_c4_tfds_length_filter_and_test_stand_in(tfds_dir, local_sp):
     assert 0 < len(expected) < len(texts)
     docs = _task_docs('c4_4k', split)
     assert sorted(int((d != 0).sum()) for d in docs.values()) == expected
+
+
+def test_train_vocab_command_suggested_by_the_missing_vocabulary_error_works(tmp_path):
+  """Issue 27 item 1: the error of a task without a vocabulary names a command that works."""
+  folder = tmp_path / 'corpus'
+  folder.mkdir()
+  for i, (_, _, path) in enumerate(sources.local_books_split('test')[:2]):
+    (folder / f'play{i}.txt').write_text(pathlib.Path(path).read_text(encoding='utf-8')[:40000])
+  data = f"--gin.tasks.TextCorpusConfig.train_files='{folder}/*.txt'"  # as the shell passes it
+  gin.parse_config(f"tasks.TextCorpusConfig.train_files='{folder}/*.txt'")
+  try:
+    with pytest.raises(ValueError, match='has no vocabulary') as error:
+      _get('text_corpus')
+    command = re.search(r'python -m (tasks\.train_vocab [^,]*)', str(error.value)).group(1).split()
+    assert command[0] == 'tasks.train_vocab'
+    prefix = tmp_path / 'spm' / 'own'
+    args = [a.replace('/path/spm', str(prefix)) for a in command[1:]]
+    train_vocab.main([*args, data, '--vocab_size=300'])
+  finally:
+    gin.clear_config()
+  sp = spm.SentencePieceProcessor(model_file=f'{prefix}.model')
+  assert sp.get_piece_size() == 300

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import gin
@@ -116,3 +117,64 @@ def test_vocabulary_of_any_registered_task():
     seqio.TaskRegistry.remove('h10_user_task')
   with pytest.raises(ValueError, match='text_corpus'):
     tasks.vocabulary('heldout_austen')
+
+
+def _documents(split='test'):
+  task = seqio.get_mixture_or_task('text_corpus')
+  ds = task.get_dataset(sequence_length={'targets': 16}, split=split, shuffle=False)
+  return sorted({int(ex['document_id']) for ex in ds.as_numpy_iterator()})
+
+
+def test_undecodable_files_are_named_with_the_byte_offset_before_any_reading(tmp_path, caplog):
+  """Issue 27 item 5: a non-UTF-8 file used to crash training when the stream reached it."""
+  folder = tmp_path / 'books'
+  folder.mkdir()
+  (folder / 'a.txt').write_text(TEXTS[0])
+  (folder / 'b.txt').write_bytes('Ros\u00e9 and caf\u00e9. '.encode() * 300 + b'na\xefve')
+  (folder / 'c.txt').write_text(TEXTS[1])
+  (folder / 'd.txt.gz').write_bytes(gzip.compress(b'\xff' + b'x' * 10))
+  bad_offset = len('Ros\u00e9 and caf\u00e9. '.encode()) * 300 + 2
+  tasks.configure('text_corpus', test_files=str(folder / '*'), vocabulary_task='local_books')
+  try:
+    task = seqio.get_mixture_or_task('text_corpus')
+    with pytest.raises(ValueError, match='not UTF-8') as error:
+      task.get_dataset(split='test', shuffle=False)  # before any document is read
+    print(error.value)
+    message = str(error.value)
+    assert f'{folder}/b.txt (byte {bad_offset})' in message
+    assert f'{folder}/d.txt.gz (byte 0)' in message and '2 of the 4 files' in message
+    assert "tasks.TextCorpusConfig.undecodable_files = 'skip'" in message
+    # 'skip': the other files are read, ids unchanged (file index 0 and 2), the skipped counted.
+    tasks.configure('text_corpus', undecodable_files='skip')
+    caplog.set_level('WARNING')
+    assert _documents() == [0, 2 * 2**40]
+    assert 'skipping 2 of the 4 files' in caplog.text and f'{folder}/b.txt (byte' in caplog.text
+    tasks.configure('text_corpus', undecodable_files='ignore')
+    with pytest.raises(ValueError, match=r"undecodable_files must be one of \('fail', 'skip'\)"):
+      _documents()
+  finally:
+    tasks.reset_config('text_corpus')
+
+
+def test_empty_corpus_files_are_named(tmp_path, caplog):
+  """Issue 27 item 5: empty files gave 'the eval dataset produced no batches' at best."""
+  folder = tmp_path / 'books'
+  folder.mkdir()
+  (folder / 'a.txt').write_text(TEXTS[0])
+  (folder / 'empty.txt').write_text('')
+  tasks.configure('text_corpus', test_files=str(folder / '*.txt'), vocabulary_task='local_books')
+  try:
+    caplog.set_level('WARNING')
+    assert _documents() == [0]
+    assert '1 of the 2 files of tasks.TextCorpusConfig.test_files are empty' in caplog.text
+    assert f'{folder}/empty.txt' in caplog.text
+    (folder / 'a.txt').write_text('')
+    with pytest.raises(ValueError, match='no file of tasks.TextCorpusConfig.test_files has text'):
+      _documents()
+    # JSONL without rows is empty too.
+    (folder / 'rows.jsonl').write_text('')
+    tasks.configure('text_corpus', source='jsonl', test_files=str(folder / '*.jsonl'))
+    with pytest.raises(ValueError, match=f'empty: {folder}/rows.jsonl'):
+      _documents()
+  finally:
+    tasks.reset_config('text_corpus')

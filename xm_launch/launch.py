@@ -3,10 +3,10 @@ r"""Launches the experiment suite on Cloud TPU slices (GKE + JobSet), or rehears
   # the paper's main table: 18 JobSets (train, then eval carried and reset on the final checkpoint)
   python -m xm_launch.launch --sweep=main --accelerator=v5e --topology=4x8 \
     --project=P --zone=Z --cluster=C --model_dir_root=gs://BUCKET/melodi [--image=IMAGE] \
-    [--binding=...] [--seeds=0,1,2] [--dry_run] [--manifest_dir=DIR] [--status]
+    [--gin.NAME=VALUE ...] [--seeds=0,1,2] [--dry_run] [--manifest_dir=DIR] [--status]
   # the data stage first: the prepared splits the paper sweeps read (<root>/prepared by default)
   python -m xm_launch.launch --sweep=prepare --task=pg19_t5 --accelerator=v5e ... \
-    --binding=tasks.Pg19T5Config.data_dir="'gs://BUCKET/tfds'"
+    --gin.tasks.Pg19T5Config.data_dir="'gs://BUCKET/tfds'"
   # an ablation family, the timing benchmarks, one experiment file
   python -m xm_launch.launch --sweep=coverage ...
   python -m xm_launch.launch --sweep=timing --accelerator=v6e ...
@@ -28,11 +28,12 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from melodi_t5x import experiments
+from melodi_t5x import experiments, t5x_gin
 from xm_launch import gke
 from xm_launch import jobs as jobs_lib
 from xm_launch import schema as schema_lib
@@ -46,7 +47,10 @@ _TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice topology (default: 
 _TIMING_TOPOLOGY = flags.DEFINE_string('timing_topology', None, 'slice of the timing sweep')
 _EVAL = flags.DEFINE_bool('eval', True, 'eval steps on the final checkpoint of each run')
 _EVAL_MODES = flags.DEFINE_list('eval_modes', list(experiments.MEMORY_MODES), 'memory modes')
-_BINDINGS = flags.DEFINE_multi_string('binding', [], 'extra gin binding NAME=VALUE (all steps)')
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+  'gin_bindings', [], "extra gin binding 'NAME = VALUE' (all steps); or --gin.NAME=VALUE"
+)
+_BINDINGS = flags.DEFINE_multi_string('binding', [], 'deprecated spelling of --gin_bindings')
 _SEEDS = flags.DEFINE_string(
   'seeds',
   '0',
@@ -145,7 +149,7 @@ def build_jobs() -> list[jobs_lib.JobSpec]:
     size=_SIZE.value,
     task=_TASK.value,
     eval_modes=_EVAL_MODES.value if _EVAL.value else (),
-    bindings=_BINDINGS.value,
+    bindings=gin_bindings(),
     train_steps=_TRAIN_STEPS.value,
     seeds=jobs_lib.parse_seeds(_SEEDS.value),
     topology='cpu' if local else train_slice.topology,
@@ -490,5 +494,17 @@ def main(argv: Sequence[str]) -> None:
       raise SystemExit(1) from None
 
 
+def gin_bindings() -> list[str]:
+  """--gin_bindings and --gin.NAME=VALUE, then the deprecated --binding, as NAME=VALUE."""
+  if _BINDINGS.value:
+    warnings.warn(
+      '--binding is deprecated and will be removed in the next release: write --gin.NAME=VALUE '
+      'or --gin_bindings="NAME = VALUE" (as t5x.train).',
+      FutureWarning,
+      stacklevel=2,
+    )
+  return [t5x_gin.normalize_binding(b) for b in [*_GIN_BINDINGS.value, *_BINDINGS.value]]
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=t5x_gin.rewrite_gin_args(sys.argv))

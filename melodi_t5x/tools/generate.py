@@ -3,6 +3,9 @@ r"""Continue a long text document with a trained memory decoder (T5X checkpoint)
   python -m melodi_t5x.tools.generate --checkpoint /tmp/melodi_quickstart/checkpoint_400 \
     --prompt_file play.txt --max_new_tokens 200 --temperature 0.8 --topk 40
 
+Gin flags as in t5x.train: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_bindings`,
+`--gin_search_paths`.
+
 The model comes from gin model files (default: the quickstart's tiny MELODI,
 `gin/models/melodi_base.gin` + `gin/models/tiny.gin`), with the vocabulary of `--task` and an
 embedding of its size (`tasks.embedding_size`). The whole prompt is read: its windows are
@@ -11,6 +14,11 @@ tokens per step, a multiple of the window), the rest is prefilled, then tokens a
 a time with T5X's `temperature_sample` (`--temperature 0` is greedy; `--topk 0` samples from the
 full softmax).
 Prints the continuation (with `--json`, one JSON line with tokens, timings and tokens/s).
+
+Checked before the checkpoint is read: the prompt file (it must exist, be UTF-8 and hold text)
+and the checkpoint's `model_signature.json` (architecture, vocabulary and embedding rows must be
+those of the model built here, as `t5x.eval` checks them; `melodi_t5x.t5x_signature`). JAX,
+Orbax and the model code are imported after the prompt is read, so a bad prompt file fails at once.
 """
 
 from __future__ import annotations
@@ -21,23 +29,18 @@ import sys
 import warnings
 
 import gin
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 
-from melodi_t5x import t5x_generate, t5x_gin
+from melodi_t5x import t5x_gin, t5x_signature
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', required=True, help='T5X checkpoint directory')
   parser.add_argument('--prompt_file', required=True, help='UTF-8 text to continue ("-": stdin)')
-  parser.add_argument(
-    '--gin_file',
-    action='append',
-    help='model gin file(s); default gin/models/melodi_base.gin then gin/models/tiny.gin',
+  t5x_gin.add_gin_flags(
+    parser,
+    gin_file_help='model gin file(s); default gin/models/melodi_base.gin then gin/models/tiny.gin',
   )
-  parser.add_argument('--gin_bindings', action='append', default=[], help='extra gin bindings')
   parser.add_argument('--task', default='local_books', help='task whose vocabulary to use')
   parser.add_argument('--max_new_tokens', type=int, default=128)
   parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
@@ -47,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--segment_length', type=int, default=0, help='prompt tokens per streamed step (0: 8 windows)'
   )
   parser.add_argument('--json', action='store_true', help='print one JSON line with details')
-  args = parser.parse_args(argv)
+  args = t5x_gin.parse_args(parser, argv)
   if args.max_new_tokens <= 0:
     parser.error('--max_new_tokens must be positive')
   if args.temperature < 0 or args.topk < 0:
@@ -68,10 +71,34 @@ def load_model(gin_files, bindings, task: str):
     'tasks.embedding_size.task_name = %MIXTURE_OR_TASK_NAME',
   ]
   gin.parse_config_files_and_bindings(gin_files, [*task_bindings, 'DROPOUT_RATE = 0.0', *bindings])
+  t5x_gin.check_command_line_macros(bindings)
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
 
 
+def read_prompt(prompt_file: str) -> str:
+  """The prompt's text (`-`: stdin); exits naming the file if it is missing, not UTF-8 or empty."""
+  name = 'standard input' if prompt_file == '-' else f'--prompt_file {prompt_file}'
+  try:
+    data = sys.stdin.buffer.read() if prompt_file == '-' else open(prompt_file, 'rb').read()
+  except OSError as e:
+    raise SystemExit(f'{name}: cannot read it ({e.strerror}); give an existing text file.') from e
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise SystemExit(
+      f'{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it '
+      'first, e.g. iconv -f latin1 -t utf-8 IN > OUT.'
+    ) from e
+  if not text.strip():
+    raise SystemExit(f'{name} is empty: give a prompt of at least one token of text.')
+  return text
+
+
 def load_params(checkpoint: str):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', UserWarning)  # "Sharding info not provided when restoring"
     state = ocp.PyTreeCheckpointer().restore(f'{checkpoint.rstrip("/")}/state')
@@ -80,13 +107,20 @@ def load_params(checkpoint: str):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  text = read_prompt(args.prompt_file)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x import t5x_generate  # pylint: disable=g-import-not-at-top
+
+  for path in args.gin_search_paths:
+    gin.add_config_file_search_path(path)
   model = load_model(args.gin_file or list(DEFAULT_GIN_FILES), args.gin_bindings, args.task)
   window = model.module.config.window_length
   segment = args.segment_length or 8 * window
   if segment % window:
     raise SystemExit(f'--segment_length={segment} is not a multiple of the window ({window}).')
+  t5x_signature.check(model, args.checkpoint, 'The checkpoint')
   params = load_params(args.checkpoint)
-  text = sys.stdin.read() if args.prompt_file == '-' else open(args.prompt_file).read()
   vocab = model.output_vocabulary
   tokens = vocab.encode(text)
   timings = {}

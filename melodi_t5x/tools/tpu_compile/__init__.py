@@ -3,7 +3,7 @@ r"""Compiles every job of a sweep for its TPU slice on this (CPU) machine and ch
 Usage (a CPU machine with libtpu installed, e.g. `pip install -r requirements-tpu.txt`):
 
   JAX_PLATFORMS=cpu python -m melodi_t5x.tools.tpu_compile --sweep=main \
-      [--accelerator=v5e] [--topology=4x8] [--binding NAME=VALUE ...] [--json OUT] [--workers N]
+      [--accelerator=v5e] [--topology=4x8] [--gin.NAME=VALUE ...] [--json OUT] [--workers N]
   JAX_PLATFORMS=cpu python -m melodi_t5x.tools.tpu_compile \
       --experiment=gin/experiments/main/pg19_t5_xl.gin --accelerator=v4
 

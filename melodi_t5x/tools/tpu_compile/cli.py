@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from melodi_t5x import experiments
+from melodi_t5x import experiments, t5x_gin
 from melodi_t5x import jobs as jobs_lib
 from melodi_t5x.tools import tpu_compile
 from melodi_t5x.tools.tpu_compile import cache as cache_lib
@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--timing_topology', default=None, help="slice of the timing jobs (default: the launcher's)"
   )
-  p.add_argument('--binding', action='append', default=[], help='gin binding NAME=VALUE (all jobs)')
+  # Gin bindings of all jobs: --gin.NAME=VALUE or --gin_bindings (--binding: deprecated).
+  t5x_gin.add_gin_flags(p, gin_files=False, deprecated=('--binding',))
   p.add_argument('--noeval', action='store_true', help='leave out the eval jobs')
   p.add_argument('--json', default=None, help='write the rows to this JSON file')
   p.add_argument(
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=report.DEFAULT_UTILISATION,
     help='model FLOPs utilisation assumed for the step-time estimate',
   )
-  return p.parse_args(argv)
+  return t5x_gin.parse_args(p, argv)
 
 
 def launcher_jobs(args: argparse.Namespace):
@@ -69,7 +70,7 @@ def launcher_jobs(args: argparse.Namespace):
     sweep=args.sweep,
     experiment=args.experiment,
     eval_modes=() if args.noeval else experiments.MEMORY_MODES,
-    bindings=args.binding,
+    bindings=[t5x_gin.normalize_binding(b) for b in args.gin_bindings],
     topology=topology,
     timing_topology=timing,
   )
