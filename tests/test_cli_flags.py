@@ -90,11 +90,11 @@ def test_launcher_accepts_t5x_gin_flags_and_the_old_spelling():
 
 def test_compile_check_accepts_t5x_gin_flags_and_the_old_spelling():
   needs.t5x()
-  from melodi_t5x.tools import tpu_compile  # pylint: disable=g-import-not-at-top
+  from melodi_t5x.tools.tpu_compile import cli  # pylint: disable=g-import-not-at-top
 
   base = ['--experiment', 'gin/experiments/main/pg19_t5_xl.gin']
-  args = tpu_compile.parse_args([*base, '--gin.BATCH_SIZE=3', '--gin_bindings=TRAIN_STEPS = 4'])
+  args = cli.parse_args([*base, '--gin.BATCH_SIZE=3', '--gin_bindings=TRAIN_STEPS = 4'])
   assert args.gin_bindings == ['BATCH_SIZE = 3', 'TRAIN_STEPS = 4']
   with pytest.warns(FutureWarning, match='--binding is deprecated'):
-    args = tpu_compile.parse_args([*base, '--binding', 'BATCH_SIZE=3'])
+    args = cli.parse_args([*base, '--binding', 'BATCH_SIZE=3'])
   assert args.gin_bindings == ['BATCH_SIZE=3']

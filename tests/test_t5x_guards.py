@@ -410,6 +410,7 @@ def test_eval_logs_progress_with_tokens_per_second_and_eta(tmp_path, clean_gin, 
   trainer = _trainer(tmp_path, progress_seconds=0)
   state = trainer.train_state
   caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # another test may have lowered absl's verbosity
   batches = _document_batches(6)
   counted = t5x_eval_module().EvalProgress('x', 0, batches)
   counted._counter.join(timeout=60)  # the background count of a re-iterable dataset

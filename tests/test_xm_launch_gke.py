@@ -718,7 +718,7 @@ def test_prepare_sweep_jobs(tmp_path, capsys):
   part, final = plan.steps[0], plan.steps[3]
   assert part.args == (
     '--task=pg19_t5', '--split=train', f'--out={ROOT}/prepared', '--num_workers=8',
-    '--worker={worker}', '--gin_param=tasks.Pg19T5Config.data_dir="gs://b/tfds"',
+    '--worker={worker}', '--gin_bindings=tasks.Pg19T5Config.data_dir="gs://b/tfds"',
   )  # fmt: skip
   assert part.output == f'{ROOT}/prepared/pg19_t5/train/worker-{{worker:05d}}-of-00008/done.json'
   assert final.worker == 0 and '--finalize' in final.args and len(final.wait_for) == 8

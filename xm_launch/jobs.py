@@ -92,7 +92,7 @@ def prepare_jobs(
   With one worker each split is one step. With K workers, pod i writes its part of every split
   (`worker-<i>-of-<K>/done.json`), then pod 0 waits for all parts and merges them (`meta.json`).
   A step is skipped when its part or the finished split exists. Only `tasks.*` bindings are passed
-  (`--gin_param`), the settings of the task.
+  (`--gin_bindings`), the settings of the task.
   """
   if not prepared_root:
     raise ValueError('--sweep=prepare needs a prepared root (--prepared_root or --model_dir_root).')
@@ -104,7 +104,7 @@ def prepare_jobs(
     task=task,
     root=prepared_root.rstrip('/'),
     workers=workers,
-    params=tuple(f'--gin_param={b}' for b in bindings if b.startswith('tasks.')),
+    params=tuple(f'--gin_bindings={b}' for b in bindings if b.startswith('tasks.')),
     topology=topology,
   )
   jobs, finals = [], []
@@ -127,7 +127,7 @@ class PrepareSplit:
   root: str
   # Pods that write a part each (1: one step writes the whole split).
   workers: int
-  # `--gin_param=tasks.*` flags passed to every step.
+  # `--gin_bindings=tasks.*` flags passed to every step.
   params: tuple[str, ...]
   # Accelerator topology of the steps.
   topology: str
