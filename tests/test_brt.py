@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from carried_memory import apply_segment, jit_step, zeros_memory
 from flax import traverse_util
 
 from melodi_t5x.architectures.brt import BRTDecoder
@@ -52,26 +53,12 @@ def _params():
 
 
 def _zeros_memory():
-  return jax.tree_util.tree_map(jnp.zeros_like, _model_and_variables()[1]['memory'])
+  return zeros_memory(_model_and_variables()[1])
 
 
 @functools.cache
 def _step():
-  model, _ = _model_and_variables()
-
-  @jax.jit
-  def step(params, mem, tokens, sos):
-    logits, new = model.apply(
-      {'params': params, 'memory': mem},
-      tokens,
-      tokens,
-      start_of_sequence=sos,
-      enable_dropout=False,
-      mutable=['memory'],
-    )
-    return logits, new['memory']
-
-  return step
+  return jit_step(_model_and_variables()[0])
 
 
 def test_parameters_and_memory_layout():
@@ -160,14 +147,7 @@ def _grad_fn():
   mem = jax.tree_util.tree_map(lambda x: x + 0.5, _zeros_memory())
 
   def loss(params, sos, weights):
-    logits, _ = model.apply(
-      {'params': params, 'memory': mem},
-      tokens,
-      tokens,
-      start_of_sequence=sos,
-      enable_dropout=False,
-      mutable=['memory'],
-    )
+    logits, _ = apply_segment(model, params, mem, tokens, sos, tokens)
     return jnp.sum(jax.nn.log_softmax(logits)[..., 7] * weights)
 
   return jax.jit(lambda params, sos, weights: jax.grad(loss)(params, sos, weights)['layers_0'])

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from stream_batches import assert_batches_equal
 
 import tasks
 from tasks import sources
-from tasks.streaming import BATCH_KEYS, DocumentStreamIterator
+from tasks.streaming import DocumentStreamIterator
 
 L = 8  # chunk length of the synthetic documents
 
@@ -81,14 +82,6 @@ def split_documents(stream):
       assert out and out[-1][0] == doc_id and len(out[-1][1]) == index, 'row skipped or reordered'
       out[-1][1].append(targets)
   return out
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert set(x) == set(y) == set(BATCH_KEYS)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # ------------------------------------------------------------------------------------------------

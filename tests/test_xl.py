@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from carried_memory import jit_step, zeros_memory
 
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import XLConfig
@@ -46,17 +47,11 @@ def params():
 def _run(cfg, params, segments, sos_list):
   """Logits of consecutive segments [B, T] with the memory carried; sos per segment [B]."""
   model = XLDecoder(cfg)
-  apply = jax.jit(
-    lambda p, m, t, s: model.apply(
-      {'params': p, 'memory': m}, t, start_of_sequence=s, enable_dropout=False, mutable=['memory']
-    )
-  )
-  memory = model.init(jax.random.PRNGKey(0), segments[0], enable_dropout=False).get('memory', {})
-  memory = jax.tree_util.tree_map(jnp.zeros_like, memory)
+  apply = jit_step(model)
+  memory = zeros_memory(model.init(jax.random.PRNGKey(0), segments[0], enable_dropout=False))
   out = []
   for tokens, sos in zip(segments, sos_list):
-    logits, new = apply(params, memory, tokens, jnp.asarray(sos))
-    memory = new.get('memory', {})
+    logits, memory = apply(params, memory, tokens, jnp.asarray(sos))
     out.append(np.asarray(logits))
   return out
 
