@@ -36,6 +36,19 @@ def safe_softmax(logits):
   return e / (e.sum(-1, keepdims=True) + jnp.exp(-1000.0 - top))
 
 
+def head_and_loss(x, final_scale, embedding, targets, mask, new_state):
+  """The reference's output head and loss after the last layer x [B, T, D].
+
+  logits = RMSNorm(x) E^T / sqrt(D) with the input embedding E [V, D]; token losses = NLL of the
+  targets [B, T] times mask [B, T]. Returns (their sum, (logits, token losses, new_state)), the
+  state without gradient: a re-derivation's segment function.
+  """
+  logits = rms(x, final_scale) @ embedding.T / np.sqrt(x.shape[-1])
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+  token_losses = nll * mask
+  return token_losses.sum(), (logits, token_losses, jax.lax.stop_gradient(new_state))
+
+
 def write_fixture(
   path: str,
   meta: Mapping,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from carried_memory import apply_segment, jit_step, zeros_memory
 from flax import traverse_util
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x.architectures.brt import BRTDecoder
 from melodi_t5x.config import BRTConfig
@@ -25,12 +26,7 @@ CFG = BRTConfig(
   num_layers=2,
   recurrent_layer_index=0,
   num_states=3,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=4,
-  mlp_dim=32,
-  vocab_size=61,
-  window_length=4,
+  **{**SMALL_DIMS, 'head_dim': 4, 'vocab_size': 61},
 )
 B = 2
 W = CFG.window_length

@@ -15,14 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference_fixtures import (
-  assert_parity,
-  assert_parity_fails,
-  rms,
-  safe_softmax,
-  unit,
-  write_fixture,
-)
+import reference_fixtures as ref
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x.architectures.memorizing import (
   MemorizingDecoder,
@@ -65,12 +59,12 @@ def _bucket(n):  # T5, 32 buckets, max_distance 128, as the README states it
 def _tbase(p, pre, x):
   """Pre-attention norm and projections: q̂, k̂, v [B, N, H, K]."""
   b, n, _ = x.shape
-  h = rms(x, p[pre + 'tbase/pre_attn_layernorm/scale'])
+  h = ref.rms(x, p[pre + 'tbase/pre_attn_layernorm/scale'])
   proj = {
     s: (h @ p[pre + f'tbase/_kvq/{s}_layer/kernel']).reshape(b, n, META['num_heads'], -1)
     for s in ('queries', 'keys', 'values')
   }
-  return unit(proj['queries']), unit(proj['keys']), proj['values']
+  return ref.unit(proj['queries']), ref.unit(proj['keys']), proj['values']
 
 
 def _out_ffn(p, pre, x, attn):
@@ -78,7 +72,7 @@ def _out_ffn(p, pre, x, attn):
   h1 = x + attn.reshape(b, n, -1) @ p[pre + 'tbase/post_attn_mlp/output_layer/kernel']
   f = pre + 'tbase/ffn/mlp_layer/'
   hidden = jax.nn.relu(
-    rms(h1, p[pre + 'tbase/pre_ffn_layernorm/scale']) @ p[f + 'input_layer/kernel']
+    ref.rms(h1, p[pre + 'tbase/pre_ffn_layernorm/scale']) @ p[f + 'input_layer/kernel']
     + p[f + 'input_layer/bias']
   )
   return h1 + hidden @ p[f + 'output_layer/kernel'] + p[f + 'output_layer/bias']
@@ -96,7 +90,7 @@ def _xl_layer(p, pre, x, cache):
     vw = jnp.concatenate([prev[1], v[:, i : i + w]], 1)
     logits = (jnp.einsum('bqhe,bjhe->bhqj', q[:, i : i + w], kw) + bias[None]) * tau[:, None, None]
     logits = jnp.where((rel < 0) & (rel >= -w), logits, -1e6)
-    outs.append(jnp.einsum('bhqj,bjhe->bqhe', safe_softmax(logits), vw))
+    outs.append(jnp.einsum('bhqj,bjhe->bqhe', ref.safe_softmax(logits), vw))
     prev = (k[:, i : i + w], v[:, i : i + w])
   return _out_ffn(p, pre, x, jnp.concatenate(outs, 1)), prev
 
@@ -109,7 +103,7 @@ def _side_layer(p, x, mem_k, mem_v):
   mem_logits = jnp.einsum('bqhe,bmhe->bhqm', q, mem_k) * tau
   seg_logits = jnp.einsum('bqhe,bjhe->bhqj', q, k) * tau
   seg_logits = jnp.where(np.arange(t)[None, :] < np.arange(t)[:, None], seg_logits, -1e6)
-  probs = safe_softmax(jnp.concatenate([mem_logits, seg_logits], -1))
+  probs = ref.safe_softmax(jnp.concatenate([mem_logits, seg_logits], -1))
   m = mem_k.shape[1]
   attn = jnp.einsum('bhqm,bmhe->bqhe', probs[..., :m], mem_v)
   attn = attn + jnp.einsum('bhqj,bjhe->bqhe', probs[..., m:], v)
@@ -132,11 +126,9 @@ def _segment(p, state, tokens, sos, targets, mask):
       new['memory_keys'] = jax.lax.dynamic_update_slice_in_dim(mem_k, k, wi, 1)
       new['memory_values'] = jax.lax.dynamic_update_slice_in_dim(mem_v, v, wi, 1)
       new['write_index'] = (wi + x.shape[1]) % META['memory_size']
-  d = META['embed_dim']
-  logits = rms(x, p['layer_stack/final_layernorm/scale']) @ p['embed/embedding'].T / np.sqrt(d)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-  token_losses = nll * mask
-  return token_losses.sum(), (logits, token_losses, jax.lax.stop_gradient(new))
+  return ref.head_and_loss(
+    x, p['layer_stack/final_layernorm/scale'], p['embed/embedding'], targets, mask, new
+  )
 
 
 def _reference_params(rng: np.random.RandomState) -> dict[str, np.ndarray]:
@@ -195,7 +187,7 @@ def _rederived_fixture(path: str) -> str:
     out[side + 'recurrent_memory/write_index_train'] = state['write_index']
     return out
 
-  return write_fixture(path, META, SOS, rng, params, state, _segment, entries)
+  return ref.write_fixture(path, META, SOS, rng, params, state, _segment, entries)
 
 
 @pytest.fixture(scope='module')
@@ -212,7 +204,7 @@ def test_parity_tool_on_a_second_configuration(rederived, tmp_path, capsys):
     for s in range(4)
   ]
   assert indices == [12, 24, 0, 12]
-  errors = assert_parity(rederived, capsys, tmp_path)
+  errors = ref.assert_parity(rederived, capsys, tmp_path)
   assert len(errors['forward']) == 4 * 11 and len(errors['gradient']) == 4 * 49
 
 
@@ -236,7 +228,7 @@ def test_memory_slot_layout_differs_but_fifo_order_matches(rederived):
 def test_wrong_memory_mapping_fails_on_the_second_configuration(rederived, capsys):
   side = 'layer_stack/side_layer/tbase/'
   swap = [side + 'pre_attn_layernorm/scale', side + 'pre_ffn_layernorm/scale']
-  assert_parity_fails(rederived, swap, capsys)
+  ref.assert_parity_fails(rederived, swap, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,15 +283,7 @@ def test_top_k_matches_brute_force_and_k_equal_m_is_dense():
 # ---------------------------------------------------------------------------------------------
 
 CFG = MemorizingConfig(
-  num_layers=2,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=8,
-  mlp_dim=32,
-  vocab_size=50,
-  window_length=4,
-  memory_layer_index=1,
-  memory_size=16,
+  num_layers=2, **{**SMALL_DIMS, 'vocab_size': 50}, memory_layer_index=1, memory_size=16
 )
 T = 8
 

@@ -15,22 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from carried_memory import jit_step, zeros_memory
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import XLConfig
 
-W = 4
 CFG = XLConfig(
-  num_layers=2,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=8,
-  mlp_dim=32,
-  vocab_size=32,
-  window_length=W,
-  relative_position_max_distance=16,
-  relative_position_buckets=8,
+  num_layers=2, **SMALL_DIMS, relative_position_max_distance=16, relative_position_buckets=8
 )
+W = CFG.window_length
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
