@@ -71,17 +71,9 @@ def check_memory_mode(memory_mode: str, module_config) -> None:
     )
 
 
-# Batch keys sent to the device (`document_id` as its int32 key; the original id stays on the host
-# for the report).
-DEVICE_KEYS = (
-  'decoder_input_tokens',
-  'decoder_target_tokens',
-  'decoder_loss_weights',
-  'start_of_sequence',
-  'document_id',
-  'chunk_index',
-  'row_valid',
-)
+# Batch keys sent to the device: an eval batch's (`document_id` as its int32 key; the original id
+# stays on the host for the report).
+DEVICE_KEYS = t5x_data.EVAL_KEYS
 # `trainer.Trainer` arguments that `t5x.train` leaves to gin; MemoryTrainer forwards their
 # `trainer.Trainer` bindings (T5X's pretrain.gin sets two of them).
 FORWARDED_TRAINER_ARGS = ('learning_rate_fn', 'num_microbatches', 'weight_metrics_computer')

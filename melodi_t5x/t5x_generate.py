@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from melodi_t5x.state import MEMORY
 from tasks import vocab as vocab_lib
 from tasks.preprocessors import START_OF_DOCUMENT_ID
-
-MEMORY = 'memory'
 
 
 class PromptFeatureConverter(seqio.DecoderFeatureConverter):

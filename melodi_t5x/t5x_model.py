@@ -46,9 +46,9 @@ from t5x import losses, models
 from t5x import metrics as metrics_lib
 
 from melodi_t5x import t5x_data
+from melodi_t5x.state import MEMORY
 from tasks import vocab as vocab_lib
 
-MEMORY = 'memory'
 INTERMEDIATES = 'intermediates'
 # Collection added by `MemoryDecoderModel` beside `memory`: which document and chunk each row's
 # memory belongs to. Handled here, never passed to the module.

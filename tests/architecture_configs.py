@@ -31,3 +31,8 @@ def _tiny(name: str):
 def tiny_config(name: str, **changes):
   """Architecture `name` at the tiny size of its gin files, with `changes` to its fields."""
   return dataclasses.replace(_tiny(name), **changes)
+
+
+def every_tiny_config() -> dict:
+  """{name: tiny config} of every architecture of the registry, in the registry's order."""
+  return {name: tiny_config(name) for name in architectures.names()}

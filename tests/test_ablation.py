@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from carried_memory import apply_segment, zeros_memory
 from tiny_configs import DIMS, MELODI_MEMORY
 
 from melodi_t5x import architectures
@@ -33,26 +34,26 @@ def _tokens(length: int, seed: int) -> np.ndarray:
   return rng.randint(1, DIMS['vocab_size'], (2, length)).astype(np.int32)
 
 
-@pytest.fixture(scope='module', params=sorted(CONFIGS))
-def setup(request):
-  cfg = CONFIGS[request.param]
+def _init(cfg):
+  """(params, zero memory) of `cfg`'s decoder."""
   variables = architectures.build_decoder(cfg).init(
     jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
   )
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables.get('memory', {}))
-  return request.param, cfg, variables['params'], memory
+  return variables['params'], zeros_memory(variables)
+
+
+@pytest.fixture(scope='module', params=sorted(CONFIGS))
+def setup(request):
+  cfg = CONFIGS[request.param]
+  return request.param, cfg, *_init(cfg)
 
 
 def _apply(cfg, params, memory, tokens, sos):
   """(logits [B, T, V], memory after the segment) of one segment."""
-  logits, new = architectures.build_decoder(cfg).apply(
-    {'params': params, 'memory': memory},
-    jnp.asarray(tokens),
-    start_of_sequence=jnp.asarray(sos),
-    enable_dropout=False,
-    mutable=['memory'],
+  logits, memory = apply_segment(
+    architectures.build_decoder(cfg), params, memory, jnp.asarray(tokens), jnp.asarray(sos)
   )
-  return np.asarray(logits), new['memory']
+  return np.asarray(logits), memory
 
 
 def _warm(cfg, params, memory):
@@ -80,13 +81,8 @@ def test_with_every_source_dropped_each_window_reads_as_a_document_start(name):
   """MELODI without short- and long-term memory, XL without its cache: window j of a carried
   segment scores as that window alone at a document start."""
   cfg = CONFIGS[name]
-  params = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )['params']
-  memory = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )['memory']
-  memory, tokens = _warm(cfg, params, jax.tree_util.tree_map(jnp.zeros_like, memory))
+  params, memory = _init(cfg)
+  memory, tokens = _warm(cfg, params, memory)
   dropped_cfg = dataclasses.replace(cfg, drop_sources=tuple(type(cfg).MEMORY_SOURCES))
   dropped, _ = _apply(dropped_cfg, params, memory, tokens, [False, False])
   for j in range(3):
@@ -96,32 +92,26 @@ def test_with_every_source_dropped_each_window_reads_as_a_document_start(name):
 
 def test_melodi_without_long_term_layers_scores_no_long_term_as_carried():
   cfg = dataclasses.replace(CONFIGS['melodi'], long_term_memory_layers=())
-  variables = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
-  memory, tokens = _warm(cfg, variables['params'], memory)
-  full, _ = _apply(cfg, variables['params'], memory, tokens, [False, False])
+  params, memory = _init(cfg)
+  memory, tokens = _warm(cfg, params, memory)
+  full, _ = _apply(cfg, params, memory, tokens, [False, False])
   dropped_cfg = dataclasses.replace(cfg, drop_sources=('long_term',))
-  dropped, _ = _apply(dropped_cfg, variables['params'], memory, tokens, [False, False])
+  dropped, _ = _apply(dropped_cfg, params, memory, tokens, [False, False])
   np.testing.assert_array_equal(dropped, full)
 
 
 def test_memorizing_without_memory_equals_the_same_segment_on_zeroed_memory():
   """The memory layer reads zero slots; the XL caches are still read."""
   cfg = CONFIGS['memorizing']
-  variables = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
-  memory, tokens = _warm(cfg, variables['params'], memory)
+  params, memory = _init(cfg)
+  memory, tokens = _warm(cfg, params, memory)
   layer = 'memory_layer'
   zeroed = dict(memory, **{layer: jax.tree_util.tree_map(jnp.zeros_like, memory[layer])})
-  by_hand, _ = _apply(cfg, variables['params'], zeroed, tokens, [False, False])
+  by_hand, _ = _apply(cfg, params, zeroed, tokens, [False, False])
   dropped_cfg = dataclasses.replace(cfg, drop_sources=('memory',))
-  dropped, new = _apply(dropped_cfg, variables['params'], memory, tokens, [False, False])
+  dropped, new = _apply(dropped_cfg, params, memory, tokens, [False, False])
   np.testing.assert_allclose(dropped, by_hand, rtol=1e-5, atol=1e-5)
-  _, full_memory = _apply(cfg, variables['params'], memory, tokens, [False, False])
+  _, full_memory = _apply(cfg, params, memory, tokens, [False, False])
   # Written as usual: the memory layer writes its inputs' keys/values, which the layers below it
   # compute without reading the memory (the layers above it read changed inputs).
   below = [layer] + [f'layers_{i}' for i in range(cfg.memory_layer_index + 1)]
@@ -134,11 +124,7 @@ def test_brt_without_state_reads_the_initial_state_in_the_first_window():
   """In a segment's first window the tokens read S from before it: with the state dropped that
   is the learned initial state, exactly as with the carried S replaced by it by hand."""
   cfg = CONFIGS['brt']
-  variables = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )
-  params = variables['params']
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
+  params, memory = _init(cfg)
   memory, tokens = _warm(cfg, params, memory)
   layer = f'layers_{cfg.recurrent_layer_index}'
   initial = jnp.broadcast_to(params[layer]['initial_state'], memory[layer]['recurrent'].shape)

@@ -8,20 +8,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ablation import CONFIGS, W, _tokens, _warm
+from carried_memory import apply_collections, apply_segment
+from test_ablation import CONFIGS, W, _init, _tokens, _warm
 
 from melodi_t5x import architectures, attribution
+from melodi_t5x.state import MEMORY
 
 
 def _masses(cfg, params, memory, tokens, sos):
   """(logits, {layer: {source: [B, T]}}) with attribution recorded."""
   cfg = dataclasses.replace(cfg, record_attribution=True)
-  logits, new = architectures.build_decoder(cfg).apply(
-    {'params': params, 'memory': memory},
+  logits, new = apply_collections(
+    architectures.build_decoder(cfg),
+    params,
+    memory,
     jnp.asarray(tokens),
-    start_of_sequence=jnp.asarray(sos),
-    enable_dropout=False,
-    mutable=['memory', 'intermediates'],
+    jnp.asarray(sos),
+    mutable=(MEMORY, 'intermediates'),
   )
   found = attribution.collect(new['intermediates'], *tokens.shape)
   return np.asarray(logits), jax.tree_util.tree_map(np.asarray, found)
@@ -30,23 +33,16 @@ def _masses(cfg, params, memory, tokens, sos):
 @pytest.fixture(scope='module', params=sorted(CONFIGS))
 def warm(request):
   cfg = CONFIGS[request.param]
-  variables = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
-  memory, tokens = _warm(cfg, variables['params'], memory)
-  return request.param, cfg, variables['params'], memory, tokens
+  params, memory = _init(cfg)
+  memory, tokens = _warm(cfg, params, memory)
+  return request.param, cfg, params, memory, tokens
 
 
 def test_masses_of_every_query_sum_to_one_and_scores_are_unchanged(warm):
   name, cfg, params, memory, tokens = warm
   logits, masses = _masses(cfg, params, memory, tokens, [False, False])
-  plain, _ = architectures.build_decoder(cfg).apply(
-    {'params': params, 'memory': memory},
-    jnp.asarray(tokens),
-    start_of_sequence=jnp.asarray([False, False]),
-    enable_dropout=False,
-    mutable=['memory'],
+  plain, _ = apply_segment(
+    architectures.build_decoder(cfg), params, memory, jnp.asarray(tokens), jnp.asarray([False] * 2)
   )
   np.testing.assert_allclose(logits, np.asarray(plain), rtol=1e-6, atol=1e-6)
   expected_layers = {
@@ -79,21 +75,15 @@ def test_an_empty_long_term_memory_gets_no_mass():
   """At a document start with masked empty memory the FIFO has no visible slot: its gated share
   goes to 'none'; a MELODI without long-term layers has no long-term source at all."""
   cfg = CONFIGS['melodi_masked']
-  variables = architectures.build_decoder(cfg).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
-  _, masses = _masses(cfg, variables['params'], memory, _tokens(W, 5), [True, True])
+  params, memory = _init(cfg)
+  _, masses = _masses(cfg, params, memory, _tokens(W, 5), [True, True])
   for sources in masses.values():
     for source, m in sources.items():
       if source.startswith('long_term') or source == 'short_term':
         np.testing.assert_array_equal(m, 0.0)
   no_long = dataclasses.replace(CONFIGS['melodi'], long_term_memory_layers=())
-  variables = architectures.build_decoder(no_long).init(
-    jax.random.PRNGKey(3), _tokens(2 * W, 0), enable_dropout=False
-  )
-  memory = jax.tree_util.tree_map(jnp.zeros_like, variables['memory'])
-  _, masses = _masses(no_long, variables['params'], memory, _tokens(3 * W, 5), [False, False])
+  params, memory = _init(no_long)
+  _, masses = _masses(no_long, params, memory, _tokens(3 * W, 5), [False, False])
   assert not any(s.startswith('long_term') for v in masses.values() for s in v)
 
 

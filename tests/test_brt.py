@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from carried_memory import apply_segment, jit_step, zeros_memory
 from flax import traverse_util
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x.architectures.brt import BRTDecoder
 from melodi_t5x.config import BRTConfig
@@ -24,12 +26,7 @@ CFG = BRTConfig(
   num_layers=2,
   recurrent_layer_index=0,
   num_states=3,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=4,
-  mlp_dim=32,
-  vocab_size=61,
-  window_length=4,
+  **{**SMALL_DIMS, 'head_dim': 4, 'vocab_size': 61},
 )
 B = 2
 W = CFG.window_length
@@ -52,26 +49,12 @@ def _params():
 
 
 def _zeros_memory():
-  return jax.tree_util.tree_map(jnp.zeros_like, _model_and_variables()[1]['memory'])
+  return zeros_memory(_model_and_variables()[1])
 
 
 @functools.cache
 def _step():
-  model, _ = _model_and_variables()
-
-  @jax.jit
-  def step(params, mem, tokens, sos):
-    logits, new = model.apply(
-      {'params': params, 'memory': mem},
-      tokens,
-      tokens,
-      start_of_sequence=sos,
-      enable_dropout=False,
-      mutable=['memory'],
-    )
-    return logits, new['memory']
-
-  return step
+  return jit_step(_model_and_variables()[0])
 
 
 def test_parameters_and_memory_layout():
@@ -160,14 +143,7 @@ def _grad_fn():
   mem = jax.tree_util.tree_map(lambda x: x + 0.5, _zeros_memory())
 
   def loss(params, sos, weights):
-    logits, _ = model.apply(
-      {'params': params, 'memory': mem},
-      tokens,
-      tokens,
-      start_of_sequence=sos,
-      enable_dropout=False,
-      mutable=['memory'],
-    )
+    logits, _ = apply_segment(model, params, mem, tokens, sos, tokens)
     return jnp.sum(jax.nn.log_softmax(logits)[..., 7] * weights)
 
   return jax.jit(lambda params, sos, weights: jax.grad(loss)(params, sos, weights)['layers_0'])

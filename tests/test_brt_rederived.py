@@ -9,14 +9,11 @@ resets in both rows at different segments. Reference parameter names and state k
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from melodi_t5x.tools import check_reference
+import reference_fixtures as ref
 
 # Slow tier: a second reference configuration (its own compile); the fast tier checks one fixture.
 pytestmark = pytest.mark.slow
@@ -45,16 +42,8 @@ SOS = [[True, True], [False, True], [False, False], [True, False]]
 R = META['recurrent_layer_index']
 
 
-def _rms(x, scale):
-  return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
-
-
 def _heads(x):
   return x.reshape(*x.shape[:-1], META['num_heads'], META['head_dim'])
-
-
-def _unit(x):
-  return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
 
 
 def _attend(q, k, v, tau, bias=0.0, visible=None):
@@ -62,19 +51,16 @@ def _attend(q, k, v, tau, bias=0.0, visible=None):
   logits = (jnp.einsum('bqhe,bnhe->bhqn', q, k) + bias) * jnp.abs(tau)[:, None, None]
   if visible is not None:
     logits = jnp.where(visible, logits, -1e6)
-  top = jax.lax.stop_gradient(jnp.maximum(logits.max(-1, keepdims=True), -1000.0))
-  e = jnp.exp(logits - top)
-  probs = e / (e.sum(-1, keepdims=True) + jnp.exp(-1000.0 - top))
-  return jnp.einsum('bhqn,bnhe->bqhe', probs, v)
+  return jnp.einsum('bhqn,bnhe->bqhe', ref.safe_softmax(logits), v)
 
 
 def _layer(p, i, x, cache, state):
   """Layer i on a segment x [B, T, D]; returns (y, new cache, new state or None)."""
   pre, w = f'transformer{i}/', META['window_length']
   kvq = pre + 'tbase/_kvq/'
-  h = _rms(x, p[kvq + 'pre_attn_layernorm/scale'])
+  h = ref.rms(x, p[kvq + 'pre_attn_layernorm/scale'])
   q, k, v = (_heads(h @ p[kvq + f'{s}_layer/kernel']) for s in ('queries', 'keys', 'values'))
-  q, k = _unit(q), _unit(k)
+  q, k = ref.unit(q), ref.unit(k)
   rel = np.arange(2 * w)[None, :] - (np.arange(w)[:, None] + w)  # key j - (query i + W)
   bias = p[pre + 'relative_positions/rel_embedding'][:, np.clip(-rel, 0, None)]  # n < 16: exact
   outs, prev = [], cache
@@ -85,9 +71,9 @@ def _layer(p, i, x, cache, state):
     if i == R:
       # State block: RMSNorm(S) + P, then self- and cross-attention of the state.
       rk = pre + 'recurrent_tbase/_kvq/'
-      hs = _rms(state, p[rk + 'pre_attn_layernorm/scale']) + p[rk + 'position_embeddings']
+      hs = ref.rms(state, p[rk + 'pre_attn_layernorm/scale']) + p[rk + 'position_embeddings']
       sq, sq2, sk = (
-        _unit(_heads(hs @ p[rk + f'{n}_layer/kernel'])) for n in ('queries', 'queries2', 'keys')
+        ref.unit(_heads(hs @ p[rk + f'{n}_layer/kernel'])) for n in ('queries', 'queries2', 'keys')
       )
       sv = _heads(hs @ p[rk + 'values_layer/kernel'])
       s_self = _attend(sq, sk, sv, p[rk + 'attention_scale'])
@@ -95,7 +81,7 @@ def _layer(p, i, x, cache, state):
       u = jnp.concatenate([s_self, s_cross], 2).reshape(*state.shape[:2], -1)
       u = u @ p[pre + 'recurrent_tbase/post_attn_mlp/output_layer/kernel']
       # Tokens read the state before its update.
-      q2 = _unit(_heads(h[:, s : s + w] @ p[kvq + 'queries2_layer/kernel']))
+      q2 = ref.unit(_heads(h[:, s : s + w] @ p[kvq + 'queries2_layer/kernel']))
       cross = _attend(q2, sk, sv, p[pre + 'tbase/attention_scale2'])
       o = jnp.concatenate([o, cross], 2)
       g = jax.nn.sigmoid(p[pre + 'recurrent_tbase/post_attn_mlp/gate_bias'])
@@ -105,7 +91,7 @@ def _layer(p, i, x, cache, state):
   attn = jnp.concatenate(outs, 1)
   h1 = x + attn.reshape(*x.shape[:2], -1) @ p[pre + 'tbase/post_attn_mlp/output_layer/kernel']
   f = jax.nn.relu(
-    _rms(h1, p[pre + 'tbase/pre_ffn_layernorm/scale']) @ p[pre + 'tbase/ffn/hidden0/kernel']
+    ref.rms(h1, p[pre + 'tbase/pre_ffn_layernorm/scale']) @ p[pre + 'tbase/ffn/hidden0/kernel']
   )
   return h1 + f @ p[pre + 'tbase/ffn/output_layer/kernel'], prev, state
 
@@ -128,11 +114,7 @@ def _segment(p, carried, tokens, sos, targets, mask):
     new[pre + 'previous_keys_train'], new[pre + 'previous_values_train'] = ck, cv
     if i == R:
       new[pre + 'recurrent_state_train'] = state
-  d = META['embed_dim']
-  logits = _rms(x, p['final_layernorm/scale']) @ p['embed/embedding'].T / np.sqrt(d)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-  token_losses = nll * mask
-  return token_losses.sum(), (logits, token_losses, jax.lax.stop_gradient(new))
+  return ref.head_and_loss(x, p['final_layernorm/scale'], p['embed/embedding'], targets, mask, new)
 
 
 def _reference_params(rng: np.random.RandomState) -> dict[str, np.ndarray]:
@@ -170,7 +152,7 @@ def _reference_params(rng: np.random.RandomState) -> dict[str, np.ndarray]:
 def _rederived_fixture(path: str) -> str:
   """Writes the re-derived fixture (golden format) to `path`."""
   rng = np.random.RandomState(0)
-  b, t, w = META['batch_size'], META['segment_length'], META['window_length']
+  b, w = META['batch_size'], META['window_length']
   params = _reference_params(rng)
   kv = (b, w, META['num_heads'], META['head_dim'])
   carried = {}
@@ -179,27 +161,7 @@ def _rederived_fixture(path: str) -> str:
       carried[f'state/transformer{i}/previous_{n}_train'] = np.zeros(kv, np.float32)
   shape = (b, META['recurrent_num_states'], META['embed_dim'])
   carried[f'state/transformer{R}/recurrent_state_train'] = np.zeros(shape, np.float32)
-  out = {'config_json': json.dumps(META), **{'param/' + k: v for k, v in params.items()}}
-  step = jax.jit(jax.value_and_grad(_segment, has_aux=True))
-  for s in range(META['num_segments']):
-    tokens = rng.randint(1, META['vocab_size'], (b, t)).astype(np.int32)
-    if s == META['num_segments'] - 1:
-      tokens[1, -3:] = 0
-    targets = np.concatenate([tokens[:, 1:], np.zeros((b, 1), np.int32)], 1)
-    mask = (np.arange(t) < t - 1) & (tokens > 0) & (targets > 0)
-    sos = np.asarray(SOS[s])
-    with jax.default_matmul_precision('highest'):
-      (loss, (logits, token_losses, carried)), grads = step(
-        params, carried, tokens, sos, targets, mask.astype(np.float32)
-      )
-    seg = f'seg{s}/'
-    out.update({seg + 'input_tokens': tokens, seg + 'target_tokens': targets})
-    out.update({seg + 'start_of_sequence': sos, seg + 'loss_mask': mask, seg + 'loss': loss})
-    out.update({seg + 'logits': logits, seg + 'token_losses': token_losses})
-    out.update({f'{seg}grad/{k}': g for k, g in grads.items()})
-    out.update({seg + k: v for k, v in carried.items()})
-  np.savez(path, **{k: np.asarray(v) for k, v in out.items()})
-  return path
+  return ref.write_fixture(path, META, SOS, rng, params, carried, _segment, lambda state: state)
 
 
 @pytest.fixture(scope='module')
@@ -214,10 +176,7 @@ def test_parity_tool_on_a_second_configuration(rederived, tmp_path, capsys):
     np.any(np.abs(z[f'seg{s}/grad/transformer{R}/recurrent_initial_state'])) for s in range(4)
   ]
   assert starts == [True, True, False, True]
-  out = tmp_path / 'errors.json'
-  assert check_reference.main([rederived, '--json', str(out)]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
-  errors = json.loads(out.read_text())
+  errors = ref.assert_parity(rederived, capsys, tmp_path)
   # 4 segments x (logits, token losses, loss, 3 x 2 caches, state); 4 x 45 gradients.
   assert len(errors['forward']) == 4 * 10 and len(errors['gradient']) == 4 * 45
 
@@ -226,5 +185,4 @@ def test_wrong_state_mapping_fails_on_the_second_configuration(rederived, capsys
   # Two parameters of equal shape whose roles differ only inside the state update.
   rec = f'transformer{R}/'
   swap = [rec + 'recurrent_tbase/_kvq/position_embeddings', rec + 'recurrent_initial_state']
-  assert check_reference.main([rederived, '--swap', *swap]) == 1
-  assert 'PARITY FAIL' in capsys.readouterr().out
+  ref.assert_parity_fails(rederived, swap, capsys)

@@ -16,6 +16,7 @@ import types
 import gin
 import needs
 import pytest
+from paper_sweeps import TRAIN_RUNS
 
 from melodi_t5x import config as config_lib
 from melodi_t5x import experiments
@@ -39,23 +40,12 @@ def test_a_missing_model_file_fails_instead_of_skipping():
     _need_model_file(missing)
 
 
-SWEEP_SIZES = {
-  'main': 18,
-  'memory_tradeoff': 12,
-  'coverage': 7,
-  'window': 15,
-  'short_layers': 8,
-  'long_layers': 2,
-  'branching': 3,
-}
-
-
 def test_committed_files_equal_the_generator_output():
   assert make_experiments.differences() == []
 
 
 def test_sweeps_have_the_documented_grids():
-  for name, size in SWEEP_SIZES.items():
+  for name, size in TRAIN_RUNS.items():
     exps = experiments.sweep(name)
     assert len(exps) == size, name
     assert len({e.name for e in exps}) == size, name
@@ -71,7 +61,7 @@ def test_sweeps_have_the_documented_grids():
 
 
 def _table_entries(size):
-  return [e for name in SWEEP_SIZES for e in experiments.sweep(name, size=size)]
+  return [e for name in TRAIN_RUNS for e in experiments.sweep(name, size=size)]
 
 
 @pytest.mark.parametrize('size', ['paper', 'tiny'])
@@ -176,7 +166,7 @@ def test_schedule_macros_of_the_run_files():
 
 
 def test_tiny_sweeps_scale_the_grids():
-  for name in SWEEP_SIZES:
+  for name in TRAIN_RUNS:
     for exp in experiments.sweep(name, size='tiny'):
       _need_model_file(exp)
       cfg = _parsed_config(exp)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import needs
 import numpy as np
 import pytest
+from tiny_configs import DIMS, MELODI_MEMORY
 
 from melodi_t5x import architectures
 from melodi_t5x.config import BaseConfig, MelodiConfig
@@ -16,8 +17,7 @@ from melodi_t5x.tools import bench, flops
 
 def _configs():
   """Every architecture of the registry at its tiny size, and variants that exercise more terms."""
-  for name in architectures.names():
-    yield name, architecture_configs.tiny_config(name)
+  yield from architecture_configs.every_tiny_config().items()
   # A memory-free layer, a long-term layer and M != S: every term of MELODI's formula.
   yield (
     'melodi_variant',
@@ -32,17 +32,8 @@ CONFIGS = dict(_configs())
 # Sizes whose attention-weight shape no other residual has (d=32, 2 heads, B=2, windows of 8).
 MELODI = MelodiConfig(
   num_layers=3,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=97,
-  window_length=8,
-  summary_size=4,
-  short_term_memory_size=6,
-  long_term_memory_layers=(1,),
-  long_term_memory_increment_size=2,
-  long_term_memory_windows=3,
+  **DIMS,
+  **{**MELODI_MEMORY, 'short_term_memory_size': 6},
   no_memory_layers=(2,),
 )
 

@@ -10,12 +10,13 @@ not reset (the reference's convention) and resets in both rows at different segm
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_fixtures as ref
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x.architectures.memorizing import (
   MemorizingDecoder,
@@ -49,20 +50,6 @@ META = dict(
 SOS = [[True, True], [False, True], [False, False], [True, False]]
 
 
-def _rms(x, scale):
-  return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
-
-
-def _unit(x):
-  return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
-
-
-def _softmax(logits):  # the reference's safe softmax (extra exp(-1000 - max) term)
-  top = jax.lax.stop_gradient(jnp.maximum(logits.max(-1, keepdims=True), -1000.0))
-  e = jnp.exp(logits - top)
-  return e / (e.sum(-1, keepdims=True) + jnp.exp(-1000.0 - top))
-
-
 def _bucket(n):  # T5, 32 buckets, max_distance 128, as the README states it
   n = np.asarray(n)
   large = 16 + (np.log(n.astype(np.float32) / 16 + np.finfo(np.float32).eps) / np.log(8) * 16)
@@ -72,12 +59,12 @@ def _bucket(n):  # T5, 32 buckets, max_distance 128, as the README states it
 def _tbase(p, pre, x):
   """Pre-attention norm and projections: q̂, k̂, v [B, N, H, K]."""
   b, n, _ = x.shape
-  h = _rms(x, p[pre + 'tbase/pre_attn_layernorm/scale'])
+  h = ref.rms(x, p[pre + 'tbase/pre_attn_layernorm/scale'])
   proj = {
     s: (h @ p[pre + f'tbase/_kvq/{s}_layer/kernel']).reshape(b, n, META['num_heads'], -1)
     for s in ('queries', 'keys', 'values')
   }
-  return _unit(proj['queries']), _unit(proj['keys']), proj['values']
+  return ref.unit(proj['queries']), ref.unit(proj['keys']), proj['values']
 
 
 def _out_ffn(p, pre, x, attn):
@@ -85,7 +72,7 @@ def _out_ffn(p, pre, x, attn):
   h1 = x + attn.reshape(b, n, -1) @ p[pre + 'tbase/post_attn_mlp/output_layer/kernel']
   f = pre + 'tbase/ffn/mlp_layer/'
   hidden = jax.nn.relu(
-    _rms(h1, p[pre + 'tbase/pre_ffn_layernorm/scale']) @ p[f + 'input_layer/kernel']
+    ref.rms(h1, p[pre + 'tbase/pre_ffn_layernorm/scale']) @ p[f + 'input_layer/kernel']
     + p[f + 'input_layer/bias']
   )
   return h1 + hidden @ p[f + 'output_layer/kernel'] + p[f + 'output_layer/bias']
@@ -103,7 +90,7 @@ def _xl_layer(p, pre, x, cache):
     vw = jnp.concatenate([prev[1], v[:, i : i + w]], 1)
     logits = (jnp.einsum('bqhe,bjhe->bhqj', q[:, i : i + w], kw) + bias[None]) * tau[:, None, None]
     logits = jnp.where((rel < 0) & (rel >= -w), logits, -1e6)
-    outs.append(jnp.einsum('bhqj,bjhe->bqhe', _softmax(logits), vw))
+    outs.append(jnp.einsum('bhqj,bjhe->bqhe', ref.safe_softmax(logits), vw))
     prev = (k[:, i : i + w], v[:, i : i + w])
   return _out_ffn(p, pre, x, jnp.concatenate(outs, 1)), prev
 
@@ -116,7 +103,7 @@ def _side_layer(p, x, mem_k, mem_v):
   mem_logits = jnp.einsum('bqhe,bmhe->bhqm', q, mem_k) * tau
   seg_logits = jnp.einsum('bqhe,bjhe->bhqj', q, k) * tau
   seg_logits = jnp.where(np.arange(t)[None, :] < np.arange(t)[:, None], seg_logits, -1e6)
-  probs = _softmax(jnp.concatenate([mem_logits, seg_logits], -1))
+  probs = ref.safe_softmax(jnp.concatenate([mem_logits, seg_logits], -1))
   m = mem_k.shape[1]
   attn = jnp.einsum('bhqm,bmhe->bqhe', probs[..., :m], mem_v)
   attn = attn + jnp.einsum('bhqj,bjhe->bqhe', probs[..., m:], v)
@@ -139,11 +126,9 @@ def _segment(p, state, tokens, sos, targets, mask):
       new['memory_keys'] = jax.lax.dynamic_update_slice_in_dim(mem_k, k, wi, 1)
       new['memory_values'] = jax.lax.dynamic_update_slice_in_dim(mem_v, v, wi, 1)
       new['write_index'] = (wi + x.shape[1]) % META['memory_size']
-  d = META['embed_dim']
-  logits = _rms(x, p['layer_stack/final_layernorm/scale']) @ p['embed/embedding'].T / np.sqrt(d)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-  token_losses = nll * mask
-  return token_losses.sum(), (logits, token_losses, jax.lax.stop_gradient(new))
+  return ref.head_and_loss(
+    x, p['layer_stack/final_layernorm/scale'], p['embed/embedding'], targets, mask, new
+  )
 
 
 def _reference_params(rng: np.random.RandomState) -> dict[str, np.ndarray]:
@@ -181,7 +166,7 @@ def _reference_params(rng: np.random.RandomState) -> dict[str, np.ndarray]:
 def _rederived_fixture(path: str) -> str:
   """Writes the re-derived fixture (golden format) to `path`."""
   rng = np.random.RandomState(0)
-  b, t, w = META['batch_size'], META['segment_length'], META['window_length']
+  b, w = META['batch_size'], META['window_length']
   kv = (b, w, META['num_heads'], META['head_dim'])
   mem = (b, META['memory_size'], META['num_heads'], META['head_dim'])
   params = _reference_params(rng)
@@ -190,34 +175,19 @@ def _rederived_fixture(path: str) -> str:
   for i in range(META['num_layers']):
     for s in ('keys', 'values'):
       state[f'layer_stack/transformer{i}/{s}'] = np.zeros(kv, np.float32)
-  out = {'config_json': json.dumps(META), **{'param/' + k: v for k, v in params.items()}}
-  step = jax.jit(jax.value_and_grad(_segment, has_aux=True))
-  for s in range(META['num_segments']):
-    tokens = rng.randint(1, META['vocab_size'], (b, t)).astype(np.int32)
-    if s == META['num_segments'] - 1:
-      tokens[1, -3:] = 0
-    targets = np.concatenate([tokens[:, 1:], np.zeros((b, 1), np.int32)], 1)
-    mask = (np.arange(t) < t - 1) & (tokens > 0) & (targets > 0)
-    sos = np.asarray(SOS[s])
-    with jax.default_matmul_precision('highest'):
-      (loss, (logits, token_losses, state)), grads = step(
-        params, state, tokens, sos, targets, mask.astype(np.float32)
-      )
-    seg = f'seg{s}/'
-    out.update({seg + 'input_tokens': tokens, seg + 'target_tokens': targets})
-    out.update({seg + 'start_of_sequence': sos, seg + 'loss_mask': mask, seg + 'loss': loss})
-    out.update({seg + 'logits': logits, seg + 'token_losses': token_losses})
-    out.update({f'{seg}grad/{k}': g for k, g in grads.items()})
-    side = seg + 'state/layer_stack/side_layer/'
+
+  def entries(state):  # the golden keys of the state after a segment
+    out, side = {}, 'state/layer_stack/side_layer/'
     for name, key in (('keys', 'memory_keys'), ('values', 'memory_values')):
       out[f'{side}recurrent_memory/memory_{name}_train'] = state[key]
       out[f'{side}kvi_cache/previous_{name}_train'] = np.zeros(kv, np.float32)
       for i in range(META['num_layers']):
-        xl = f'{seg}state/layer_stack/transformer{i}/kvi_cache/previous_{name}_train'
+        xl = f'state/layer_stack/transformer{i}/kvi_cache/previous_{name}_train'
         out[xl] = state[f'layer_stack/transformer{i}/{name}']
     out[side + 'recurrent_memory/write_index_train'] = state['write_index']
-  np.savez(path, **{k: np.asarray(v) for k, v in out.items()})
-  return path
+    return out
+
+  return ref.write_fixture(path, META, SOS, rng, params, state, _segment, entries)
 
 
 @pytest.fixture(scope='module')
@@ -234,10 +204,7 @@ def test_parity_tool_on_a_second_configuration(rederived, tmp_path, capsys):
     for s in range(4)
   ]
   assert indices == [12, 24, 0, 12]
-  out = tmp_path / 'errors.json'
-  assert check_reference.main([rederived, '--json', str(out)]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
-  errors = json.loads(out.read_text())
+  errors = ref.assert_parity(rederived, capsys, tmp_path)
   assert len(errors['forward']) == 4 * 11 and len(errors['gradient']) == 4 * 49
 
 
@@ -261,8 +228,7 @@ def test_memory_slot_layout_differs_but_fifo_order_matches(rederived):
 def test_wrong_memory_mapping_fails_on_the_second_configuration(rederived, capsys):
   side = 'layer_stack/side_layer/tbase/'
   swap = [side + 'pre_attn_layernorm/scale', side + 'pre_ffn_layernorm/scale']
-  assert check_reference.main([rederived, '--swap', *swap]) == 1
-  assert 'PARITY FAIL' in capsys.readouterr().out
+  ref.assert_parity_fails(rederived, swap, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,15 +283,7 @@ def test_top_k_matches_brute_force_and_k_equal_m_is_dense():
 # ---------------------------------------------------------------------------------------------
 
 CFG = MemorizingConfig(
-  num_layers=2,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=8,
-  mlp_dim=32,
-  vocab_size=50,
-  window_length=4,
-  memory_layer_index=1,
-  memory_size=16,
+  num_layers=2, **{**SMALL_DIMS, 'vocab_size': 50}, memory_layer_index=1, memory_size=16
 )
 T = 8
 

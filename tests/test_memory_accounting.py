@@ -6,6 +6,7 @@ import architecture_configs
 import jax
 import numpy as np
 import pytest
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x import architectures
 from melodi_t5x import config as config_lib
@@ -78,15 +79,12 @@ def test_paper_size_allocation_against_paper_view(table):
     assert row['allocated_bytes'] == row['formula_bytes'] == acc.stored_bytes(cfg, 2)
 
 
-TINY = dict(
-  num_layers=3, embed_dim=16, num_heads=2, head_dim=8, mlp_dim=32, vocab_size=32, window_length=4
-)
+TINY = dict(num_layers=3, **SMALL_DIMS)
 
 
 def _tiny_configs():
   """Every architecture of the registry at the tiny size of its gin files, then variants."""
-  for name in architectures.names():
-    yield name, architecture_configs.tiny_config(name)
+  yield from architecture_configs.every_tiny_config().items()
   yield (
     'melodi_two_long_one_free',
     config_lib.MelodiConfig(

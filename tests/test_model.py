@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from carried_memory import jit_step, zeros_memory
 from flax import traverse_util
 from tiny_configs import DIMS, MELODI_MEMORY
 
@@ -34,25 +35,11 @@ def _model_and_params(cfg: MelodiConfig = CFG):
 
 @functools.cache
 def _step(cfg: MelodiConfig = CFG):
-  model, _ = _model_and_params(cfg)
-
-  @jax.jit
-  def step(params, mem, tokens, sos):
-    logits, new = model.apply(
-      {'params': params, 'memory': mem},
-      tokens,
-      tokens,
-      start_of_sequence=sos,
-      enable_dropout=False,
-      mutable=['memory'],
-    )
-    return logits, new['memory']
-
-  return step
+  return jit_step(_model_and_params(cfg)[0])
 
 
 def _zeros_memory(cfg: MelodiConfig = CFG):
-  return jax.tree_util.tree_map(jnp.zeros_like, _model_and_params(cfg)[1]['memory'])
+  return zeros_memory(_model_and_params(cfg)[1])
 
 
 def test_shapes_memory_and_axes():

@@ -10,19 +10,12 @@ import os
 import gin
 import numpy as np
 import pytest
+from stream_batches import DatasetConfig, assert_batches_equal
 
 import tasks
 from tasks import prepare, prepared
 from tasks.prepared_stream import PreparedStreamIterator
-from tasks.streaming import BATCH_KEYS, DocumentStreamIterator
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert set(x) == set(y) == set(BATCH_KEYS)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+from tasks.streaming import DocumentStreamIterator
 
 
 @pytest.fixture(scope='module')
@@ -54,24 +47,15 @@ def test_prepared_equals_on_the_fly_local_books(books_root, chunk_length):
 def test_t5x_data_reads_prepared_split_when_root_is_set(books_root):
   from melodi_t5x import t5x_data
 
-  @dataclasses.dataclass(frozen=True)
-  class Cfg:  # the fields of t5x.utils.DatasetConfig that t5x_data reads
-    mixture_or_task_name: str = 'local_books'
-    task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {'targets': 512})
-    split: str = 'validation'
-    batch_size: int = 4
-    shuffle: bool = False
-    seed: int = 0
-    pack: bool = False
-
-  fly = list(t5x_data.get_eval_datasets(Cfg(), 0, 1)['local_books'])
+  cfg = DatasetConfig(split='validation', shuffle=False)
+  fly = list(t5x_data.get_eval_datasets(cfg, 0, 1)['local_books'])
   gin.parse_config(f"tasks.PreparedDataConfig.root = '{books_root}'")
   try:
-    stream = t5x_data.make_stream(Cfg(), 0, 1, finite=True)
+    stream = t5x_data.make_stream(cfg, 0, 1, finite=True)
     assert isinstance(stream, PreparedStreamIterator)
-    ours = list(t5x_data.get_eval_datasets(Cfg(), 0, 1)['local_books'])
+    ours = list(t5x_data.get_eval_datasets(cfg, 0, 1)['local_books'])
     with pytest.raises(FileNotFoundError, match='python -m tasks.prepare --task=local_books'):
-      t5x_data.make_stream(dataclasses.replace(Cfg(), split='test'), 0, 1, finite=True)
+      t5x_data.make_stream(dataclasses.replace(cfg, split='test'), 0, 1, finite=True)
   finally:
     gin.clear_config()
   assert len(fly) == len(ours)

@@ -8,21 +8,13 @@ import os
 
 import numpy as np
 import pytest
+from stream_batches import assert_batches_equal
 
 from tasks import gcs_emulator, prepared
 from tasks.prepared_stream import PreparedStreamIterator
-from tasks.streaming import BATCH_KEYS
 
 L = 64  # chunk length
 ROWS, HOSTS = 3, 2
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert set(x) == set(y) == set(BATCH_KEYS)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def write_corpus(path, num_docs=40, seed=0, shard_tokens=20000):

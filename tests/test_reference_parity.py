@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from reference_fixtures import assert_parity, assert_parity_fails
 
 from melodi_t5x.tools import check_reference
 
@@ -16,10 +17,7 @@ _K = 'layer_stack/melodi_layers_0/melodi_layer/tbase/_kvq/keys_layer/kernel'
 
 
 def test_parity_tool_passes_on_golden_fixture(tmp_path, capsys):
-  out = tmp_path / 'errors.json'
-  assert check_reference.main([str(FIXTURE), '--json', str(out)]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
-  errors = json.loads(out.read_text())
+  errors = assert_parity(FIXTURE, capsys, tmp_path)
   # 3 segments x (logits, token losses, loss, 4 memories) and 3 x 66 gradients were compared.
   assert len(errors['forward']) == 21 and len(errors['gradient']) == 198
   assert max(errors['forward'].values()) < 1e-5
@@ -32,13 +30,11 @@ def test_parity_tool_passes_on_golden_fixture(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['melodi_tiny_b', 'melodi_tiny_c', 'melodi_tiny_d'])
 def test_parity_on_other_reference_configurations(name, capsys):
-  assert check_reference.main([str(FIXTURE.parent / f'{name}.npz')]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
+  assert_parity(FIXTURE.parent / f'{name}.npz', capsys)
 
 
 def test_parity_tool_fails_when_one_weight_is_mapped_wrongly(capsys):
-  assert check_reference.main([str(FIXTURE), '--swap', _Q, _K]) == 1
-  assert 'PARITY FAIL' in capsys.readouterr().out
+  assert_parity_fails(FIXTURE, [_Q, _K], capsys)
 
 
 def test_every_reference_parameter_has_exactly_one_rule():
@@ -59,18 +55,14 @@ def test_config_from_fixture_reads_sizes_and_rejects_bad_fifo():
 
 
 def test_parity_on_transformer_xl_fixture(capsys):
-  assert check_reference.main([str(FIXTURE.parent / 'xl_tiny_a.npz')]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
+  assert_parity(FIXTURE.parent / 'xl_tiny_a.npz', capsys)
 
 
 _MEMORIZING = FIXTURE.parent / 'memorizing_tiny_a.npz'
 
 
 def test_parity_on_memorizing_fixture(tmp_path, capsys):
-  out = tmp_path / 'errors.json'
-  assert check_reference.main([str(_MEMORIZING), '--json', str(out)]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
-  errors = json.loads(out.read_text())
+  errors = assert_parity(_MEMORIZING, capsys, tmp_path)
   # 3 segments x (logits, token losses, loss, 6 XL caches, memory keys and values) and
   # 3 x 49 gradients; the side layer's unused XL cache is only checked to be zero.
   assert len(errors['forward']) == 33 and len(errors['gradient']) == 147
@@ -80,15 +72,11 @@ def test_parity_on_memorizing_fixture(tmp_path, capsys):
 def test_memorizing_parity_fails_when_the_memory_layer_is_mapped_wrongly(capsys):
   side = 'layer_stack/side_layer/tbase/_kvq/'
   swap = [side + 'keys_layer/kernel', side + 'values_layer/kernel']
-  assert check_reference.main([str(_MEMORIZING), '--swap', *swap]) == 1
-  assert 'PARITY FAIL' in capsys.readouterr().out
+  assert_parity_fails(_MEMORIZING, swap, capsys)
 
 
 def test_parity_on_block_recurrent_fixture(tmp_path, capsys):
-  out = tmp_path / 'errors.json'
-  assert check_reference.main([str(FIXTURE.parent / 'brt_tiny_a.npz'), '--json', str(out)]) == 0
-  assert 'PARITY OK' in capsys.readouterr().out
-  errors = json.loads(out.read_text())
+  errors = assert_parity(FIXTURE.parent / 'brt_tiny_a.npz', capsys, tmp_path)
   # 3 segments x (logits, token losses, loss, 4 x 2 XL caches, the recurrent state) and
   # 3 x 55 gradients.
   assert len(errors['forward']) == 36 and len(errors['gradient']) == 165
@@ -97,5 +85,4 @@ def test_parity_on_block_recurrent_fixture(tmp_path, capsys):
 def test_block_recurrent_parity_fails_with_state_queries_swapped(capsys):
   rec = 'transformer1/recurrent_tbase/_kvq/'
   swap = [rec + 'queries_layer/kernel', rec + 'queries2_layer/kernel']
-  assert check_reference.main([str(FIXTURE.parent / 'brt_tiny_a.npz'), '--swap', *swap]) == 1
-  assert 'PARITY FAIL' in capsys.readouterr().out
+  assert_parity_fails(FIXTURE.parent / 'brt_tiny_a.npz', swap, capsys)

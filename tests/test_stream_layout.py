@@ -9,10 +9,9 @@ a file that was never written; it must still continue every row's document and c
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
+from stream_batches import DatasetConfig, assert_batches_equal
 
 import tasks
 from melodi_t5x import t5x_data
@@ -20,15 +19,9 @@ from melodi_t5x import t5x_data
 WORDS = 'the king queen castle river night sword crown letter garden storm ship island'.split()
 
 
-@dataclasses.dataclass(frozen=True)
-class Cfg:  # the fields of t5x.utils.DatasetConfig that t5x_data reads
-  mixture_or_task_name: str = 'text_corpus'
-  task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {'targets': 16})
-  split: str = 'train'
-  batch_size: int = 4
-  shuffle: bool = True
-  seed: int = 3
-  pack: bool = False
+CFG = DatasetConfig(
+  mixture_or_task_name='text_corpus', task_feature_lengths={'targets': 16}, seed=3
+)
 
 
 @pytest.fixture
@@ -59,7 +52,7 @@ def _path(ckpt, process, processes):
 
 
 def _hosts(processes, **kwargs):
-  return [t5x_data.get_dataset(Cfg(), i, processes, **kwargs) for i in range(processes)]
+  return [t5x_data.get_dataset(CFG, i, processes, **kwargs) for i in range(processes)]
 
 
 def _global(hosts, steps):
@@ -69,13 +62,6 @@ def _global(hosts, steps):
     batches = [next(h) for h in hosts]
     out.append({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
   return out
-
-
-def _assert_same(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +82,7 @@ def test_resume_on_another_process_count_continues_every_row(corpus, tmp_path, s
   for i, host in enumerate(resumed_hosts):
     host.restore(_path(ckpt, i, resumed))
   got = _global(resumed_hosts, more)
-  _assert_same(got, expected)
+  assert_batches_equal(got, expected, keys=None)
   # Saved again on the new process count, it resumes on the first count too (same layout).
   ckpt2 = tmp_path / f'checkpoint_{steps + more}'
   for i, host in enumerate(resumed_hosts):
@@ -105,14 +91,14 @@ def test_resume_on_another_process_count_continues_every_row(corpus, tmp_path, s
   back = _hosts(saved)
   for i, host in enumerate(back):
     host.restore(_path(ckpt2, i, saved))
-  _assert_same(_global(back, 3), expected)
+  assert_batches_equal(_global(back, 3), expected, keys=None)
 
 
 def test_stream_shards_fix_the_global_batch_for_any_process_count(corpus):
   corpus(10)
   one = _global(_hosts(1, stream_shards=2), 6)
   two = _global(_hosts(2, stream_shards=2), 6)
-  _assert_same(one, two)
+  assert_batches_equal(one, two, keys=None)
 
 
 @pytest.mark.parametrize('processes', [1, 2])
@@ -121,12 +107,12 @@ def test_fewer_documents_than_rows_fails_on_every_host_at_start(corpus, processe
   corpus(3)  # 3 documents, 4 rows
   for i in range(processes):  # every host, before any batch (no host waits for another)
     with pytest.raises(ValueError, match='at least as many documents as rows') as err:
-      t5x_data.get_dataset(Cfg(), i, processes)
+      t5x_data.get_dataset(CFG, i, processes)
   print(err.value)
   corpus(1)  # fewer documents than hosts
   for i in range(processes):
     with pytest.raises(ValueError, match='has [01] document'):
-      t5x_data.get_dataset(Cfg(), i, processes)
+      t5x_data.get_dataset(CFG, i, processes)
 
 
 def test_prepared_stream_resumes_on_another_process_count(corpus, tmp_path):
@@ -148,13 +134,13 @@ def test_prepared_stream_resumes_on_another_process_count(corpus, tmp_path):
     expected = _global(hosts, 5)
     one = _hosts(1)
     one[0].restore(_path(ckpt, 0, 1))
-    _assert_same(_global(one, 5), expected)
+    assert_batches_equal(_global(one, 5), expected, keys=None)
     corpus_docs = 3  # fewer documents than the 4 global rows: every host stops at the start
     corpus(corpus_docs)
     prepare.prepare('text_corpus', 'train', root + '3')
     gin.parse_config(f"tasks.PreparedDataConfig.root = '{root}3'")
     for i in range(2):
       with pytest.raises(ValueError, match='3 document\\(s\\) for a global batch of 4 rows'):
-        t5x_data.get_dataset(Cfg(), i, 2)
+        t5x_data.get_dataset(CFG, i, 2)
   finally:
     gin.clear_config()

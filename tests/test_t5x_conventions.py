@@ -14,35 +14,24 @@ import json
 import needs
 import numpy as np
 import pytest
+from tiny_configs import T5X_MELODI
 
 needs.t5x()
 
 import gin  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from t5x import adafactor  # noqa: E402
 from t5x import trainer as trainer_lib  # noqa: E402
+from t5x_trainers import input_shapes  # noqa: E402
 
 from melodi_t5x import config as config_lib  # noqa: E402
 from melodi_t5x import report, t5x_data, t5x_eval, t5x_gin, t5x_model  # noqa: E402
 from melodi_t5x.architectures import melodi  # noqa: E402
 
 B, T = 3, 16
-TINY = config_lib.MelodiConfig(
-  num_layers=1,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=8,
-  mlp_dim=32,
-  vocab_size=32,
-  window_length=8,
-  summary_size=2,
-  short_term_memory_size=2,
-  long_term_memory_layers=(),
-  dtype='float32',
-)
+TINY = config_lib.MelodiConfig(**T5X_MELODI)
 
 
 def _model(**kwargs):
@@ -68,9 +57,7 @@ def _batch(document, chunk, sos, seed=0):
 
 
 def _init(model):
-  shapes = {'decoder_input_tokens': (B, T), 'decoder_target_tokens': (B, T)}
-  types = {k: jnp.int32 for k in shapes}
-  variables = model.get_initial_variables(jax.random.PRNGKey(0), shapes, types)
+  variables = model.get_initial_variables(jax.random.PRNGKey(0), *input_shapes(B, T))
   return variables['params'], {'memory': variables['memory'], 'stream': variables['stream']}
 
 

@@ -108,56 +108,33 @@ B, T = 2, 16
 
 def _trainer(tmp_path, **kwargs):
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  from t5x import adafactor, utils  # pylint: disable=g-import-not-at-top
+  from t5x import adafactor  # pylint: disable=g-import-not-at-top
+  from t5x_trainers import memory_trainer  # pylint: disable=g-import-not-at-top
+  from tiny_configs import T5X_MELODI  # pylint: disable=g-import-not-at-top
 
   from melodi_t5x import config as config_lib  # pylint: disable=g-import-not-at-top
   from melodi_t5x import partitioning as melodi_partitioning  # pylint: disable=g-import-not-at-top
-  from melodi_t5x import t5x_eval, t5x_model  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import t5x_model  # pylint: disable=g-import-not-at-top
   from melodi_t5x.architectures import melodi  # pylint: disable=g-import-not-at-top
 
-  tiny = config_lib.MelodiConfig(
-    num_layers=1,
-    embed_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    vocab_size=32,
-    window_length=8,
-    summary_size=2,
-    short_term_memory_size=2,
-    long_term_memory_layers=(),
-    dtype='float32',
-  )
   model = t5x_model.MemoryDecoderModel(
-    module=melodi.MelodiDecoder(tiny),
+    module=melodi.MelodiDecoder(config_lib.MelodiConfig(**T5X_MELODI)),
     vocabulary=seqio.PassThroughVocabulary(size=32),
     optimizer_def=adafactor.Adafactor(),
   )
   partitioner = melodi_partitioning.HostMeshPartitioner(
     num_partitions=1, logical_axis_rules=melodi_partitioning.logical_axis_rules()
   )
-  shapes = {'decoder_input_tokens': (B, T), 'decoder_target_tokens': (B, T)}
-  initializer = utils.TrainStateInitializer(
-    optimizer_def=model.optimizer_def,
-    init_fn=model.get_initial_variables,
-    input_shapes=shapes,
-    input_types={k: jnp.int32 for k in shapes},
-    partitioner=partitioner,
-  )
-  train_state = initializer.from_scratch(jax.random.PRNGKey(0))
-  return t5x_eval.MemoryTrainer(
+  return memory_trainer(
     model,
-    train_state,
     partitioner,
+    B,
+    T,
     eval_names=[],
     summary_dir=str(tmp_path),
-    train_state_axes=initializer.train_state_axes,
     rng=jax.random.PRNGKey(0),
     learning_rate_fn=lambda step: 1e-3,
-    num_microbatches=None,
-    weight_metrics_computer=None,
     **kwargs,
   )
 
@@ -217,12 +194,10 @@ def test_training_stops_at_the_first_nonfinite_step_naming_it(tmp_path, clean_gi
   """Issue 16 item 5: a NaN used to persist in memory and the run to go on."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from melodi_t5x import t5x_model  # pylint: disable=g-import-not-at-top
+  from melodi_t5x import t5x_data, t5x_model  # pylint: disable=g-import-not-at-top
 
   del clean_gin
-  keys = ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
-  keys += ('start_of_sequence', 'document_id', 'chunk_index')
-  batches = [{k: b[k] for k in keys} for b in _document_batches(6)]
+  batches = [{k: b[k] for k in t5x_data.MODEL_KEYS} for b in _document_batches(6)]
   trainer = _trainer(tmp_path)
   trainer.train(iter(batches[:2]), 2, start_step=0)  # finite: no error
   batches[4]['decoder_loss_weights'] = np.full((B, T), np.nan, np.float32)  # step 5 goes bad

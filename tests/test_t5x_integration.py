@@ -25,6 +25,8 @@ import warnings
 import needs
 import numpy as np
 import pytest
+from carried_memory import apply_segment
+from tiny_configs import DIMS
 
 pytestmark = pytest.mark.slow
 needs.t5x()
@@ -44,12 +46,7 @@ TRAIN_STEPS = 400
 CHECKPOINT_PERIOD = 'utils.SaveCheckpointConfig.period'
 TINY = dict(
   num_layers=2,
-  embed_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  vocab_size=VOCAB,
-  window_length=8,
+  **{**DIMS, 'vocab_size': VOCAB},
   summary_size=8,
   short_term_memory_size=8,
   long_term_memory_layers=(1,),
@@ -267,28 +264,19 @@ def test_carried_memory_lowers_next_chunk_loss(work):
   targets = np.stack([_chunks(d)[1][:2] for d in docs])
   b = len(docs)
   variables = module.init(jax.random.PRNGKey(0), inputs[:, 0], targets[:, 0], enable_dropout=False)
-  memory = variables['memory']
-  _, new = module.apply(
-    {'params': params, 'memory': memory},
-    inputs[:, 0],
-    targets[:, 0],
-    start_of_sequence=np.ones(b, bool),
-    enable_dropout=False,
-    mutable=['memory'],
+  _, memory = apply_segment(
+    module, params, variables['memory'], inputs[:, 0], np.ones(b, bool), targets[:, 0]
   )
-  carried = module.apply(
-    {'params': params, 'memory': new['memory']},
-    inputs[:, 1],
-    targets[:, 1],
-    start_of_sequence=np.zeros(b, bool),
-    enable_dropout=False,
-  )
-  reset = module.apply(
-    {'params': params, 'memory': new['memory']},
-    inputs[:, 1],
-    targets[:, 1],
-    start_of_sequence=np.ones(b, bool),
-    enable_dropout=False,
+  # The second chunk without writing memory (not mutable): carried, then reset.
+  carried, reset = (
+    module.apply(
+      {'params': params, 'memory': memory},
+      inputs[:, 1],
+      targets[:, 1],
+      start_of_sequence=np.full(b, start),
+      enable_dropout=False,
+    )
+    for start in (False, True)
   )
   nll_carried = _nll(carried, targets[:, 1])  # [B, T]
   nll_reset = _nll(reset, targets[:, 1])
@@ -374,15 +362,7 @@ def test_eval_perplexity_equals_direct_streaming(work):
 
   @jax.jit
   def score_chunk(memory, inputs, targets, sos):  # one row, one chunk: (logits, new memory)
-    logits, new = module.apply(
-      {'params': params, 'memory': memory},
-      inputs,
-      targets,
-      start_of_sequence=sos,
-      enable_dropout=False,
-      mutable=['memory'],
-    )
-    return logits, new['memory']
+    return apply_segment(module, params, memory, inputs, sos, targets)
 
   total, count = {'carried': 0.0, 'reset': 0.0}, 0
   for doc in test_docs:

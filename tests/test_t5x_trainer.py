@@ -25,8 +25,9 @@ import pytest
 needs.t5x()
 
 import seqio  # noqa: E402
-from t5x import adafactor, utils  # noqa: E402
+from t5x import adafactor  # noqa: E402
 from t5x import partitioning as t5x_partitioning  # noqa: E402
+from t5x_trainers import memory_trainer  # noqa: E402
 
 from melodi_t5x import architectures, t5x_eval, t5x_model, t5x_schedule  # noqa: E402
 from melodi_t5x import config as config_lib  # noqa: E402
@@ -72,25 +73,15 @@ def trainer():
   partitioner = t5x_partitioning.PjitPartitioner(
     num_partitions=1, logical_axis_rules=melodi_partitioning.logical_axis_rules()
   )
-  shapes = {'decoder_input_tokens': (B, T), 'decoder_target_tokens': (B, T)}
-  initializer = utils.TrainStateInitializer(
-    optimizer_def=model.optimizer_def,
-    init_fn=model.get_initial_variables,
-    input_shapes=shapes,
-    input_types={k: jnp.int32 for k in shapes},
-    partitioner=partitioner,
-  )
-  return t5x_eval.MemoryTrainer(
-    model=model,
-    train_state=initializer.from_scratch(jax.random.PRNGKey(0)),
-    partitioner=partitioner,
+  return memory_trainer(
+    model,
+    partitioner,
+    B,
+    T,
     eval_names=['synthetic'],
     summary_dir=None,
-    train_state_axes=initializer.train_state_axes,
     rng=jax.random.PRNGKey(1),
     learning_rate_fn=t5x_schedule.warmup_cosine(BASE_LR, FINAL_LR, WARMUP, DECAY),
-    num_microbatches=None,
-    weight_metrics_computer=None,
   )
 
 

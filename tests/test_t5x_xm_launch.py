@@ -10,28 +10,20 @@ import os
 import re
 
 import pytest
+from paper_sweeps import TRAIN_RUNS
 
 from melodi_t5x import experiments
 from xm_launch import jobs as jobs_lib
 
 REPO = experiments.REPO_ROOT
 ROOT = 'gs://bucket/melodi'
-TRAIN_JOBS = {
-  'main': 18,
-  'memory_tradeoff': 12,
-  'coverage': 7,
-  'window': 15,
-  'short_layers': 8,
-  'long_layers': 2,
-  'branching': 3,
-}
 
 
-@pytest.mark.parametrize('sweep', sorted(TRAIN_JOBS))
+@pytest.mark.parametrize('sweep', sorted(TRAIN_RUNS))
 def test_sweep_jobs(sweep):
   jobs = jobs_lib.sweep_jobs(ROOT, sweep=sweep)
   train = [j for j in jobs if j.kind == 'train']
-  assert len(train) == TRAIN_JOBS[sweep]
+  assert len(train) == TRAIN_RUNS[sweep]
   assert len({j.model_dir for j in train}) == len(train)  # one MODEL_DIR per run
   assert len(jobs) == 3 * len(train)  # + eval carried and reset
   names = [j.name for j in jobs]

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from stream_batches import assert_batches_equal
 
 import tasks
 from tasks import sources
-from tasks.streaming import BATCH_KEYS, DocumentStreamIterator
+from tasks.streaming import DocumentStreamIterator
 
 L = 8  # chunk length of the synthetic documents
 
@@ -83,12 +84,21 @@ def split_documents(stream):
   return out
 
 
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert set(x) == set(y) == set(BATCH_KEYS)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+def shard_documents(source, num_shards: int, **kwargs):
+  """Per shard of a finite unshuffled stream of 2 rows: its documents (id, chunks' targets)."""
+  out = []
+  for shard in range(num_shards):
+    it = DocumentStreamIterator(
+      source,
+      batch_size=2,
+      shuffle=False,
+      repeat=False,
+      shard_id=shard,
+      num_shards=num_shards,
+      **kwargs,
+    )
+    out.append([d for stream in row_streams(list(it), 2) for d in split_documents(stream)])
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,18 +190,7 @@ def test_repeat_covers_each_document_once_per_epoch(docs, chunks):
 
 
 def test_sharding_partitions_documents(docs, chunks):
-  per_shard = []
-  for shard in range(3):
-    it = DocumentStreamIterator(
-      chunks,
-      batch_size=2,
-      chunk_length=L,
-      shuffle=False,
-      repeat=False,
-      shard_id=shard,
-      num_shards=3,
-    )
-    per_shard.append([d for s in row_streams(list(it), 2) for d, _ in split_documents(s)])
+  per_shard = [[d for d, _ in shard] for shard in shard_documents(chunks, 3, chunk_length=L)]
   all_docs = [d for s in per_shard for d in s]
   assert sorted(all_docs) == sorted(docs)  # disjoint and complete
   assert all(per_shard)
@@ -263,22 +262,11 @@ def test_local_books_finite_eval_counts_every_token():
     with open(path, encoding='utf-8') as f:
       expected[doc_id] = vocab.encode_tf(tf.constant(f.read())).numpy()
   counts = {}
-  for shard in range(2):
-    it = DocumentStreamIterator(
-      task,
-      split='test',
-      batch_size=2,
-      chunk_length=length,
-      shuffle=False,
-      repeat=False,
-      shard_id=shard,
-      num_shards=2,
-    )
-    for stream in row_streams(list(it), 2):
-      for doc_id, doc_chunks in split_documents(stream):
-        tokens = np.concatenate(doc_chunks)
-        np.testing.assert_array_equal(tokens[tokens != 0], expected[doc_id])
-        counts[doc_id] = counts.get(doc_id, 0) + 1
+  for shard in shard_documents(task, 2, split='test', chunk_length=length):
+    for doc_id, doc_chunks in shard:
+      tokens = np.concatenate(doc_chunks)
+      np.testing.assert_array_equal(tokens[tokens != 0], expected[doc_id])
+      counts[doc_id] = counts.get(doc_id, 0) + 1
   assert counts == {d: 1 for d in expected}
 
 

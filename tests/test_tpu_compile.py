@@ -186,14 +186,15 @@ def test_no_default_mesh_on_any_slice_as_in_t5x(slice_name, num_partitions):
 # -- compiling the tiny model's jobs for v5e 2x2 (slow) --------------------------------------
 
 
-def _tiny_jobs(tmp_path, bindings):
+def _tiny_jobs(tmp_path, bindings, eval_mode: str = 'carried'):
+  """The train job and the `eval_mode` eval job of the tiny MELODI (experiment file written)."""
   from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
   exp = next(e for e in experiments.sweep('main', size='tiny') if e.model == 'melodi_s128_l64')
   path = tmp_path / 'experiment.gin'
   path.write_text(experiments.render(exp))
   return jobs_lib.experiment_jobs(
-    exp, str(tmp_path / 'root'), gin_file=str(path), bindings=bindings, eval_modes=('carried',)
+    exp, str(tmp_path / 'root'), gin_file=str(path), bindings=bindings, eval_modes=(eval_mode,)
   )
 
 
@@ -259,29 +260,12 @@ def test_tiny_jobs_fit_and_report_their_rows(tmp_path):
 @pytest.mark.slow
 def test_jobs_with_the_same_step_share_one_compile(tmp_path):
   tc = _tpu_compile()
-  from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
-
   jobs = _tiny_jobs(tmp_path, MESH_2X2)
-  reset = jobs_lib.experiment_jobs(
-    experiments.sweep('main', size='tiny')[4],
-    str(tmp_path / 'root'),
-    gin_file=str(tmp_path / 'experiment.gin'),
-    bindings=MESH_2X2,
-    eval_modes=('reset',),
-  )[1]
+  reset = _tiny_jobs(tmp_path, MESH_2X2, 'reset')[1]
   slice_ = tc.slices.Slice('v5e', '2x2')
   carried = tc.targets.build_target(jobs[1], slice_)
   assert tc.targets.build_target(reset, slice_).key == carried.key
-  wider = tc.targets.build_target(
-    jobs_lib.experiment_jobs(
-      experiments.sweep('main', size='tiny')[4],
-      str(tmp_path / 'root'),
-      gin_file=str(tmp_path / 'experiment.gin'),
-      bindings=[*MESH_2X2, 'EVAL_BATCH_SIZE=8'],
-      eval_modes=('carried',),
-    )[1],
-    slice_,
-  )
+  wider = tc.targets.build_target(_tiny_jobs(tmp_path, [*MESH_2X2, 'EVAL_BATCH_SIZE=8'])[1], slice_)
   assert wider.key != carried.key
 
 
@@ -467,18 +451,10 @@ def test_fresh_process_compiles_each_missing_step_in_a_process_of_its_own(monkey
 @pytest.mark.slow
 def test_a_cached_step_is_read_back_without_compiling_and_a_changed_one_compiles(tmp_path):
   tc = _tpu_compile()
-  from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
   def eval_job(bindings):
-    return jobs_lib.experiment_jobs(
-      experiments.sweep('main', size='tiny')[4],
-      str(tmp_path / 'root'),
-      gin_file=str(tmp_path / 'experiment.gin'),
-      bindings=bindings,
-      eval_modes=('carried',),
-    )[1]
+    return _tiny_jobs(tmp_path, bindings)[1]
 
-  _tiny_jobs(tmp_path, MESH_2X2)  # writes the experiment file
   slice_ = tc.slices.Slice('v5e', '2x2')
   cache = tc.cache.ResultCache(str(tmp_path / 'cache'))
   [first] = tc.pool.check_jobs([eval_job(MESH_2X2)], slice_, cache=cache, log=lambda *_: None)

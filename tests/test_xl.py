@@ -14,22 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from carried_memory import jit_step, zeros_memory
+from tiny_configs import SMALL_DIMS
 
 from melodi_t5x.architectures.xl import XLDecoder
 from melodi_t5x.config import XLConfig
 
-W = 4
 CFG = XLConfig(
-  num_layers=2,
-  embed_dim=16,
-  num_heads=2,
-  head_dim=8,
-  mlp_dim=32,
-  vocab_size=32,
-  window_length=W,
-  relative_position_max_distance=16,
-  relative_position_buckets=8,
+  num_layers=2, **SMALL_DIMS, relative_position_max_distance=16, relative_position_buckets=8
 )
+W = CFG.window_length
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -46,17 +40,11 @@ def params():
 def _run(cfg, params, segments, sos_list):
   """Logits of consecutive segments [B, T] with the memory carried; sos per segment [B]."""
   model = XLDecoder(cfg)
-  apply = jax.jit(
-    lambda p, m, t, s: model.apply(
-      {'params': p, 'memory': m}, t, start_of_sequence=s, enable_dropout=False, mutable=['memory']
-    )
-  )
-  memory = model.init(jax.random.PRNGKey(0), segments[0], enable_dropout=False).get('memory', {})
-  memory = jax.tree_util.tree_map(jnp.zeros_like, memory)
+  apply = jit_step(model)
+  memory = zeros_memory(model.init(jax.random.PRNGKey(0), segments[0], enable_dropout=False))
   out = []
   for tokens, sos in zip(segments, sos_list):
-    logits, new = apply(params, memory, tokens, jnp.asarray(sos))
-    memory = new.get('memory', {})
+    logits, memory = apply(params, memory, tokens, jnp.asarray(sos))
     out.append(np.asarray(logits))
   return out
 

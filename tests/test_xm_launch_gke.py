@@ -727,27 +727,16 @@ def test_prepare_sweep_jobs(tmp_path, capsys):
 
 def test_missing_prepared_split_names_the_launcher_command(tmp_path):
   """Training refuses to start on an unprepared split (where its data is built)."""
-  import dataclasses
-
   import gin
+  from stream_batches import DatasetConfig
 
   from melodi_t5x import t5x_data
   from tasks import prepare
 
-  @dataclasses.dataclass(frozen=True)
-  class Cfg:  # the fields of t5x.utils.DatasetConfig that t5x_data reads
-    mixture_or_task_name: str = 'local_books'
-    task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {'targets': 512})
-    split: str = 'train'
-    batch_size: int = 4
-    shuffle: bool = True
-    seed: int = 0
-    pack: bool = False
-
   gin.parse_config(f"tasks.PreparedDataConfig.root = '{tmp_path}'")
   try:
     with pytest.raises(prepare.MissingPreparedSplitError) as error:
-      t5x_data.get_dataset(Cfg(), 0, 1)
+      t5x_data.get_dataset(DatasetConfig(), 0, 1)
   finally:
     gin.clear_config()
   text = str(error.value)
