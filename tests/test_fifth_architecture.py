@@ -154,3 +154,36 @@ def test_t5x_trains_it_with_memory_carried():
   carried = model.loss_fn(params, batch(tokens[1], 1, jnp.zeros(b, bool)), None, after_first)[0]
   reset = model.loss_fn(params, batch(tokens[1], 1, jnp.ones(b, bool)), None, after_first)[0]
   assert abs(float(carried) - float(reset)) > 1e-6
+
+
+@pytest.mark.slow
+def test_the_tpu_compile_check_estimates_and_compiles_its_train_step(tmp_path):
+  """Its train job, written as an experiment file of its own, goes through the TPU compile check:
+  a target on v5e 2x2 with its analytic FLOPs (from its record) and a memory plan that fits."""
+  from test_tpu_compile import MESH_2X2, _tpu_compile  # pylint: disable=g-import-not-at-top
+
+  tc = _tpu_compile()
+  from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
+
+  experiment = tmp_path / 'windowed_tiny.gin'
+  experiment.write_text(
+    'from __gin__ import dynamic_registration\n\nimport melodi_t5x.t5x_gin\n\n'
+    f"include '{fifth_architecture.GIN_FILE}'\n"
+    "include 'gin/models/tiny.gin'\n"
+    "include 'gin/experiments/data/local_books.gin'\n"
+    "include 'gin/experiments/runs/tiny.gin'\n"
+  )
+  job = jobs_lib.JobSpec(
+    name='fifth/windowed/train',
+    kind='train',
+    module='t5x.train',
+    gin_files=(experiments.TRAIN_MODE_GIN, str(experiment)),
+    bindings=(f'MODEL_DIR={jobs_lib.gin_string(str(tmp_path / "run"))}', *MESH_2X2),
+  )
+  target = tc.targets.build_target(job, tc.slices.Slice('v5e', '2x2'))
+  assert target.devices == 4 and target.flops and target.model_flops
+  estimate = tc.report.estimate(target, 0.4)
+  assert estimate['estimated_step_seconds'] > 0 and 0 < estimate['mfu_at_estimate'] <= 0.4
+  cache = tc.cache.ResultCache(str(tmp_path / 'cache'))
+  [row] = tc.pool.check_jobs([job], tc.slices.Slice('v5e', '2x2'), cache=cache, log=lambda *_: None)
+  assert row['fits'] and not row['cached'] and row['memory']['peak'] > 0, row
