@@ -149,21 +149,21 @@ class XLLayer(StatefulLayer):
     Returns:
       [B, T, H, K] attention output.
     """
-    cfg = self.config
-    batch, length = q.shape[:2]
-    w = cfg.window_length
-    n = length // w
-    bucket, visible = sliding_window_geometry(
-      w, cfg.relative_position_buckets, cfg.relative_position_max_distance
-    )
-    kw = self.previous_and_window(k, cache.keys).reshape(batch * n, 2 * w, *k.shape[2:])
-    vw = self.previous_and_window(v, cache.values).reshape(batch * n, 2 * w, *v.shape[2:])
-    qw = q.reshape(batch * n, w, *q.shape[2:])
-    o = self.attention(qw, kw, vw, self.position_bias(bucket), visible, deterministic)
+    qw, kw, bias, visible = self.windowed_queries_keys(q, k, cache)
+    vw = self.previous_and_window(v, cache.values).reshape(kw.shape[:2] + v.shape[2:])
+    o = self.attention(qw, kw, vw, bias, visible, deterministic)
     return o.reshape(q.shape)
 
   def sliding_masses(self, q: Array, k: Array, cache: XLState) -> dict[str, Array]:
     """Attribution of `sliding_attention`: {'cache', 'window', 'none'} masses [B, H, T]."""
+    w = self.config.window_length
+    probs = self.attention_probs(*self.windowed_queries_keys(q, k, cache))
+    masses = attribution.head_masses(probs, [('cache', slice(0, w)), ('window', slice(w, None))])
+    return {s: attribution.from_windows(m, q.shape[0]) for s, m in masses.items()}
+
+  def windowed_queries_keys(self, q: Array, k: Array, cache: XLState):
+    """Windows as rows: (queries [B*n, W, H, K], keys [B*n, 2W, H, K] of `[previous window;
+    window]`, the position bias and the visibility mask [W, 2W])."""
     cfg = self.config
     batch, length = q.shape[:2]
     w = cfg.window_length
@@ -173,9 +173,7 @@ class XLLayer(StatefulLayer):
     )
     kw = self.previous_and_window(k, cache.keys).reshape(batch * n, 2 * w, *k.shape[2:])
     qw = q.reshape(batch * n, w, *q.shape[2:])
-    probs = self.attention_probs(qw, kw, self.position_bias(bucket), visible)
-    masses = attribution.head_masses(probs, [('cache', slice(0, w)), ('window', slice(w, None))])
-    return {s: attribution.from_windows(m, batch) for s, m in masses.items()}
+    return qw, kw, self.position_bias(bucket), visible
 
   def previous_and_window(self, x: Array, first_previous: Array) -> Array:
     """`with_previous_window`; with the cache dropped (`drop_sources`), every window's previous
