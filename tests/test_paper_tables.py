@@ -203,3 +203,22 @@ def test_ablation_reports_show_the_rise_over_carried(tmp_path, capsys):
   header, _, row = md.strip().splitlines()[2:5]
   assert header == '| Run | carried | no_long_term | no_short_term |'
   assert row.endswith('| 10.00 | 11.50 (+15.0%) | 13.00 (+30.0%) |')
+
+
+def test_window_positions_of_every_mode_are_overlaid_on_one_plot(tmp_path, capsys):
+  exps = {(e.dataset, e.model): e for e in experiments.sweep('main')}
+  done = exps[('pg19_t5', 'xl')]
+  eval_dir = tmp_path / done.sweep / done.name / 'eval'
+  eval_dir.mkdir(parents=True)
+  for mode, first in (('carried', 80.0), ('reset', 95.0), ('no_cache', 190.0)):
+    windows = [{'start': i, 'end': i + 1, 'tokens': 10, 'perplexity': first - i} for i in range(4)]
+    report = {'perplexity': first - 2, 'memory_mode': mode, 'window_positions': windows}
+    (eval_dir / f'pg19_t5_step500000_{mode}.json').write_text(json.dumps(report))
+  assert paper_tables.main(['--sweep=main', f'--model_dir_root={tmp_path}']) == 0
+  assert f'plot: {tmp_path}/tables/main_window_positions.png' in capsys.readouterr().out
+  png = tmp_path / 'tables' / 'main_window_positions.png'
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  runs = json.loads((tmp_path / 'tables' / 'main.json').read_text())['runs']
+  xl = next(r for r in runs if r['dataset'] == 'pg19_t5' and r['model'] == 'xl')
+  assert sorted(xl['window_positions']) == ['carried', 'no_cache', 'reset']
+  assert xl['window_positions']['no_cache'][0]['perplexity'] == 190.0

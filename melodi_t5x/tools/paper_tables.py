@@ -122,17 +122,22 @@ def document_interval(report: dict[str, Any]) -> list[float] | None:
   return [model['low'], model['high']]
 
 
-def ablation_reports(eval_dir: epath.Path, task: str, step: int) -> dict[str, float]:
-  """Perplexity of each eval-time ablation ('no_<source>' memory mode) reported at `step`."""
+def ablation_reports(
+  eval_dir: epath.Path, task: str, step: int, window_positions: dict | None = None
+) -> dict[str, float]:
+  """Perplexity of each eval-time ablation ('no_<source>' memory mode) reported at `step`; each
+  report's `window_positions` go into `window_positions[mode]` if given."""
   pattern = re.compile(rf'{re.escape(task)}_step{step}_(no_\w+)\.json')
   found = {}
   if eval_dir.exists():
     for path in sorted(eval_dir.iterdir()):
       m = pattern.fullmatch(path.name)
       if m:
-        ppl = json.loads(path.read_text()).get('perplexity')
-        if ppl is not None:
-          found[m.group(1)] = ppl
+        report = json.loads(path.read_text())
+        if report.get('perplexity') is not None:
+          found[m.group(1)] = report['perplexity']
+          if window_positions is not None and report.get('window_positions'):
+            window_positions[m.group(1)] = report['window_positions']
   return found
 
 
@@ -192,9 +197,13 @@ def collect(
       'replicates': {},
       'interval': {},
       'ablations': {},
+      # Perplexity by offset in the window, per memory mode (single runs whose reports have it).
+      'window_positions': {},
     }
     record['memory_mfloats'], record['memory_floats'] = memory_floats(exp)
-    record['ablations'] = ablation_reports(run_dir / 'eval', exp.dataset, steps)
+    record['ablations'] = ablation_reports(
+      run_dir / 'eval', exp.dataset, steps, record['window_positions']
+    )
     for mode in experiments.MEMORY_MODES:
       found, pending, default_status = [], [], MISSING
       for label, model_dir in replicate_dirs(run_dir):
@@ -207,6 +216,8 @@ def collect(
               'interval': document_interval(report),
             }
           )
+          if not label and report.get('window_positions'):
+            record['window_positions'][mode] = report['window_positions']
         elif label:
           pending.append(f'{label}: {status}')
         else:
@@ -485,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   (out / f'{args.sweep}.md').write_text(md)
   (out / f'{args.sweep}.json').write_text(json.dumps(data, indent=1, default=_json_default) + '\n')
   print(md)
+  if any(r['window_positions'] for r in runs):
+    path = out / f'{args.sweep}_window_positions.png'
+    plot_window_overlay(args.sweep, runs, path)
+    print(f'plot: {path}')
   if runs and args.sweep != 'main':
     plot(args.sweep, runs, out / f'{args.sweep}.png')
     print(f'plot: {out / f"{args.sweep}.png"}')
@@ -494,6 +509,29 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f'plot: {alt}')
   print(f'written: {out / args.sweep}.{{md,json}}')
   return 0
+
+
+def plot_window_overlay(sweep: str, runs: Sequence[dict[str, Any]], path: epath.Path) -> None:
+  """One plot of perplexity by offset in the window: a line per run and memory mode."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  from melodi_t5x import report as report_lib  # pylint: disable=g-import-not-at-top
+
+  series = [
+    (f'{r["name"]} ({mode})', windows)
+    for r in runs
+    for mode, windows in r['window_positions'].items()
+  ]
+  fig, ax = plt.subplots(figsize=(8.0, 4.5))
+  report_lib.plot_window_positions(ax, series)
+  ax.set_title(f'{sweep}: perplexity by position in the window')
+  fig.tight_layout()
+  with path.open('wb') as f:
+    fig.savefig(f, dpi=100, format='png')
+  plt.close(fig)
 
 
 def _json_default(value):
