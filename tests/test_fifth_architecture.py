@@ -3,13 +3,17 @@
 `tests/fifth_architecture.py` (record, config and decoder classes) and `tests/data/windowed.gin`
 (its model file) are all it needs: its gin file gets the shared sizes at the paper and the tiny
 size, bench builds, times and names it, its FLOPs equal the traced matmuls, memory accounting
-matches what it allocates, and T5X's model trains it with memory carried.
+matches what it allocates, T5X's model trains it with memory carried, `python -m t5x.train` and
+`t5x.eval` run its experiment file, and the TPU compile check estimates and compiles its train step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import architecture_configs
 import fifth_architecture
@@ -24,6 +28,7 @@ from melodi_t5x import memory_accounting as acc
 from melodi_t5x.tools import bench, flops
 
 NAME = 'windowed'
+REPO = experiments.REPO_ROOT
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -156,6 +161,50 @@ def test_t5x_trains_it_with_memory_carried():
   assert abs(float(carried) - float(reset)) > 1e-6
 
 
+def _experiment_file(tmp_path) -> str:
+  """Its tiny experiment: its model file, the tiny size, local_books, the tiny run settings."""
+  experiment = tmp_path / 'windowed_tiny.gin'
+  experiment.write_text(
+    'from __gin__ import dynamic_registration\n\nimport melodi_t5x.t5x_gin\n\n'
+    f"include '{fifth_architecture.GIN_FILE}'\n"
+    "include 'gin/models/tiny.gin'\n"
+    "include 'gin/experiments/data/local_books.gin'\n"
+    "include 'gin/experiments/runs/tiny.gin'\n"
+  )
+  return str(experiment)
+
+
+@pytest.mark.slow
+def test_t5x_train_and_t5x_eval_run_it_from_its_experiment_file(tmp_path):
+  """`python -m t5x.train` then `python -m t5x.eval` on its experiment file, as for the four."""
+  needs.t5x()
+  experiment, model_dir = _experiment_file(tmp_path), tmp_path / 'run'
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
+  )
+
+  def run(module, gin_file, *bindings):
+    args = [f'--gin_file={gin_file}', f'--gin_file={experiment}', *(f'--gin.{b}' for b in bindings)]
+    proc = subprocess.run(
+      [sys.executable, '-m', module, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  run('t5x.train', experiments.TRAIN_MODE_GIN, f"MODEL_DIR='{model_dir}'", 'TRAIN_STEPS=8')
+  signature = json.loads((model_dir / 'model_signature.json').read_text())
+  assert signature['config_class'] == 'WindowedConfig'
+  run(
+    't5x.eval',
+    experiments.EVAL_MODE_GIN,
+    f"CHECKPOINT_PATH='{model_dir}/checkpoint_8'",
+    f"EVAL_OUTPUT_DIR='{tmp_path}/eval'",
+  )
+  report = json.loads((tmp_path / 'eval' / 'local_books_step8_carried.json').read_text())
+  assert report['tokens'] > 0 and 1.0 < report['perplexity'] < 2 * 4096
+
+
 @pytest.mark.slow
 def test_the_tpu_compile_check_estimates_and_compiles_its_train_step(tmp_path):
   """Its train job, written as an experiment file of its own, goes through the TPU compile check:
@@ -165,19 +214,12 @@ def test_the_tpu_compile_check_estimates_and_compiles_its_train_step(tmp_path):
   tc = _tpu_compile()
   from melodi_t5x import jobs as jobs_lib  # pylint: disable=g-import-not-at-top
 
-  experiment = tmp_path / 'windowed_tiny.gin'
-  experiment.write_text(
-    'from __gin__ import dynamic_registration\n\nimport melodi_t5x.t5x_gin\n\n'
-    f"include '{fifth_architecture.GIN_FILE}'\n"
-    "include 'gin/models/tiny.gin'\n"
-    "include 'gin/experiments/data/local_books.gin'\n"
-    "include 'gin/experiments/runs/tiny.gin'\n"
-  )
+  experiment = _experiment_file(tmp_path)
   job = jobs_lib.JobSpec(
     name='fifth/windowed/train',
     kind='train',
     module='t5x.train',
-    gin_files=(experiments.TRAIN_MODE_GIN, str(experiment)),
+    gin_files=(experiments.TRAIN_MODE_GIN, experiment),
     bindings=(f'MODEL_DIR={jobs_lib.gin_string(str(tmp_path / "run"))}', *MESH_2X2),
   )
   target = tc.targets.build_target(job, tc.slices.Slice('v5e', '2x2'))
