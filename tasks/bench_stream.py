@@ -113,6 +113,16 @@ class _Done:
     pass
 
 
+def timed_steps(it, seconds: float) -> tuple[int, int, float]:
+  """Draws batches from `it` for `seconds`: (steps, real target tokens, elapsed seconds)."""
+  steps = real = 0
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    real += int(next(it)['decoder_loss_weights'].sum())
+    steps += 1
+  return steps, real, time.perf_counter() - t0
+
+
 def write_corpus(path: str, num_docs: int, min_tokens: int, max_tokens: int, vocab_size: int):
   """Synthetic documents (log-uniform lengths) written as a prepared split; returns its meta."""
   rng = np.random.default_rng(0)
@@ -168,13 +178,7 @@ def run(args) -> dict:
     it = PreparedStreamIterator(path, **kw)
     next(it)
     start_state = it.get_state()
-    steps = real = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-      b = next(it)
-      real += int(b['decoder_loss_weights'].sum())
-      steps += 1
-    elapsed = time.perf_counter() - t0
+    steps, real, elapsed = timed_steps(it, args.seconds)
     padded = steps * args.batch_size * args.chunk_length
     shards_opened = len(it.data.opened_shards)
     # A late state: the schedule alone (document lengths from the index) finds it, no reads.
@@ -239,13 +243,7 @@ def measure_gcs_layout(path: str, emulator, layout: str, args, split_class, stre
     next(it)
     warmup_steps += 1
   before, used_before = emulator.stats(), it.reader.bytes_used
-  steps = real = 0
-  t0 = time.perf_counter()
-  while time.perf_counter() - t0 < args.seconds:
-    b = next(it)
-    real += int(b['decoder_loss_weights'].sum())
-    steps += 1
-  elapsed = time.perf_counter() - t0
+  steps, real, elapsed = timed_steps(it, args.seconds)
   after, used_after = emulator.stats(), it.reader.bytes_used
   fetched = after['bytes_served'] - before['bytes_served']
   used = used_after - used_before
