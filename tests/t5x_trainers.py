@@ -1,7 +1,10 @@
 """A `t5x_eval.MemoryTrainer` on fresh parameters, built as `t5x.train` builds it, for the
-in-process T5X tests (call `needs.t5x()` before using it)."""
+in-process T5X tests (call `needs.t5x()` before using it); the metrics a `t5x.train` log
+holds."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +43,13 @@ def memory_trainer(model, partitioner, batch: int, length: int, **kwargs):
     train_state_axes=initializer.train_state_axes,
     **kwargs,
   )
+
+
+def logged_metric(log: str, collection: str, name: str) -> dict[int, float]:
+  """step -> value of metric `name` of `collection` as T5X's metric writer logs it in `log`."""
+  out = {}
+  for line in open(log):
+    m = re.search(rf'\[(\d+)\] collection={collection} .*\b{re.escape(name)}=([0-9.e+-]+)', line)
+    if m:
+      out[int(m.group(1))] = float(m.group(2))
+  return out

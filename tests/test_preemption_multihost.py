@@ -26,6 +26,7 @@ import time
 
 import needs
 import pytest
+from t5x_trainers import logged_metric
 
 pytestmark = pytest.mark.slow
 needs.t5x()
@@ -140,15 +141,6 @@ def _child_of(pid: int) -> int:
   raise AssertionError(f'unshare (pid {pid}) started no child')
 
 
-def _metric(log, collection, name) -> dict[int, float]:
-  out = {}
-  for line in open(log):
-    m = re.search(rf'\[(\d+)\] collection={collection} .*\b{re.escape(name)}=([0-9.e+-]+)', line)
-    if m:
-      out[int(m.group(1))] = float(m.group(2))
-  return out
-
-
 def _wait(procs, logs, timeout=900):
   codes = []
   for p, log in zip(procs, logs):
@@ -182,7 +174,7 @@ def test_sigterm_to_pid1_saves_one_step_on_both_hosts_and_resumes_exactly(tmp_pa
   ]
   pid1 = _child_of(pods[1].pid)
   deadline = time.time() + 600
-  while SIGNAL_AFTER not in _metric(pod_logs[0], 'train', LOSS):
+  while SIGNAL_AFTER not in logged_metric(pod_logs[0], 'train', LOSS):
     assert all(p.poll() is None for p in pods), open(pod_logs[0]).read()[-4000:]
     assert time.time() < deadline, open(pod_logs[0]).read()[-4000:]
     time.sleep(0.1)
@@ -210,7 +202,7 @@ def test_sigterm_to_pid1_saves_one_step_on_both_hosts_and_resumes_exactly(tmp_pa
   assert checkpoints == ['checkpoint_0', f'checkpoint_{stop}'], checkpoints
   for i in range(2):  # each host's data position in the emergency checkpoint
     assert (model_dir / f'checkpoint_{stop}' / 'dataset' / f'process_{i}-of-2').is_dir()
-  interrupted = _metric(pod_logs[0], 'train', LOSS)
+  interrupted = logged_metric(pod_logs[0], 'train', LOSS)
   assert max(interrupted) == stop, sorted(interrupted)
 
   # The restarted pods: same command, same model dir; they resume from the emergency checkpoint.
@@ -225,8 +217,8 @@ def test_sigterm_to_pid1_saves_one_step_on_both_hosts_and_resumes_exactly(tmp_pa
   # can miss gloo's 30 s rendezvous.
   reference = _reference(gin_file, reference_dir, ref_logs)
   assert _wait(reference, ref_logs) == [0, 0], open(ref_logs[0]).read()[-4000:]
-  resumed = _metric(resume_logs[0], 'train', LOSS)
-  uninterrupted = _metric(ref_logs[0], 'train', LOSS)
+  resumed = logged_metric(resume_logs[0], 'train', LOSS)
+  uninterrupted = logged_metric(ref_logs[0], 'train', LOSS)
   assert sorted(uninterrupted) == list(range(1, STEPS + 1)), sorted(uninterrupted)
   assert sorted(resumed) == list(range(stop + 1, STEPS + 1)), sorted(resumed)
   print('step  interrupted+resumed  uninterrupted')

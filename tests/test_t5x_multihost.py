@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ import time
 
 import needs
 import pytest
+from t5x_trainers import logged_metric
 
 pytestmark = pytest.mark.slow
 needs.t5x()
@@ -130,15 +130,6 @@ def _run(script, gin_files, bindings, logs, processes, devices=None):
   _wait(_launch(script, gin_files, bindings, logs, processes, devices), logs)
 
 
-def _metric(log, collection, name) -> dict[int, float]:
-  out = {}
-  for line in open(log):
-    m = re.search(rf'\[(\d+)\] collection={collection} .*\b{re.escape(name)}=([0-9.e+-]+)', line)
-    if m:
-      out[int(m.group(1))] = float(m.group(2))
-  return out
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """One-process and two-process training of the quickstart (same global batch)."""
@@ -159,8 +150,8 @@ def runs(tmp_path_factory):
 
 def test_two_process_training_equals_one_process(runs):
   name = 'loss_per_nonpadding_target_token'
-  one = _metric(runs / 'train_one.log', 'train', name)
-  two = _metric(runs / 'train_two_0.log', 'train', name)
+  one = logged_metric(runs / 'train_one.log', 'train', name)
+  two = logged_metric(runs / 'train_two_0.log', 'train', name)
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1)), (one, two)
   print('step  one-process  two-process')
   for s in sorted(one):
@@ -168,12 +159,12 @@ def test_two_process_training_equals_one_process(runs):
   np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-5)
   assert len(set(one.values())) > 1  # really different batches at each step
   # Train-eval (2 steps of the validation plays, memory carried) on both: same numbers.
-  ppl_one = _metric(runs / 'train_one.log', 'training_eval/local_books', 'perplexity')
-  ppl_two = _metric(runs / 'train_two_0.log', 'training_eval/local_books', 'perplexity')
+  ppl_one = logged_metric(runs / 'train_one.log', 'training_eval/local_books', 'perplexity')
+  ppl_two = logged_metric(runs / 'train_two_0.log', 'training_eval/local_books', 'perplexity')
   assert sorted(ppl_one) == sorted(ppl_two) and STEPS in ppl_one, (ppl_one, ppl_two)
   for s in ppl_one:
     assert ppl_two[s] == pytest.approx(ppl_one[s], rel=1e-5)
-  misaligned = _metric(runs / 'train_two_0.log', 'train', 'memory/misaligned_rows')
+  misaligned = logged_metric(runs / 'train_two_0.log', 'train', 'memory/misaligned_rows')
   assert misaligned and set(misaligned.values()) == {0.0}
 
 
@@ -241,14 +232,14 @@ def test_two_process_kill_and_resume_continues_exactly(runs):
   for p in procs:
     p.wait()
   name = 'loss_per_nonpadding_target_token'
-  killed = _metric(logs[0], 'train', name)
+  killed = logged_metric(logs[0], 'train', name)
   assert not killed or max(killed) < STEPS  # really interrupted
   resume_logs = [runs / 'resume_0.log', runs / 'resume_1.log']
   _run('train', [runs / 'train.gin'], bindings, resume_logs, 2)
-  resumed = _metric(resume_logs[0], 'train', name)
+  resumed = logged_metric(resume_logs[0], 'train', name)
   start = min(resumed) - 1
   assert start >= 2 and start % 2 == 0, sorted(resumed)
-  uninterrupted = _metric(runs / 'train_two_0.log', 'train', name)
+  uninterrupted = logged_metric(runs / 'train_two_0.log', 'train', name)
   assert resumed == {s: uninterrupted[s] for s in range(start + 1, STEPS + 1)}
 
 
@@ -277,14 +268,14 @@ def test_resume_on_another_process_count_continues_exactly(runs):
   two = _launch('train', [runs / 'train.gin'], [('MODEL_DIR', str(one_to_two))], logs_two, 2)
   _wait(one, logs_one)
   _wait(two, logs_two)
-  uninterrupted = _metric(runs / 'train_two_0.log', 'train', name)
+  uninterrupted = logged_metric(runs / 'train_two_0.log', 'train', name)
   for log in (logs_one[0], logs_two[0]):
-    resumed = _metric(log, 'train', name)
+    resumed = logged_metric(log, 'train', name)
     print(log.name, {s: f'{v:.6f}' for s, v in resumed.items()})
     assert sorted(resumed) == [5, 6], resumed  # resumed from checkpoint_4
     for step, loss in resumed.items():
       assert loss == pytest.approx(uninterrupted[step], rel=2e-5), (log.name, step)
-    misaligned = _metric(log, 'train', 'memory/misaligned_rows')
+    misaligned = logged_metric(log, 'train', 'memory/misaligned_rows')
     assert misaligned and set(misaligned.values()) == {0.0}  # every row went on with its document
   print('uninterrupted', {s: f'{uninterrupted[s]:.6f}' for s in (5, 6)})
 
